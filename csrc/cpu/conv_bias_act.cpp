@@ -1,0 +1,171 @@
+// CPU kernels of conv2d_bias_act, add_relu and prepack_conv2d_weight.
+//
+// Fast path: one oneDNN convolution primitive with the whole epilogue as post-ops (bias,
+// binary add of the residual, ReLU), reached through the mkldnn::_convolution_pointwise ops
+// that PyTorch registers for Inductor; weights may come prepacked in oneDNN's blocked layout.
+// Other path (oneDNN disabled by torch.backends.mkldnn, or no oneDNN kernel for the dtype on
+// this CPU): ATen's convolution without bias, then our vectorised epilogue in one pass.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "../checks.h"
+#include "epilogue.h"
+
+namespace resnet_fused::cpu {
+namespace {
+
+using at::Tensor;
+
+// Whether oneDNN has a kernel for a dtype on this CPU; learned on first use, since
+// PyTorch refuses bf16/fp16 oneDNN convolutions on CPUs without the instructions.
+std::atomic<int> onednn_ok_bf16{-1}, onednn_ok_half{-1};
+
+std::atomic<int>* onednn_state(at::ScalarType t) {
+  if (t == at::kBFloat16) return &onednn_ok_bf16;
+  if (t == at::kHalf) return &onednn_ok_half;
+  return nullptr;
+}
+
+bool onednn_enabled(at::ScalarType t) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  auto* state = onednn_state(t);
+  return state == nullptr || state->load() != 0;
+}
+
+c10::OperatorHandle op_handle(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+}
+
+std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
+
+Tensor onednn_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation, int64_t groups, bool relu) {
+  static const auto unary = op_handle("mkldnn::_convolution_pointwise", "");
+  static const auto binary = op_handle("mkldnn::_convolution_pointwise", "binary");
+  const auto fmt = input.suggest_memory_format();
+  // oneDNN runs NHWC when the input or the weight is channels-last, or the weight is packed.
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
+                    weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(input.scalar_type())) : c10::IValue();
+  std::vector<c10::IValue> stack;
+  stack.reserve(13);
+  Tensor out;
+  if (residual.has_value() && nhwc && groups == 1) {
+    // One primitive: conv + bias, then binary-add and ReLU post-ops, NHWC.
+    const Tensor res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    stack.insert(stack.end(), {input, res, weight, b, vec(padding), vec(stride), vec(dilation), groups,
+                               std::string("add"), c10::IValue(),
+                               relu ? c10::IValue(std::string("relu")) : c10::IValue(),
+                               c10::List<std::optional<at::Scalar>>(), c10::IValue()});
+    binary.callBoxed(&stack);
+    out = stack[0].toTensor();
+  } else {
+    const bool relu_post_op = relu && !residual.has_value();
+    stack.insert(stack.end(), {input, weight, b, vec(padding), vec(stride), vec(dilation), groups,
+                               std::string(relu_post_op ? "relu" : "none"),
+                               c10::List<std::optional<at::Scalar>>(), c10::IValue()});
+    unary.callBoxed(&stack);
+    out = stack[0].toTensor();
+    if (residual.has_value()) {
+      // oneDNN fuses the residual only for NHWC, ungrouped convs; elsewhere our epilogue
+      // adds it (and the ReLU) in one pass over the conv output.
+      const auto ofmt = out.suggest_memory_format();
+      out = out.contiguous(ofmt);
+      const Tensor res = residual->contiguous(ofmt);
+      bias_act_epilogue(out, out, nullptr, &res, relu, ofmt == at::MemoryFormat::ChannelsLast);
+    }
+  }
+  return out.contiguous(fmt);  // the op's contract: the output has the input's layout
+}
+
+Tensor native_conv(const Tensor& input, const Tensor& weight_in, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const Tensor weight = weight_in.is_mkldnn() ? weight_in.to_dense() : weight_in;
+  const auto fmt = input.suggest_memory_format();
+  Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
+                   .contiguous(fmt);
+  const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
+  bias_act_epilogue(out, out, bias.has_value() ? &bias_f : nullptr, residual.has_value() ? &res : nullptr, relu,
+                    fmt == at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
+Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+  TORCH_CHECK_VALUE(input.device().is_cpu() && !input.is_mkldnn(),
+                    "resnet_fused: input must be a dense CPU tensor, got ", input.device(),
+                    input.is_mkldnn() ? " (mkldnn layout)" : "");
+  const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+  if (input.numel() == 0) {
+    return at::empty(out_shape, input.options().memory_format(input.suggest_memory_format()));
+  }
+  const auto dtype = input.scalar_type();
+  if (onednn_enabled(dtype)) {
+    auto* state = onednn_state(dtype);
+    if (state == nullptr || state->load() == 1) {
+      return onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+    }
+    try {
+      Tensor out = onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+      state->store(1);
+      return out;
+    } catch (const c10::Error&) {
+      // This CPU has no oneDNN kernel for the dtype: use the other path from now on.
+      state->store(0);
+    }
+  }
+  return native_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+}
+
+Tensor add_relu(const Tensor& a, const Tensor& b) {
+  check_add_relu(a, b);
+  TORCH_CHECK_VALUE(a.device().is_cpu(), "resnet_fused: add_relu on CPU got a tensor on ", a.device());
+  const auto fmt = a.suggest_memory_format();
+  const Tensor ac = a.contiguous(fmt);
+  const Tensor bc = b.contiguous(fmt);
+  Tensor out = at::empty_like(ac, ac.options().memory_format(fmt));
+  bias_act_epilogue(ac, out, nullptr, &bc, /*relu=*/true, fmt == at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
+Tensor prepack_conv2d_weight(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
+  RF_CHECK_DIM(weight, 4, "weight");
+  RF_CHECK_DTYPE(weight, "weight");
+  TORCH_CHECK_VALUE(input_size.size() == 4, "resnet_fused: input_size must be [N, C, H, W], got ", input_size);
+  // Packing only pays where the convolution runs in oneDNN; otherwise the dense weight is the
+  // best layout, and conv2d_bias_act accepts both.
+  // (A fresh tensor either way: the schema promises no aliasing.)
+  if (weight.is_mkldnn() || !onednn_enabled(weight.scalar_type()) || weight.scalar_type() != at::kFloat) {
+    return weight.clone();
+  }
+  static const auto reorder = op_handle("mkldnn::_reorder_convolution_weight", "");
+  std::vector<c10::IValue> stack{weight.contiguous(), vec(padding), vec(stride), vec(dilation), groups,
+                                 vec(input_size)};
+  reorder.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv2d_bias_act", &conv2d_bias_act);
+  m.impl("add_relu", &add_relu);
+  m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
+}
+
+// A prepacked weight is an opaque oneDNN tensor, whose dispatch key is MkldnnCPU.
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
+  m.impl("conv2d_bias_act", &conv2d_bias_act);
+  m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
+}
+
+}  // namespace resnet_fused::cpu

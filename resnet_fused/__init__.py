@@ -1,0 +1,40 @@
+"""resnet_fused: fused conv+BN(+add)+ReLU kernels for trained ResNets at inference.
+
+    fused = resnet_fused.fuse(model.eval())
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loads the kernels: registers torch.ops.resnet_fused.*)
+from . import ops
+from .fold import fold_conv_bn
+from .fuse import FuseReport, fuse
+from .modules import FusedAddReLU, FusedConv2d
+from .ops import add_relu, conv2d_bias_act, prepack_conv2d_weight
+
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels and a CUDA device is usable."""
+    return cuda_compiled() and torch.cuda.is_available()
+
+
+def cuda_compiled() -> bool:
+    """True when the CUDA kernels were compiled into this build (a GPU need not be present)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::conv2d_bias_act", "CUDA")
+
+
+__all__ = [
+    "FuseReport",
+    "FusedAddReLU",
+    "FusedConv2d",
+    "add_relu",
+    "conv2d_bias_act",
+    "cuda_available",
+    "cuda_compiled",
+    "fold_conv_bn",
+    "fuse",
+    "ops",
+    "prepack_conv2d_weight",
+]

@@ -1,0 +1,363 @@
+"""fuse(model): trace a ResNet-style network with torch.fx, fold every BatchNorm into the conv
+before it, absorb the ReLU and the residual join into the conv's epilogue, and route every conv
+through torch.ops.resnet_fused.
+
+Patterns (each a small match on the graph, in this order):
+  conv -> bn                      fold (bn has running stats, conv output has one user)
+  fused_conv -> relu              absorb the ReLU
+  fused_conv -> add(., other)     absorb the residual (the add's only producer of that operand)
+     -> relu                      ... and the ReLU after it
+  add(a, b) -> relu               FusedAddReLU (a join no conv could absorb)
+  conv (anything left)            FusedConv2d with the conv's own bias
+What does not match is left as it is, and the report says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .fold import can_fold, fold_conv_bn
+from .modules import FusedAddReLU, FusedConv2d
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_INPLACE_ADDS = {operator.iadd}
+_INPLACE_ADD_METHODS = {"add_"}
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What fuse() did: each fused layer with its pattern, each thing left with the reason."""
+
+    fused: list = dataclasses.field(default_factory=list)  # (name, pattern)
+    left: list = dataclasses.field(default_factory=list)  # (name, reason)
+    untraced: list = dataclasses.field(default_factory=list)  # (module path, error)
+
+    def counts(self) -> dict:
+        out: dict = {}
+        for _, pattern in self.fused:
+            out[pattern] = out.get(pattern, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = ["resnet_fused.fuse report"]
+        counts = ", ".join(f"{n} x {p}" for p, n in sorted(self.counts().items()))
+        lines.append(f"  fused: {len(self.fused)} layers ({counts or 'none'})")
+        for name, pattern in self.fused:
+            lines.append(f"    {name}: {pattern}")
+        lines.append(f"  left as they are: {len(self.left)}")
+        for name, reason in self.left:
+            lines.append(f"    {name}: {reason}")
+        for path, err in self.untraced:
+            lines.append(f"  not traceable as a whole, submodules fused one by one: {path or '<root>'} ({err})")
+        return "\n".join(lines)
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn modules and our fused modules are leaves; user modules are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (FusedConv2d, FusedAddReLU)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(module)
+    name = module.__class__.__name__ if isinstance(module, nn.Module) else module.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _modules(gm: fx.GraphModule) -> dict:
+    return dict(gm.named_modules())
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, module)
+
+
+def _is_module(node: fx.Node, modules: dict, cls) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), cls)
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS and len(node.args) == 1
+    return False
+
+
+def _add_operands(node: fx.Node) -> Optional[tuple]:
+    """(a, b) when node is a plain two-tensor add (no alpha), else None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if a is b:
+        return None
+    return a, b
+
+
+def _mutates_first(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _INPLACE_ADDS) or (
+        node.op == "call_method" and node.target in _INPLACE_ADD_METHODS
+    )
+
+
+def _conv_padding(conv: nn.Conv2d) -> Optional[list]:
+    """Symmetric explicit padding of a conv, or None when it has none (asymmetric 'same')."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return [0, 0]
+        pads = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return pads
+    return list(conv.padding)
+
+
+def _conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
+    if _conv_padding(conv) is None:
+        return "padding='same' needs asymmetric padding here"
+    if conv.weight.dtype == torch.float64:
+        return "float64 conv (the fused kernels are float32/float16/bfloat16)"
+    return None
+
+
+def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bool, channels_last: bool) -> None:
+    graph = gm.graph
+    modules = _modules(gm)
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pattern: dict = {}  # conv target -> pattern name
+
+    # 1. conv (-> bn): every plain conv becomes a FusedConv2d, BN folded where it can be.
+    for node in list(graph.nodes):
+        if not _is_module(node, modules, nn.Conv2d):
+            continue
+        conv = modules[node.target]
+        why = _conv_unfusable_reason(conv)
+        if why is None and calls[node.target] > 1:
+            why = f"the conv module is called {calls[node.target]} times (weights shared)"
+        if why is not None:
+            report.left.append((prefix + node.target, why))
+            continue
+        bn = None
+        users = list(node.users)
+        if len(users) == 1 and _is_module(users[0], modules, nn.modules.batchnorm._BatchNorm):
+            bn_node = users[0]
+            bn_mod = modules[bn_node.target]
+            ok, why = can_fold(bn_mod)
+            if ok and calls[bn_node.target] > 1:
+                ok, why = False, f"the BatchNorm module is called {calls[bn_node.target]} times"
+            if ok:
+                bn = bn_mod
+                bn_node.replace_all_uses_with(node)
+                graph.erase_node(bn_node)
+            else:
+                report.left.append((prefix + bn_node.target, f"not folded: {why}"))
+        elif len(users) > 1:
+            nxt = [u for u in users if _is_module(u, modules, nn.modules.batchnorm._BatchNorm)]
+            if nxt:
+                report.left.append((prefix + nxt[0].target, "not folded: the conv output has several users"))
+        w, b = fold_conv_bn(conv, bn)
+        fused = FusedConv2d.from_conv(conv, w, b, _conv_padding(conv), folded_bn=bn is not None, prepack=prepack)
+        fused.to(conv.weight.device)
+        _set_module(gm, node.target, fused)
+        pattern[node.target] = "conv+bn" if bn is not None else "conv"
+    modules = _modules(gm)
+
+    def fused_conv(node) -> Optional[FusedConv2d]:
+        if node.op == "call_module" and isinstance(modules.get(node.target), FusedConv2d) and node.target in pattern:
+            return modules[node.target]
+        return None
+
+    # 2. fused_conv -> add(., other) (-> relu): the residual join goes into the conv's epilogue.
+    for node in list(graph.nodes):
+        ops = _add_operands(node)
+        if ops is None:
+            continue
+        for i, cand in enumerate(ops):
+            mod = fused_conv(cand)
+            if mod is None or mod.relu or mod.residual or len(cand.users) != 1:
+                continue
+            other = ops[1 - i]
+            if _mutates_first(node) and i == 1 and len(other.users) > 1:
+                continue  # `other += conv(...)` mutates a tensor that is read elsewhere
+            users = list(node.users)
+            relu_node = users[0] if len(users) == 1 and _is_relu(users[0], modules) else None
+            anchor = relu_node or node
+            with graph.inserting_before(anchor):
+                new = graph.call_module(cand.target, (cand.args[0], other))
+            anchor.replace_all_uses_with(new)
+            if relu_node is not None:
+                graph.erase_node(relu_node)
+            graph.erase_node(node)
+            graph.erase_node(cand)
+            mod.residual = True
+            mod.relu = relu_node is not None
+            pattern[cand.target] += "+add" + ("+relu" if mod.relu else "")
+            break
+
+    # 3. fused_conv -> relu.
+    for node in list(graph.nodes):
+        mod = fused_conv(node)
+        if mod is None or mod.relu or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if _is_relu(user, modules) and user.args[0] is node:
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+            mod.relu = True
+            pattern[node.target] += "+relu"
+
+    # 4. add -> relu that no conv absorbed.
+    n_add_relu = 0
+    for node in list(graph.nodes):
+        ops = _add_operands(node)
+        if ops is None or len(node.users) != 1:
+            continue
+        relu_node = next(iter(node.users))
+        if not _is_relu(relu_node, modules):
+            report.left.append((prefix + node.name, "add not followed by a ReLU and no conv could absorb it"))
+            continue
+        if any(o.op in ("get_attr", "placeholder") for o in ops):
+            report.left.append((prefix + node.name, "add of a parameter or a model input: left to PyTorch"))
+            continue
+        if _mutates_first(node) and len(ops[0].users) > 1:
+            report.left.append((prefix + node.name, "in-place add of a tensor that is read elsewhere"))
+            continue
+        name = "add_relu" if n_add_relu == 0 else f"add_relu_{n_add_relu}"
+        while hasattr(gm, name):
+            n_add_relu += 1
+            name = f"add_relu_{n_add_relu}"
+        n_add_relu += 1
+        gm.add_module(name, FusedAddReLU())
+        with graph.inserting_before(relu_node):
+            new = graph.call_module(name, ops)
+        relu_node.replace_all_uses_with(new)
+        graph.erase_node(relu_node)
+        graph.erase_node(node)
+        report.fused.append((prefix + name, "add+relu"))
+
+    # 5. Channels-last activations end to end: one conversion where a fused chain starts (a
+    #    no-op on a tensor that is channels_last already), none between fused layers.
+    if channels_last:
+        produced_by_fused = set()
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(modules.get(node.target), (FusedConv2d, FusedAddReLU)):
+                produced_by_fused.add(node)
+        converted: dict = {}
+        for node in list(graph.nodes):
+            if fused_conv(node) is None:
+                continue
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src not in produced_by_fused:
+                if src not in converted:
+                    with graph.inserting_after(src):
+                        converted[src] = graph.call_method("contiguous", (src,), {"memory_format": torch.channels_last})
+                node.replace_input_with(src, converted[src])
+
+    for target, pat in pattern.items():
+        report.fused.append((prefix + target, pat))
+    for node in graph.nodes:
+        if _is_module(node, modules, nn.modules.batchnorm._BatchNorm) and not any(
+            n == prefix + node.target for n, _ in report.left
+        ):
+            report.left.append((prefix + node.target, "BatchNorm with no conv before it"))
+        elif _is_relu(node, modules):
+            src = node.args[0]
+            what = src.target if src.op == "call_module" else src.name
+            report.left.append((prefix + node.name, f"ReLU after {what}, which is not a fused conv"))
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _fuse_module(module: nn.Module, report: FuseReport, prefix: str, prepack: bool, channels_last: bool):
+    if isinstance(module, (FusedConv2d, FusedAddReLU)):
+        return module
+    try:
+        gm = _trace(module)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: go one level down
+        report.untraced.append((prefix.rstrip("."), f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+        for name, child in list(module.named_children()):
+            setattr(module, name, _fuse_module(child, report, f"{prefix}{name}.", prepack, channels_last))
+        return module
+    _fuse_graph(gm, report, prefix, prepack, channels_last)
+    return gm
+
+
+def fuse(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    verbose: bool = False,
+    memory_format: Optional[torch.memory_format] = torch.channels_last,
+    prepack: bool = True,
+) -> nn.Module:
+    """Returns a module that computes what ``model`` computes in eval mode, with BatchNorm folded
+    into the convolutions and each conv(+BN)(+add)(+ReLU) chain run as one fused op.
+
+    Args:
+        model: a network in eval mode (``model.eval()``). Left untouched unless ``inplace``.
+        inplace: reuse ``model``'s modules instead of copying it first.
+        verbose: print the report of what was fused and what was left, and why.
+        memory_format: ``torch.channels_last`` (default) converts activations once where a fused
+            chain starts, so every fused layer runs in NHWC; ``None`` keeps the input's layout.
+        prepack: on CPU, reorder each weight once into oneDNN's blocked layout.
+
+    The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise RuntimeError(
+            "fuse() needs a model in eval mode: BatchNorm folding uses the running statistics. "
+            f"Call model.eval() first ({len(training)} module(s) in training mode, e.g. {training[0]!r})."
+        )
+    if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+        raise ValueError(f"memory_format must be torch.channels_last or None, got {memory_format}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = FuseReport()
+    fused = _fuse_module(model, report, "", prepack, memory_format == torch.channels_last)
+    fused.eval()
+    fused.fuse_report = report
+    if verbose:
+        print(report)
+    return fused

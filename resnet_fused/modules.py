@@ -1,0 +1,201 @@
+"""Fused inference modules that replace conv (+BN) (+add) (+ReLU) chains.
+
+A FusedConv2d keeps its folded weight and bias as float32 "master" tensors (float64 for a
+float64 model). ``.half()``, ``.bfloat16()`` and ``.to(dtype)`` change the dtype it computes in,
+never the masters, so every dtype is cast from values folded in float64: a model is never
+folded in half. The weight in the compute dtype and memory layout (and, on CPU, prepacked for
+oneDNN) is made on first use and cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .fold import master_dtype
+from .ops import conv_output_size
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class FusedConv2d(nn.Module):
+    """``act(conv2d(x, W') + b' [+ residual])`` with BatchNorm folded into ``W'`` and ``b'``.
+
+    ``forward(x, residual=None)``. Inference only: parameters do not require grad, and an input
+    that requires grad raises.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups: int = 1,
+        weight: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        relu: bool = False,
+        residual: bool = False,
+        folded_bn: bool = False,
+        prepack: bool = True,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = list(stride)
+        self.padding = list(padding)
+        self.dilation = list(dilation)
+        self.groups = groups
+        self.relu = relu
+        self.residual = residual
+        self.folded_bn = folded_bn
+        self.prepack = prepack
+        if weight is None:
+            weight = torch.zeros(out_channels, in_channels // groups, *self.kernel_size)
+        if bias is None:
+            bias = torch.zeros(out_channels, dtype=weight.dtype, device=weight.device)
+        mdt = master_dtype(weight.dtype)
+        self.weight = nn.Parameter(weight.detach().to(mdt).contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().to(mdt).contiguous(), requires_grad=False)
+        # None: compute in the masters' dtype. Set by .half() / .bfloat16() / .to(dtype).
+        self.compute_dtype: Optional[torch.dtype] = None
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, weight: Tensor, bias: Tensor, padding, folded_bn: bool, prepack: bool = True):
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            padding,
+            conv.dilation,
+            conv.groups,
+            weight=weight,
+            bias=bias,
+            folded_bn=folded_bn,
+            prepack=prepack,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.weight.dtype
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}",
+        ]
+        if any(self.padding):
+            parts.append(f"padding={tuple(self.padding)}")
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"dilation={tuple(self.dilation)}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        parts.append("bn=folded" if self.folded_bn else "bn=none")
+        if self.residual:
+            parts.append("+residual")
+        if self.relu:
+            parts.append("relu")
+        if self.compute_dtype is not None:
+            parts.append(f"dtype={self.compute_dtype}")
+        return ", ".join(parts)
+
+    # -- dtype/device handling: masters stay in float32 --------------------------------------
+    def _apply(self, fn, recurse=True):
+        # What fn does to a tensor of the current compute dtype says what it does to the module:
+        # .to(device) keeps a half model half, .float() makes it float32 again.
+        probe = fn(torch.zeros(1, dtype=self.dtype, device=self.weight.device))
+        with torch.no_grad():
+            if probe.dtype.is_floating_point:
+                self.compute_dtype = None if probe.dtype == self.weight.dtype else probe.dtype
+            self.weight.data = self.weight.data.to(probe.device)
+            self.bias.data = self.bias.data.to(probe.device)
+        self._cache = {}
+        return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # prepacked oneDNN tensors are not picklable, and are rebuilt on use
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dtype = self.dtype
+        if torch.compiler.is_compiling():
+            return self.weight.to(dtype), self.bias.to(torch.float32)
+        cl = _is_channels_last(x)
+        key = (dtype, cl, self.weight.device, self.weight._version, self.weight.data_ptr(), self.bias._version)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        with self._lock, torch.no_grad():
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+            w = self.weight.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            if self.prepack and w.device.type == "cpu":
+                w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
+                    w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
+                )
+            b = self.bias.to(torch.float32)
+            self._cache = {key: (w, b)}  # one entry: a layout/dtype change replaces it
+            return w, b
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        dtype = self.dtype
+        if x.dtype != dtype:
+            raise TypeError(
+                f"FusedConv2d computes in {dtype} but got a {x.dtype} input; cast the input, or the model "
+                f"with .to({x.dtype})" + (" (float64 has no fused kernel)" if x.dtype == torch.float64 else "")
+            )
+        if x.device != self.weight.device:
+            raise ValueError(f"FusedConv2d is on {self.weight.device} but got an input on {x.device}")
+        if dtype not in _SUPPORTED:
+            raise TypeError(f"FusedConv2d: no fused kernel for {dtype}; use float32, float16 or bfloat16")
+        if (residual is not None) != self.residual:
+            raise ValueError(
+                f"FusedConv2d was fused {'with' if self.residual else 'without'} a residual input, "
+                f"got {'one' if residual is not None else 'none'}"
+            )
+        w, b = self._weights(x)
+        return torch.ops.resnet_fused.conv2d_bias_act.default(
+            x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu
+        )
+
+    def output_shape(self, input_shape) -> list:
+        return conv_output_size(input_shape, (self.out_channels, 0, *self.kernel_size), self.stride, self.padding,
+                                self.dilation)
+
+
+class FusedAddReLU(nn.Module):
+    """``relu(a + b)`` for a residual join that no convolution absorbed. Operands of different
+    shapes or dtypes (broadcasting, type promotion) take PyTorch's own ops, so the result is
+    always what eager gives."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.dtype in _SUPPORTED
+            and a.device == b.device
+        ):
+            return torch.ops.resnet_fused.add_relu.default(a, b)
+        return torch.relu(a + b)

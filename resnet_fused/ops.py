@@ -1,0 +1,100 @@
+"""Typed Python wrappers of torch.ops.resnet_fused.* and their fake (shape-only) kernels.
+
+The kernels are C++ (csrc/cpu) and CUDA (csrc/cuda); these fake kernels let torch.compile,
+torch.export and torch.library.opcheck reason about the ops without running them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) == 1:
+        return [v[0], v[0]]
+    return v
+
+
+def conv2d_bias_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = False,
+) -> Tensor:
+    """``act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual])``.
+
+    ``act`` is ReLU when ``relu`` else the identity. ``weight`` may be dense or the result of
+    :func:`prepack_conv2d_weight`. ``bias`` is float32 or the input's dtype; the epilogue adds
+    it in float32 and rounds once. The output has the input's memory format.
+    """
+    return torch.ops.resnet_fused.conv2d_bias_act.default(
+        input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups, relu
+    )
+
+
+def add_relu(a: Tensor, b: Tensor) -> Tensor:
+    """``relu(a + b)`` in one pass (a residual join that no convolution absorbed)."""
+    return torch.ops.resnet_fused.add_relu.default(a, b)
+
+
+def prepack_conv2d_weight(
+    weight: Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    input_size: Sequence[int] = (1, 1, 1, 1),
+) -> Tensor:
+    """Reorders ``weight`` once into the layout the device's convolution wants (oneDNN's
+    blocked layout on CPU). Returns ``weight`` itself where no packing applies."""
+    return torch.ops.resnet_fused.prepack_conv2d_weight.default(
+        weight, _pair(stride), _pair(padding), _pair(dilation), groups, list(input_size)
+    )
+
+
+def conv_output_size(size: Sequence[int], weight_size: Sequence[int], stride, padding, dilation) -> list:
+    n, _, h, w = size
+    k, _, r, s = weight_size
+    ho = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return [n, k, ho, wo]
+
+
+@torch.library.register_fake("resnet_fused::conv2d_bias_act")
+def _conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+    torch._check(input.dim() == 4, lambda: f"resnet_fused: input must have 4 dimensions, got {input.dim()}")
+    torch._check(weight.dim() == 4, lambda: f"resnet_fused: weight must have 4 dimensions, got {weight.dim()}")
+    torch._check(
+        input.shape[1] == weight.shape[1] * groups,
+        lambda: f"resnet_fused: input has {input.shape[1]} channels, weight expects {weight.shape[1] * groups}",
+    )
+    shape = conv_output_size(input.shape, weight.shape, stride, padding, dilation)
+    if residual is not None:
+        torch._check(
+            list(residual.shape) == shape,
+            lambda: f"resnet_fused: residual must have the output's shape {shape}, got {list(residual.shape)}",
+        )
+    return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+
+
+@torch.library.register_fake("resnet_fused::add_relu")
+def _add_relu_fake(a, b):
+    torch._check(a.shape == b.shape, lambda: f"resnet_fused: add_relu shapes differ: {a.shape} and {b.shape}")
+    return torch.empty_like(a, memory_format=suggest_memory_format(a))
+
+
+@torch.library.register_fake("resnet_fused::prepack_conv2d_weight")
+def _prepack_fake(weight, stride, padding, dilation, groups, input_size):
+    return torch.empty_like(weight)

@@ -1,0 +1,134 @@
+"""Builds resnet_fused's kernels against the torch that is installed.
+
+    pip install --no-build-isolation .
+
+Build settings (environment variables, printed at build time):
+  RESNET_FUSED_CUDA      auto (default): CUDA kernels when torch is a CUDA build and nvcc is found;
+                         1: require them (fail if impossible); 0: CPU kernels only.
+                         FORCE_CUDA=1 is read as RESNET_FUSED_CUDA=1.
+  TORCH_CUDA_ARCH_LIST   GPU architectures to compile for; default "8.0;9.0" (A100, H100/H200).
+  CUDA_HOME              the CUDA toolkit (default: found from nvcc on PATH or /usr/local/cuda).
+  MAX_JOBS               parallel compile jobs (ninja).
+  RESNET_FUSED_DEBUG     1: -O0 -g, no -DNDEBUG.
+"""
+
+import glob
+import os
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+import shutil
+
+import torch
+
+
+def _find_cuda_home():
+    """CUDA_HOME as given; else the toolkit of the nvcc on PATH (symlinks resolved) or
+    /usr/local/cuda, whichever has both bin/nvcc and include/cuda_runtime_api.h (an nvcc
+    wrapper script in /usr/local/bin must not make /usr/local the toolkit)."""
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if given:
+        return given
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda*"))
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime_api.h")
+        ):
+            return home
+    return None
+
+
+if _find_cuda_home() and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = _find_cuda_home()  # read by torch.utils.cpp_extension at import
+
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _cuda_mode():
+    mode = os.environ.get("RESNET_FUSED_CUDA", "auto").strip().lower()
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        mode = "1"
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"RESNET_FUSED_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _nvidia_include_dirs():
+    """CUDA headers that torch's headers include (cuBLAS, cuSPARSE, cuDNN, ...) ship in the
+    nvidia-* pip packages that a CUDA build of torch depends on, not in a minimal toolkit."""
+    roots = [os.path.dirname(os.path.dirname(torch.__file__))]
+    roots += site.getsitepackages() if hasattr(site, "getsitepackages") else []
+    dirs = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if inc not in dirs:
+                dirs.append(inc)
+    return dirs
+
+
+def get_extensions():
+    mode = _cuda_mode()
+    torch_has_cuda = torch.version.cuda is not None
+    nvcc_found = cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not (torch_has_cuda and nvcc_found):
+        sys.exit(
+            f"RESNET_FUSED_CUDA=1 but torch {torch.__version__} "
+            f"{'has CUDA' if torch_has_cuda else 'is a CPU-only build'} and nvcc was "
+            f"{'found at ' + str(cpp_extension.CUDA_HOME) if nvcc_found else 'not found (set CUDA_HOME)'}"
+        )
+    use_cuda = mode == "1" or (mode == "auto" and torch_has_cuda and nvcc_found)
+    debug = os.environ.get("RESNET_FUSED_DEBUG", "0") == "1"
+
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    extra_compile_args = {"cxx": opt + ["-fvisibility=hidden"]}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extension = cpp_extension.CppExtension
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extra_compile_args["cxx"].append("-DRESNET_FUSED_WITH_CUDA")
+        extra_compile_args["nvcc"] = (["-O0", "-G"] if debug else ["-O3", "-DNDEBUG"]) + [
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+        ]
+        include_dirs += _nvidia_include_dirs()
+        extension = cpp_extension.CUDAExtension
+
+    print("resnet_fused build settings:")
+    print(f"  torch                 {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"  RESNET_FUSED_CUDA     {mode} -> {'CPU + CUDA kernels' if use_cuda else 'CPU kernels only'}")
+    print(f"  CUDA_HOME             {cpp_extension.CUDA_HOME}")
+    if use_cuda:
+        print(f"  TORCH_CUDA_ARCH_LIST  {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        print(f"  extra CUDA includes   {include_dirs[1:]}")
+    print(f"  MAX_JOBS              {os.environ.get('MAX_JOBS', '(ninja default)')}")
+    print(f"  RESNET_FUSED_DEBUG    {int(debug)}")
+
+    return [
+        extension(
+            "resnet_fused._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra_compile_args,
+        )
+    ]
+
+
+setup(
+    name="resnet_fused",
+    version="0.1.0",
+    packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)

@@ -1,0 +1,62 @@
+import os
+
+import pytest
+import torch
+
+import resnet_fused
+
+torch.manual_seed(0)
+
+CUDA = resnet_fused.cuda_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device, or resnet_fused built without CUDA kernels")
+
+
+def device_params():
+    """cpu always; cuda as a param that skips where there is no GPU (so the skip shows)."""
+    return ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.cuda])]
+
+
+def dtypes_for(device):
+    # float16 convolutions on CPU run in PyTorch's slow reference path: tested in op tests only.
+    return [torch.float32, torch.bfloat16] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def randomize_bn(model: torch.nn.Module, generator=None):
+    """Random BN statistics and affine params, so folding is exercised (fresh BN is identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.3, 0.3, generator=generator)
+                    m.running_var.uniform_(0.5, 1.5, generator=generator)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.2, generator=generator)
+                    m.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model
+
+
+def max_err(out, ref):
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def assert_accuracy_rule(out, eager, ref, factor=2.0, what=""):
+    """Flash-attention's rule: the fused error against a float64 reference is at most `factor`
+    times eager PyTorch's own error in the same dtype, plus one ulp of the output's scale
+    (eager can be bit-exact where it happens to compute the same way).
+
+    `eager` may be a list of eager results computed in the same dtype in the layouts eager
+    offers (NCHW, channels_last): their errors differ (oneDNN's NHWC kernels sum in another
+    order), and each is eager's own error; the largest is the yardstick."""
+    eagers = eager if isinstance(eager, (list, tuple)) else [eager]
+    eager = max(eagers, key=lambda e: max_err(e, ref))
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == eager.dtype, f"{what}: dtype {out.dtype} != eager's {eager.dtype}"
+    assert torch.isfinite(out).all() or not torch.isfinite(ref).all(), f"{what}: non-finite values where the reference has none"
+    scale = ref.double().abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * max(scale, 1e-30)
+    e_fused, e_eager = max_err(out, ref), max_err(eager, ref)
+    assert e_fused <= factor * e_eager + ulp, (
+        f"{what}: fused error {e_fused:.3e} > {factor} x eager error {e_eager:.3e} + ulp {ulp:.3e} "
+        f"(output scale {scale:.3e})"
+    )
