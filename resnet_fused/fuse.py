@@ -352,11 +352,16 @@ def fuse(
         )
     if memory_format not in (None, torch.channels_last, torch.contiguous_format):
         raise ValueError(f"memory_format must be torch.channels_last or None, got {memory_format}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    report = FuseReport()
-    fused = _fuse_module(model, report, "", prepack, memory_format == torch.channels_last)
+    # Real tensors (not inference tensors) even when called under inference_mode, so that the
+    # fused model's weights can later be loaded into (load_state_dict copies in place).
+    with torch.inference_mode(False), torch.no_grad():
+        if not inplace:
+            model = copy.deepcopy(model)
+        report = FuseReport()
+        fused = _fuse_module(model, report, "", prepack, memory_format == torch.channels_last)
     fused.eval()
+    for p in fused.parameters():
+        p.requires_grad_(False)  # inference-only: nothing of it is trained
     fused.fuse_report = report
     if verbose:
         print(report)

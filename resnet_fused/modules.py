@@ -21,6 +21,11 @@ from .ops import conv_output_size
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _version(t: Tensor) -> int:
+    # Inference tensors have no version counter; they cannot be changed in place either.
+    return -1 if t.is_inference() else t._version
+
+
 def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -135,12 +140,16 @@ class FusedConv2d(nn.Module):
         self._cache = {}
         self._lock = threading.Lock()
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dtype = self.dtype
         if torch.compiler.is_compiling():
             return self.weight.to(dtype), self.bias.to(torch.float32)
         cl = _is_channels_last(x)
-        key = (dtype, cl, self.weight.device, self.weight._version, self.weight.data_ptr(), self.bias._version)
+        key = (dtype, cl, self.weight.device, self.weight.data_ptr(), _version(self.weight), _version(self.bias))
         hit = self._cache.get(key)
         if hit is not None:
             return hit

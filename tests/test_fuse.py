@@ -1,0 +1,322 @@
+"""fuse(model) on torchvision's ResNet family and hand-written ResNets: same predictions, every
+conv through a resnet_fused op, no batch_norm / relu / add left where they could be fused."""
+
+import collections
+import copy
+import io
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import resnet_fused
+from resnet_fused import FusedConv2d
+
+import models
+from conftest import CUDA, assert_accuracy_rule, device_params, dtypes_for, randomize_bn
+
+torchvision = pytest.importorskip("torchvision")
+
+TORCHVISION_MODELS = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
+]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops a forward dispatches (top level: what a fused op does inside is its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model, x):
+    with torch.inference_mode(), OpCounter() as c:
+        model(x)
+    return c.counts
+
+
+def assert_fully_fused(original, fused, x, add_relus=0):
+    counts = count_ops(fused, x)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in original.modules())
+    leftover = {k: v for k, v in counts.items() if "batch_norm" in k or k in (
+        "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
+        "aten.threshold", "aten.clamp_min")}
+    assert not leftover, f"unfused ops left: {leftover}"
+    assert counts["resnet_fused.conv2d_bias_act"] == n_convs, counts
+    assert counts["resnet_fused.add_relu"] == add_relus, counts
+    return counts
+
+
+def torchvision_model(name, seed=0):
+    torch.manual_seed(seed)
+    m = getattr(torchvision.models, name)(weights=None)
+    return randomize_bn(m).eval()
+
+
+def fused_and_reference(model, x, dtype, device, channels_last=False):
+    """(fused output, [eager outputs], float64 reference) for `model` in `dtype` on `device`."""
+    fused = resnet_fused.fuse(model).to(device=device, dtype=dtype)
+    ref_model = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        ref = ref_model(x.double())
+        eager_model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        xd = x.to(device=device, dtype=dtype)
+        if channels_last:
+            xd = xd.contiguous(memory_format=torch.channels_last)
+        eagers = [eager_model(xd).cpu()]
+        eagers.append(eager_model.to(memory_format=torch.channels_last)(
+            xd.contiguous(memory_format=torch.channels_last)).cpu())
+        out = fused(xd).cpu()
+    return out, eagers, ref, fused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_torchvision_family_cpu(name):
+    model = torchvision_model(name)
+    x = torch.randn(2, 3, 64, 64)
+    out, eagers, ref, fused = fused_and_reference(model, x, torch.float32, "cpu")
+    assert_accuracy_rule(out, eagers, ref, what=name)
+    assert torch.equal(out.argmax(1), eagers[0].argmax(1))
+    assert_fully_fused(model, fused, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_resnet50_dtypes(device, channels_last):
+    model = torchvision_model("resnet50")
+    x = torch.randn(2, 3, 96, 96)
+    for dtype in dtypes_for(device):
+        out, eagers, ref, fused = fused_and_reference(model, x, dtype, device, channels_last)
+        assert_accuracy_rule(out, eagers, ref, what=f"resnet50 {device} {dtype}")
+        assert_fully_fused(model, fused, x.to(device=device, dtype=dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_torchvision_family_cuda(name, dtype):
+    model = torchvision_model(name)
+    x = torch.randn(4, 3, 128, 128)
+    out, eagers, ref, fused = fused_and_reference(model, x, dtype, "cuda", channels_last=True)
+    assert_accuracy_rule(out, eagers, ref, what=f"{name} {dtype}")
+    assert_fully_fused(model, fused, x.to("cuda", dtype))
+
+
+HAND_WRITTEN = {
+    "cifar": (lambda: models.CifarResNet(), (2, 3, 32, 32), 0),
+    "bottleneck": (lambda: models.HandResNet(), (2, 3, 64, 64), 0),
+    "grouped": (lambda: models.HandResNet(groups=4), (2, 3, 64, 64), 0),
+    "wide": (lambda: models.HandResNet(width_mult=2), (2, 3, 64, 64), 0),
+    "no_fc": (lambda: models.HandResNet(fc=False), (2, 3, 48, 48), 0),
+    "backbone": (lambda: models.Backbone(), (2, 3, 20, 20), 0),
+}
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", list(HAND_WRITTEN))
+def test_hand_written(name, device):
+    make, shape, add_relus = HAND_WRITTEN[name]
+    torch.manual_seed(1)
+    model = randomize_bn(make()).eval()
+    x = torch.randn(*shape)
+    for dtype in dtypes_for(device):
+        out, eagers, ref, fused = fused_and_reference(model, x, dtype, device)
+        assert_accuracy_rule(out, eagers, ref, what=f"{name} {dtype}")
+        assert_fully_fused(model, fused, x.to(device=device, dtype=dtype), add_relus)
+    assert not fused.fuse_report.left, fused.fuse_report
+
+
+def test_untraceable_model_fuses_its_submodules():
+    model = randomize_bn(models.Untraceable()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out, eagers, ref, fused = fused_and_reference(model, x, torch.float32, "cpu")
+    assert_accuracy_rule(out, eagers, ref)
+    assert fused.fuse_report.untraced and fused.fuse_report.untraced[0][0] == ""
+    assert isinstance(fused, models.Untraceable)  # the root stays, its body is fused
+    assert_fully_fused(model, fused, x)
+
+
+def test_unfusable_parts_left_and_right():
+    model = randomize_bn(models.Unfusable()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    out, eagers, ref, fused = fused_and_reference(model, x, torch.float32, "cpu")
+    assert_accuracy_rule(out, eagers, ref)
+    left = dict(fused.fuse_report.left)
+    assert "running statistics" in left["bn_batchstats"]
+    assert "several users" in left["bn_b"]
+    assert "padding_mode" in left["conv_reflect"]
+    # The SiLU stays, the BN before it is still folded into its conv.
+    patterns = dict(fused.fuse_report.fused)
+    assert patterns["conv_silu"] == "conv+bn"
+    assert patterns["conv_a"] == "conv"
+    assert isinstance(fused.silu, nn.SiLU)
+    assert "conv_a" in str(fused.fuse_report)
+
+
+def test_report_and_print_show_the_architecture():
+    model = torchvision_model("resnet50")
+    fused = resnet_fused.fuse(model)
+    counts = fused.fuse_report.counts()
+    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4}, counts
+    text = str(fused)
+    assert "layer1" in text and "downsample" in text and "FusedConv2d" in text and "bn=folded" in text
+    conv3 = fused.get_submodule("layer4.2.conv3")
+    assert isinstance(conv3, FusedConv2d) and conv3.residual and conv3.relu
+
+
+def test_verbose_prints_report(capsys):
+    resnet_fused.fuse(models.CifarResNet().eval(), verbose=True)
+    assert "fused:" in capsys.readouterr().out
+
+
+def test_training_mode_is_refused():
+    model = models.CifarResNet()  # training mode
+    with pytest.raises(RuntimeError, match=r"eval\(\)"):
+        resnet_fused.fuse(model)
+    model.eval()
+    model.layers[0][0].bn1.train()
+    with pytest.raises(RuntimeError, match="bn1"):
+        resnet_fused.fuse(model)
+
+
+def test_backward_raises_clearly():
+    fused = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused(x).sum().backward()
+    assert all(not p.requires_grad for p in fused.parameters())
+
+
+def test_callers_model_untouched_unless_inplace():
+    model = randomize_bn(models.HandResNet()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types_before = [type(m) for m in model.modules()]
+    resnet_fused.fuse(model)
+    assert [type(m) for m in model.modules()] == types_before
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fused = resnet_fused.fuse(model, inplace=True)  # no copy: the caller's modules are reused
+    assert fused.get_submodule("fc.1") is model.fc[1]
+
+
+def test_state_dict_and_torch_save_round_trip(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    fused = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    with torch.inference_mode():
+        expected = fused(x)  # populates the prepacked-weight caches, which must not be pickled
+    torch.manual_seed(123)
+    other = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    with torch.inference_mode():
+        other(x)  # cache built from the old weights: load_state_dict must invalidate it
+    other.load_state_dict(fused.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(other(x), expected)
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), expected)
+    buf = io.BytesIO()
+    torch.save(fused.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    with torch.inference_mode():
+        assert torch.equal(other(x), expected)
+
+
+def test_fuse_twice_is_harmless():
+    x = torch.randn(2, 3, 32, 32)
+    once = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    twice = resnet_fused.fuse(once)
+    with torch.inference_mode():
+        assert torch.equal(once(x), twice(x))
+    assert not twice.fuse_report.fused
+
+
+def test_dtype_round_trip_refolds_from_float32_masters():
+    x = torch.randn(2, 3, 32, 32)
+    # No Linear: an unfused nn.Linear rounds its own weights on .half(), as in eager.
+    fused = resnet_fused.fuse(randomize_bn(models.HandResNet(fc=False)).eval())
+    with torch.inference_mode():
+        expected = fused(x)
+        fused.bfloat16()
+        assert fused(x.bfloat16()).dtype == torch.bfloat16
+        fused.half().float()  # float32 masters were never rounded
+        assert torch.equal(fused(x), expected)
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_channels_last_and_layout_options():
+    model = randomize_bn(models.HandResNet()).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.inference_mode():
+        a = resnet_fused.fuse(model)(x)
+        b = resnet_fused.fuse(model)(x.contiguous(memory_format=torch.channels_last))
+        c = resnet_fused.fuse(model, memory_format=None, prepack=False)(x)
+        ref = copy.deepcopy(model).double()(x.double())
+        eager = model(x)
+    for out in (a, b, c):
+        assert_accuracy_rule(out, [eager], ref)
+
+
+def test_threads_give_single_thread_answers():
+    fused = resnet_fused.fuse(randomize_bn(models.HandResNet()).eval())
+    xs = [torch.randn(2, 3, 48, 48) for _ in range(8)]
+    with torch.inference_mode():
+        expected = [fused(x) for x in xs]
+    results = [None] * len(xs)
+    errors = []
+
+    def work(i):
+        try:
+            with torch.inference_mode():
+                for _ in range(3):
+                    results[i] = fused(xs[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    fresh = resnet_fused.fuse(randomize_bn(models.HandResNet()).eval())  # caches built concurrently
+    fresh.load_state_dict(fused.state_dict())
+    for model in (fused, fresh):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+        fused_model = model
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for r, e in zip(results, expected):
+            assert torch.equal(r, e)
+        del fused_model
+
+
+def test_torch_compile_fullgraph():
+    model = randomize_bn(models.CifarResNet(num_blocks=(1, 1), widths=(8, 16))).eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.inference_mode():
+        expected = fused(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_to_device_and_back(device):
+    model = randomize_bn(models.CifarResNet()).eval()
+    fused = resnet_fused.fuse(model).to(device)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = fused(x.to(device)).cpu()
+        assert torch.equal(fused.cpu()(x), resnet_fused.fuse(model)(x)) or device == "cuda"
+    assert_accuracy_rule(out, [model(x)], copy.deepcopy(model).double()(x.double()))
