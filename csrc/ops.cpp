@@ -17,9 +17,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual]),
   // act = relu when `relu`, identity otherwise. After BatchNorm folding this one op is
   // conv+BN, conv+BN+ReLU and conv+BN+add+ReLU.
+  // assume_finite: the caller vouches that no argument holds NaN or Inf, so the CPU path may
+  // run the ReLU as a oneDNN post-op (which maps NaN to 0 where torch.relu keeps it). False
+  // (the default) gives torch.relu's NaN semantics on every path.
   m.def(
       "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "bool assume_finite=False) -> Tensor");
   // relu(a + b): a residual join that no convolution can absorb.
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // Reorders a (folded) weight once into the blocked layout the CPU convolution primitive

@@ -7,6 +7,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the kernels: registers torch.ops.resnet_fused.*)
 from . import ops
+from .cuda_graph import CUDAGraphModule, cuda_graph
 from .fold import fold_conv_bn
 from .fuse import FuseReport, fuse
 from .modules import FusedAddReLU, FusedConv2d
@@ -26,6 +27,8 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
+    "CUDAGraphModule",
+    "cuda_graph",
     "FuseReport",
     "FusedAddReLU",
     "FusedConv2d",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fold import can_fold, fold_conv_bn
-from .modules import FusedAddReLU, FusedConv2d
+from .modules import FusedAddReLU, FusedConv2d, InputsFinite, ToChannelsLast
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -67,7 +67,7 @@ class _Tracer(fx.Tracer):
     """torch.nn modules and our fused modules are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConv2d, FusedAddReLU)):
+        if isinstance(m, (FusedConv2d, FusedAddReLU, ToChannelsLast, InputsFinite)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -277,7 +277,9 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
     if channels_last:
         produced_by_fused = set()
         for node in graph.nodes:
-            if node.op == "call_module" and isinstance(modules.get(node.target), (FusedConv2d, FusedAddReLU)):
+            if node.op == "call_module" and isinstance(
+                modules.get(node.target), (FusedConv2d, FusedAddReLU, ToChannelsLast)
+            ):
                 produced_by_fused.add(node)
         converted: dict = {}
         for node in list(graph.nodes):
@@ -286,9 +288,23 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             src = node.args[0]
             if isinstance(src, fx.Node) and src not in produced_by_fused:
                 if src not in converted:
+                    if not hasattr(gm, "to_channels_last"):
+                        gm.add_module("to_channels_last", ToChannelsLast())
                     with graph.inserting_after(src):
-                        converted[src] = graph.call_method("contiguous", (src,), {"memory_format": torch.channels_last})
+                        converted[src] = graph.call_module("to_channels_last", (src,))
                 node.replace_input_with(src, converted[src])
+
+    # 6. One finiteness check of the graph's inputs per call: when they are finite, the CPU
+    #    convs may fuse their ReLU as a oneDNN post-op; NaN/Inf inputs get eager's semantics.
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    fused_calls = [n for n in graph.nodes if fused_conv(n) is not None]
+    if placeholders and fused_calls:
+        if not hasattr(gm, "inputs_finite"):
+            gm.add_module("inputs_finite", InputsFinite())
+        with graph.inserting_after(placeholders[-1]):
+            finite = graph.call_module("inputs_finite", tuple(placeholders))
+        for n in fused_calls:
+            n.kwargs = {**n.kwargs, "assume_finite": finite}
 
     for target, pat in pattern.items():
         report.fused.append((prefix + target, pat))

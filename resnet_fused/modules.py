@@ -26,6 +26,45 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def to_channels_last(x):
+    """The one layout conversion at the start of a fused chain (a no-op when x is channels-last
+    already). Leaves anything but a 4-D tensor alone, so the fused op names the problem."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def inputs_finite(*xs) -> bool:
+    """Whether a fused graph's CPU inputs are free of NaN and Inf: then its convs may run their
+    ReLU as a oneDNN post-op (which maps NaN to 0); otherwise they keep torch.relu's NaN
+    semantics. One sum per input (a finite sum means finite elements; a huge input whose sum
+    overflows just takes the exact path). CUDA kernels are exact anyway: no check, no sync.
+    Compiled graphs (torch.compile) take the post-op path, as Inductor's own CPU fusions do."""
+    if torch.compiler.is_compiling():
+        return True
+    for x in xs:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == "cpu" and x.numel():
+            if not bool(torch.isfinite(x.sum())):
+                return False
+    return True
+
+
+# The fused graph calls these two as submodules rather than functions: a pickled GraphModule is
+# re-traced on torch.load with every module a leaf, and a module call survives that unchanged.
+class ToChannelsLast(nn.Module):
+    """See :func:`to_channels_last`."""
+
+    def forward(self, x):
+        return to_channels_last(x)
+
+
+class InputsFinite(nn.Module):
+    """See :func:`inputs_finite`."""
+
+    def forward(self, *xs) -> bool:
+        return inputs_finite(*xs)
+
+
 def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -146,7 +185,8 @@ class FusedConv2d(nn.Module):
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dtype = self.dtype
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or x.dim() != 4 or x.shape[1] != self.in_channels:
+            # (a wrong input goes to the op as it is, for the op's own clear error)
             return self.weight.to(dtype), self.bias.to(torch.float32)
         cl = _is_channels_last(x)
         key = (dtype, cl, self.weight.device, self.weight.data_ptr(), _version(self.weight), _version(self.bias))
@@ -166,7 +206,7 @@ class FusedConv2d(nn.Module):
             self._cache = {key: (w, b)}  # one entry: a layout/dtype change replaces it
             return w, b
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, assume_finite: bool = False) -> Tensor:
         dtype = self.dtype
         if x.dtype != dtype:
             raise TypeError(
@@ -184,7 +224,7 @@ class FusedConv2d(nn.Module):
             )
         w, b = self._weights(x)
         return torch.ops.resnet_fused.conv2d_bias_act.default(
-            x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu
+            x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
         )
 
     def output_shape(self, input_shape) -> list:

@@ -32,15 +32,20 @@ def conv2d_bias_act(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     relu: bool = False,
+    assume_finite: bool = False,
 ) -> Tensor:
     """``act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual])``.
 
     ``act`` is ReLU when ``relu`` else the identity. ``weight`` may be dense or the result of
     :func:`prepack_conv2d_weight`. ``bias`` is float32 or the input's dtype; the epilogue adds
     it in float32 and rounds once. The output has the input's memory format.
+
+    ``assume_finite=True`` vouches that no argument holds NaN/Inf; on CPU this lets the ReLU run
+    as a oneDNN post-op (faster; it would map NaN to 0). The default keeps torch.relu's NaN
+    semantics everywhere. Fused models pass True after checking their input.
     """
     return torch.ops.resnet_fused.conv2d_bias_act.default(
-        input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups, relu
+        input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups, relu, assume_finite
     )
 
 
@@ -73,7 +78,8 @@ def conv_output_size(size: Sequence[int], weight_size: Sequence[int], stride, pa
 
 
 @torch.library.register_fake("resnet_fused::conv2d_bias_act")
-def _conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+                          assume_finite=False):
     torch._check(input.dim() == 4, lambda: f"resnet_fused: input must have 4 dimensions, got {input.dim()}")
     torch._check(weight.dim() == 4, lambda: f"resnet_fused: weight must have 4 dimensions, got {weight.dim()}")
     torch._check(

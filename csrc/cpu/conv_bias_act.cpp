@@ -44,7 +44,7 @@ std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
 Tensor onednn_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                    const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                   at::IntArrayRef dilation, int64_t groups, bool relu) {
+                   at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
   static const auto unary = op_handle("mkldnn::_convolution_pointwise", "");
   static const auto binary = op_handle("mkldnn::_convolution_pointwise", "binary");
   const auto fmt = input.suggest_memory_format();
@@ -55,29 +55,38 @@ Tensor onednn_conv(const Tensor& input, const Tensor& weight, const std::optiona
   std::vector<c10::IValue> stack;
   stack.reserve(13);
   Tensor out;
+  // oneDNN's ReLU post-op maps NaN to 0 (torch.relu keeps NaN): it is used only when the
+  // caller vouches for finite inputs; otherwise our epilogue applies the ReLU afterwards.
+  const bool relu_post_op = relu && assume_finite;
   if (residual.has_value() && nhwc && groups == 1) {
     // One primitive: conv + bias, then binary-add and ReLU post-ops, NHWC.
     const Tensor res = residual->contiguous(at::MemoryFormat::ChannelsLast);
     stack.insert(stack.end(), {input, res, weight, b, vec(padding), vec(stride), vec(dilation), groups,
                                std::string("add"), c10::IValue(),
-                               relu ? c10::IValue(std::string("relu")) : c10::IValue(),
+                               relu_post_op ? c10::IValue(std::string("relu")) : c10::IValue(),
                                c10::List<std::optional<at::Scalar>>(), c10::IValue()});
     binary.callBoxed(&stack);
     out = stack[0].toTensor();
+    if (relu && !relu_post_op) {
+      const auto ofmt = out.suggest_memory_format();
+      out = out.contiguous(ofmt);
+      bias_act_epilogue(out, out, nullptr, nullptr, true, ofmt == at::MemoryFormat::ChannelsLast);
+    }
   } else {
-    const bool relu_post_op = relu && !residual.has_value();
+    const bool unary_relu = relu_post_op && !residual.has_value();
     stack.insert(stack.end(), {input, weight, b, vec(padding), vec(stride), vec(dilation), groups,
-                               std::string(relu_post_op ? "relu" : "none"),
+                               std::string(unary_relu ? "relu" : "none"),
                                c10::List<std::optional<at::Scalar>>(), c10::IValue()});
     unary.callBoxed(&stack);
     out = stack[0].toTensor();
-    if (residual.has_value()) {
-      // oneDNN fuses the residual only for NHWC, ungrouped convs; elsewhere our epilogue
-      // adds it (and the ReLU) in one pass over the conv output.
+    if (residual.has_value() || (relu && !unary_relu)) {
+      // oneDNN fuses the residual only for NHWC, ungrouped convs; elsewhere (and for an exact
+      // ReLU) our epilogue adds it and applies the ReLU in one pass over the conv output.
       const auto ofmt = out.suggest_memory_format();
       out = out.contiguous(ofmt);
-      const Tensor res = residual->contiguous(ofmt);
-      bias_act_epilogue(out, out, nullptr, &res, relu, ofmt == at::MemoryFormat::ChannelsLast);
+      const Tensor res = residual.has_value() ? residual->contiguous(ofmt) : Tensor();
+      bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
+                        ofmt == at::MemoryFormat::ChannelsLast);
     }
   }
   return out.contiguous(fmt);  // the op's contract: the output has the input's layout
@@ -88,18 +97,22 @@ Tensor native_conv(const Tensor& input, const Tensor& weight_in, const std::opti
                    at::IntArrayRef dilation, int64_t groups, bool relu) {
   const Tensor weight = weight_in.is_mkldnn() ? weight_in.to_dense() : weight_in;
   const auto fmt = input.suggest_memory_format();
-  Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
-                   .contiguous(fmt);
-  const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
-  const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
-  bias_act_epilogue(out, out, bias.has_value() ? &bias_f : nullptr, residual.has_value() ? &res : nullptr, relu,
-                    fmt == at::MemoryFormat::ChannelsLast);
+  // The bias goes into the convolution's float accumulator: added after a bf16/fp16 rounding of
+  // the conv output, a bias that cancels it (as folded BatchNorm shifts do) would lose bits.
+  const std::optional<Tensor> b =
+      bias.has_value() ? std::optional<Tensor>(bias->to(input.scalar_type())) : std::nullopt;
+  Tensor out = at::convolution(input, weight, b, stride, padding, dilation, false, {0, 0}, groups).contiguous(fmt);
+  if (residual.has_value() || relu) {
+    const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
+    bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
+                      fmt == at::MemoryFormat::ChannelsLast);
+  }
   return out;
 }
 
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+                       at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
   TORCH_CHECK_VALUE(input.device().is_cpu() && !input.is_mkldnn(),
                     "resnet_fused: input must be a dense CPU tensor, got ", input.device(),
                     input.is_mkldnn() ? " (mkldnn layout)" : "");
@@ -111,10 +124,10 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   if (onednn_enabled(dtype)) {
     auto* state = onednn_state(dtype);
     if (state == nullptr || state->load() == 1) {
-      return onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+      return onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, assume_finite);
     }
     try {
-      Tensor out = onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+      Tensor out = onednn_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, assume_finite);
       state->store(1);
       return out;
     } catch (const c10::Error&) {

@@ -54,9 +54,10 @@ void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, co
   C10_CUDA_CHECK(launch_bias_act_epilogue(p, c10::cuda::getCurrentCUDAStream(src.get_device()).stream()));
 }
 
+// (assume_finite changes nothing here: our epilogue keeps NaN as torch.relu does.)
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+                       at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
   check_cuda(input, "input");
   const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());

@@ -1,0 +1,518 @@
+"""Benchmarks: resnet_fused against eager PyTorch and its peers, side by side in one run.
+
+    python -m resnet_fused.bench                          # resnet50, CPU, fp32, batch 1 and 8
+    python -m resnet_fused.bench --device cuda --dtype float16 --batch 1 8 32 128 256
+    python -m resnet_fused.bench --layers                 # per-layer: every ResNet-50 conv shape
+    python -m resnet_fused.bench --memory                 # peak RSS of eager vs fused, batch 8
+
+Timing: every variant is built and warmed up first (build/compile time reported apart); then
+runs are interleaved (each round times every variant once, in a shuffled order) over rotating
+inputs, on the device's own clock (CUDA events on GPU). The median is reported, with images/s
+and the max relative error against a float64 reference. Results go to benchmarks/results/ as
+JSON and markdown, with PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import resnet_fused
+
+CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_max", "fused"]
+GPU_VARIANTS = CPU_VARIANTS + ["compile_ro", "eager_graph", "fused_graph"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and environment
+# ---------------------------------------------------------------------------------------------
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    """A torchvision ResNet with random weights and randomised BN statistics (no download)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(weights=None)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.uniform_(0.5, 1.2, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    return model.eval()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def progress(iterable, total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:  # a plain counter on stderr
+        def gen():
+            for i, item in enumerate(iterable):
+                if i % max(1, total // 10) == 0:
+                    print(f"  {desc}: {i}/{total}", file=sys.stderr, flush=True)
+                yield item
+
+        return gen()
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------------------------
+def cuda_graphed(model: nn.Module) -> Callable:
+    return resnet_fused.cuda_graph(model, copy_outputs=True)
+
+
+def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, example: torch.Tensor):
+    """Returns (callable, input memory format) for one variant; the model is copied."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    cl = torch.channels_last
+    nchw = torch.contiguous_format
+    if name == "eager":
+        return m, nchw
+    if name == "eager_cl":
+        return m.to(memory_format=cl), cl
+    if name == "fx_fuse":
+        from torch.fx.experimental.optimization import fuse as fx_fuse
+
+        return fx_fuse(m), nchw
+    if name == "jit_opt":
+        with torch.no_grad():
+            scripted = torch.jit.script(m)
+            return torch.jit.optimize_for_inference(scripted), nchw
+    if name in ("compile", "compile_max", "compile_ro"):
+        import torch._inductor.config as inductor_config
+
+        if name == "compile_max":
+            inductor_config.freezing = True
+            return torch.compile(m, mode="max-autotune"), nchw
+        inductor_config.freezing = False
+        return torch.compile(m, mode="reduce-overhead" if name == "compile_ro" else None), nchw
+    if name == "fused":
+        return resnet_fused.fuse(m), nchw
+    if name == "eager_graph":
+        return cuda_graphed(m.to(memory_format=cl)), cl
+    if name == "fused_graph":
+        return cuda_graphed(resnet_fused.fuse(m)), nchw
+    raise ValueError(f"unknown variant {name!r}")
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn: Callable, x) -> float:
+        """Milliseconds for one call, on the device's clock."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(x)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def run_model_benchmark(args) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    variants = args.variants or (GPU_VARIANTS if device == "cuda" else CPU_VARIANTS)
+    model = make_model(args.model)
+    records = []
+    builds = {}
+    for batch in args.batch:
+        n_rot = args.rotate
+        gen = torch.Generator().manual_seed(batch)
+        inputs_cpu = [torch.randn(batch, 3, args.image_size, args.image_size, generator=gen) for _ in range(n_rot)]
+        with torch.inference_mode():
+            ref = copy.deepcopy(model).double()(inputs_cpu[0].double())
+        fns, errs = {}, {}
+        for v in variants:
+            t0 = time.perf_counter()
+            try:
+                fn, fmt = build_variant(v, model, dtype, device, inputs_cpu[0])
+                xs = [x.to(device=device, dtype=dtype).contiguous(memory_format=fmt) for x in inputs_cpu]
+                with torch.inference_mode():
+                    for _ in range(args.warmup):  # includes compilation / capture for the peers
+                        out = fn(xs[0])
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                fns[v] = (fn, xs, fmt)
+                errs[v] = max_rel_err(out, ref)
+                builds.setdefault(v, round(time.perf_counter() - t0, 2))
+                print(f"[batch {batch}] {v}: ready in {time.perf_counter() - t0:.1f}s, "
+                      f"max rel err {errs[v]:.2e}", file=sys.stderr, flush=True)
+            except Exception as err:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                print(f"[batch {batch}] {v}: FAILED ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
+                builds.setdefault(v, f"failed: {type(err).__name__}: {str(err)[:200]}")
+        timer = Timer(device)
+        times = {v: [] for v in fns}
+        runs = args.runs if args.runs else max(5, min(50, int(20 / max(batch, 1) ** 0.5)))
+        order = list(fns)
+        rng = random.Random(batch)
+        with torch.inference_mode():
+            for r in progress(range(runs), runs, f"batch {batch}"):
+                rng.shuffle(order)
+                for v in order:
+                    fn, xs, _ = fns[v]
+                    times[v].append(timer(fn, xs[r % len(xs)]))
+        for v in fns:
+            ms = statistics.median(times[v])
+            records.append({
+                "model": args.model, "batch": batch, "dtype": args.dtype,
+                "memory_format": "channels_last" if fns[v][2] == torch.channels_last else "nchw",
+                "variant": v, "ms": round(ms, 4), "img_s": round(batch / ms * 1e3, 2),
+                "max_rel_err": errs[v], "runs": len(times[v]),
+                "p10_ms": round(sorted(times[v])[len(times[v]) // 10], 4),
+                "p90_ms": round(sorted(times[v])[(len(times[v]) * 9) // 10], 4),
+            })
+        del fns
+    return {"records": records, "build_s": builds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer benchmark
+# ---------------------------------------------------------------------------------------------
+RESNET50_LAYERS = [  # (name, C, K, kernel, stride, H, residual)
+    ("stem 7x7/2", 3, 64, 7, 2, 224, False),
+    ("l1 1x1 64-64", 64, 64, 1, 1, 56, False),
+    ("l1 3x3 64", 64, 64, 3, 1, 56, False),
+    ("l1 1x1 64-256 +res", 64, 256, 1, 1, 56, True),
+    ("l1 1x1 256-64", 256, 64, 1, 1, 56, False),
+    ("l2 1x1 256-128", 256, 128, 1, 1, 56, False),
+    ("l2 3x3/2 128", 128, 128, 3, 2, 56, False),
+    ("l2 3x3 128", 128, 128, 3, 1, 28, False),
+    ("l2 1x1 128-512 +res", 128, 512, 1, 1, 28, True),
+    ("l2 ds 1x1/2 256-512", 256, 512, 1, 2, 56, False),
+    ("l2 1x1 512-128", 512, 128, 1, 1, 28, False),
+    ("l3 3x3/2 256", 256, 256, 3, 2, 28, False),
+    ("l3 3x3 256", 256, 256, 3, 1, 14, False),
+    ("l3 1x1 256-1024 +res", 256, 1024, 1, 1, 14, True),
+    ("l3 ds 1x1/2 512-1024", 512, 1024, 1, 2, 28, False),
+    ("l3 1x1 1024-256", 1024, 256, 1, 1, 14, False),
+    ("l4 3x3/2 512", 512, 512, 3, 2, 14, False),
+    ("l4 3x3 512", 512, 512, 3, 1, 7, False),
+    ("l4 1x1 512-2048 +res", 512, 2048, 1, 1, 7, True),
+    ("l4 ds 1x1/2 1024-2048", 1024, 2048, 1, 2, 14, False),
+    ("l4 1x1 2048-512", 2048, 512, 1, 1, 7, False),
+]
+
+
+def measure_peaks(device: str, dtype: torch.dtype, timer: Timer) -> dict:
+    """The two ceilings, measured here: copy bandwidth and a large matrix product's rate."""
+    n = 1 << 26 if device == "cuda" else 1 << 24
+    src = torch.randn(n, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    bw = []
+    for _ in range(10):
+        bw.append(2 * src.numel() * src.element_size() / (timer(lambda t: dst.copy_(t), src) * 1e-3))
+    m = 8192 if device == "cuda" else 1024
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    fl = []
+    for _ in range(10):
+        fl.append(2 * m ** 3 / (timer(lambda t: torch.mm(t, t), a) * 1e-3))
+    return {"bytes_per_s": max(bw), "flops_per_s": max(fl)}
+
+
+def run_layer_benchmark(args) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    timer = Timer(device)
+    peaks = measure_peaks(device, dtype, timer)
+    batch = args.batch[0]
+    rows = []
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for name, c, k, kernel, stride, h, residual in progress(RESNET50_LAYERS, len(RESNET50_LAYERS), "layers"):
+        pad = kernel // 2
+        conv = nn.Conv2d(c, k, kernel, stride, pad, bias=False)
+        bn = nn.BatchNorm2d(k).eval()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+        chain = nn.Sequential(conv, bn).eval().to(device=device, dtype=dtype)
+        chain_cl = copy.deepcopy(chain).to(memory_format=torch.channels_last)
+        w, b = resnet_fused.fold_conv_bn(conv, bn)
+        fused = resnet_fused.FusedConv2d.from_conv(conv, w, b, [pad, pad], folded_bn=True)
+        fused.relu, fused.residual = True, residual
+        fused = fused.to(device=device, dtype=dtype)
+        x = torch.randn(batch, c, h, h, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ho = (h + 2 * pad - kernel) // stride + 1
+        r = torch.randn(batch, k, ho, ho, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        xn, rn = x.contiguous(), r.contiguous()
+        cands = {
+            "eager": lambda _: torch.relu(chain(xn) + rn) if residual else torch.relu(chain(xn)),
+            "eager_cl": lambda _: torch.relu(chain_cl(x) + r) if residual else torch.relu(chain_cl(x)),
+            "fused": lambda _: fused(x, r) if residual else fused(x),
+        }
+        if device == "cuda":
+            wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            bf = b.to(device=device, dtype=dtype)
+            if residual:
+                cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_add_relu(
+                    x, wf, r, 1.0, bf, [stride] * 2, [pad] * 2, [1, 1], 1)
+            else:
+                cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_relu(
+                    x, wf, bf, [stride] * 2, [pad] * 2, [1, 1], 1)
+        flops = 2 * batch * k * ho * ho * c * kernel * kernel
+        nbytes = esize * (x.numel() + w.numel() + batch * k * ho * ho * (2 if residual else 1))
+        floor_ms = max(flops / peaks["flops_per_s"], nbytes / peaks["bytes_per_s"]) * 1e3
+        bound = "compute" if flops / peaks["flops_per_s"] > nbytes / peaks["bytes_per_s"] else "memory"
+        times = {v: [] for v in cands}
+        with torch.inference_mode():
+            for fn in cands.values():
+                for _ in range(3):
+                    fn(None)
+            for _ in range(args.runs or 20):
+                for v, fn in cands.items():
+                    times[v].append(timer(fn, None))
+        for v, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append({"layer": name, "batch": batch, "dtype": args.dtype, "variant": v, "ms": round(ms, 4),
+                         "floor_ms": round(floor_ms, 4), "bound": bound, "x_floor": round(ms / floor_ms, 2),
+                         "gflop": round(flops / 1e9, 3), "mbytes": round(nbytes / 1e6, 3)})
+    return {"layers": rows, "peaks": peaks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: peak RSS in a fresh process per variant
+# ---------------------------------------------------------------------------------------------
+def _memory_child(variant: str, model: str, batch: int) -> None:
+    import resource
+
+    m = make_model(model)
+    if variant == "fused":
+        m = resnet_fused.fuse(m, inplace=True)
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        for _ in range(3):
+            m(x)
+    print(json.dumps({"variant": variant, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_memory(args) -> dict:
+    out = {}
+    for v in ("eager", "fused"):
+        res = subprocess.run([sys.executable, "-m", "resnet_fused.bench", "--memory-child", v, "--model", args.model,
+                              "--batch", str(args.batch[-1]), "--threads", str(torch.get_num_threads())],
+                             capture_output=True, text=True, check=True)
+        out[v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return {"peak_rss_mb": out, "memory_batch": args.batch[-1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}  \ntorch {result['torch']}, commit {result['commit']}, {result['created']}", ""]
+    recs = result.get("records", [])
+    if recs:
+        batches = sorted({r["batch"] for r in recs})
+        variants = list(dict.fromkeys(r["variant"] for r in recs))
+        lines.append(f"{recs[0]['model']}, {recs[0]['dtype']}: median ms per batch (images/s); "
+                     "speed-up of fused over each variant")
+        lines.append("")
+        lines.append("| variant | " + " | ".join(f"batch {b}" for b in batches) + " | max rel err |")
+        lines.append("|---|" + "---|" * (len(batches) + 1))
+        by = {(r["variant"], r["batch"]): r for r in recs}
+        for v in variants:
+            cells = []
+            for b in batches:
+                r = by.get((v, b))
+                f = by.get(("fused", b))
+                if r is None:
+                    cells.append("-")
+                    continue
+                ratio = f" **{r['ms'] / f['ms']:.2f}x**" if f and v != "fused" else ""
+                cells.append(f"{r['ms']:.2f} ({r['img_s']:.0f}/s){ratio}")
+            err = max(by[(v, b)]["max_rel_err"] for b in batches if (v, b) in by)
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {err:.1e} |")
+    if result.get("layers"):
+        lines.append("")
+        lines.append(f"Per layer (batch {result['layers'][0]['batch']}, {result['layers'][0]['dtype']}): "
+                     "median ms, and times the roofline floor")
+        lines.append("")
+        variants = list(dict.fromkeys(r["variant"] for r in result["layers"]))
+        lines.append("| layer | floor ms (bound) | " + " | ".join(variants) + " |")
+        lines.append("|---|---|" + "---|" * len(variants))
+        by = {(r["layer"], r["variant"]): r for r in result["layers"]}
+        for layer in dict.fromkeys(r["layer"] for r in result["layers"]):
+            first = by[(layer, variants[0])]
+            cells = [f"{by[(layer, v)]['ms']:.3f} ({by[(layer, v)]['x_floor']:.1f}x)" for v in variants]
+            lines.append(f"| {layer} | {first['floor_ms']:.3f} ({first['bound']}) | " + " | ".join(cells) + " |")
+    if result.get("peak_rss_mb"):
+        lines.append("")
+        lines.append(f"Peak RSS at batch {result['memory_batch']} (fresh process each): " +
+                     ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()))
+    if result.get("build_s"):
+        lines.append("")
+        lines.append("Build / compile + warm-up time (s): " +
+                     ", ".join(f"{k} {v}" for k, v in result["build_s"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, stem: str) -> list:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    recs = result.get("records", [])
+    if recs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v in dict.fromkeys(r["variant"] for r in recs):
+            pts = sorted((r["batch"], r["img_s"]) for r in recs if r["variant"] == v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v,
+                    linewidth=2.5 if v.startswith("fused") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{recs[0]['model']} {recs[0]['dtype']} on {result['device']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(stem + "_throughput.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if result.get("layers"):
+        rows = result["layers"]
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        fig, ax = plt.subplots(figsize=(9, 5))
+        width = 0.8 / (len(variants) + 1)
+        by = {(r["layer"], r["variant"]): r for r in rows}
+        for i, v in enumerate(variants):
+            ax.barh([j + i * width for j in range(len(layers))], [by[(l, v)]["ms"] for l in layers], width, label=v)
+        ax.barh([j + len(variants) * width for j in range(len(layers))], [by[(l, variants[0])]["floor_ms"] for l in layers],
+                width, label="roofline floor", color="black", alpha=0.4)
+        ax.set_yticks([j + width * len(variants) / 2 for j in range(len(layers))])
+        ax.set_yticklabels(layers, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms")
+        ax.set_title(f"ResNet-50 layers, batch {rows[0]['batch']} {rows[0]['dtype']}, {result['device']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(stem + "_layers.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def main(argv: Optional[list] = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m resnet_fused.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50", help="any torchvision ResNet by name (default resnet50)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="+", default=None, help=f"default: all of {GPU_VARIANTS} that run on the device")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default: by batch)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rotate", type=int, default=4, help="distinct inputs rotated through")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--layers", action="store_true", help="per-layer benchmark instead of whole models")
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS of eager vs fused (CPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results folder")
+    p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args.memory_child, args.model, args.batch[-1])
+        return {}
+    if args.device == "cuda" and not resnet_fused.cuda_available():
+        p.error("--device cuda: no CUDA device, or resnet_fused was built without CUDA kernels")
+    bad = set(args.variants or []) - set(GPU_VARIANTS)
+    if bad:
+        p.error(f"unknown variants {sorted(bad)}; choose from {GPU_VARIANTS}")
+
+    result = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "records": [],
+    }
+    if args.layers:
+        result.update(run_layer_benchmark(args))
+    else:
+        result.update(run_model_benchmark(args))
+    if args.memory:
+        result.update(run_memory(args))
+    text = markdown(result)
+    print(text)
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        kind = "layers" if args.layers else args.model
+        dev = "gpu" if args.device == "cuda" else "cpu"
+        stem = os.path.join(args.out, f"{dev}_{kind}_{args.dtype}{('_' + args.tag) if args.tag else ''}")
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        for path in plot(result, stem):
+            print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

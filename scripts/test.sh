@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (the same as CI): builds resnet_fused against the CUDA build of torch (the
+# CUDA kernels compile even with no GPU here; their tests skip) and runs the whole suite, then
+# against the CPU-only torch and runs it again (torchvision-dependent tests skip there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+VENV_CUDA=${VENV_CUDA:-.venv}
+VENV_CPU=${VENV_CPU:-.venv-cpu}
+start=$SECONDS
+
+make_venv "$VENV_CUDA" cuda
+install_here "$VENV_CUDA" "${RESNET_FUSED_CUDA:-1}"
+echo "== tests (CUDA build of torch) after $((SECONDS - start)) s"
+"$VENV_CUDA/bin/pytest" tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -rs --durations=10
+
+if [ "${SKIP_CPU_BUILD:-0}" != 1 ]; then
+  make_venv "$VENV_CPU" cpu
+  install_here "$VENV_CPU" 0
+  echo "== tests (CPU-only torch) after $((SECONDS - start)) s"
+  "$VENV_CPU/bin/pytest" tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning
+fi
+echo "== done in $((SECONDS - start)) s"
