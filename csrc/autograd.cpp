@@ -28,6 +28,7 @@ void inference_only(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("conv2d_bias_act", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("conv2d_bias_act_", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("add_relu", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("prepack_conv2d_weight", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }

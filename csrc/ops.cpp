@@ -24,6 +24,15 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
       "bool assume_finite=False) -> Tensor");
+  // The same with the residual updated in place: residual = act(conv(...) + bias + residual).
+  // Returns nothing (a mutated input, not an aliased output, is what functionalization and so
+  // torch.compile accept).
+  // Used where the residual is read by nothing after the join (a ResNet block's shortcut):
+  // no output buffer to allocate, and oneDNN accumulates into it (a sum post-op).
+  m.def(
+      "conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "bool assume_finite=False) -> ()");
   // relu(a + b): a residual join that no convolution can absorb.
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // Reorders a (folded) weight once into the blocked layout the CPU convolution primitive

@@ -154,6 +154,16 @@ def _conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
+def _fresh_and_dead_after(other: fx.Node, join: fx.Node, graph: fx.Graph, modules: dict) -> bool:
+    """Whether `other` may be overwritten by `join`: it is a tensor one of our fused ops made
+    (a fresh buffer, or a residual buffer that was itself dead after its own join, never a
+    view, a parameter or the caller's input), and every other reader runs before `join`."""
+    if not (other.op == "call_module" and isinstance(modules.get(other.target), (FusedConv2d, FusedAddReLU))):
+        return False
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return all(u is join or order[u] < order[join] for u in other.users)
+
+
 def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bool, channels_last: bool) -> None:
     graph = gm.graph
     modules = _modules(gm)
@@ -228,6 +238,9 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             graph.erase_node(cand)
             mod.residual = True
             mod.relu = relu_node is not None
+            # In place when nothing reads the residual after the join and it is a tensor this
+            # graph computed (never the caller's input, never a parameter).
+            mod.inplace_residual = _fresh_and_dead_after(other, new, graph, modules)
             pattern[cand.target] += "+add" + ("+relu" if mod.relu else "")
             break
 

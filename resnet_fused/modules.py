@@ -104,6 +104,9 @@ class FusedConv2d(nn.Module):
         self.residual = residual
         self.folded_bn = folded_bn
         self.prepack = prepack
+        # Write the result into the residual's buffer (set by fuse() where nothing reads the
+        # residual after the join).
+        self.inplace_residual = False
         if weight is None:
             weight = torch.zeros(out_channels, in_channels // groups, *self.kernel_size)
         if bias is None:
@@ -148,7 +151,7 @@ class FusedConv2d(nn.Module):
             parts.append(f"groups={self.groups}")
         parts.append("bn=folded" if self.folded_bn else "bn=none")
         if self.residual:
-            parts.append("+residual")
+            parts.append("+residual" + (" (in place)" if self.inplace_residual else ""))
         if self.relu:
             parts.append("relu")
         if self.compute_dtype is not None:
@@ -175,6 +178,7 @@ class FusedConv2d(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("inplace_residual", False)
         self.__dict__.update(state)
         self._cache = {}
         self._lock = threading.Lock()
@@ -223,6 +227,11 @@ class FusedConv2d(nn.Module):
                 f"got {'one' if residual is not None else 'none'}"
             )
         w, b = self._weights(x)
+        if residual is not None and self.inplace_residual:
+            torch.ops.resnet_fused.conv2d_bias_act_.default(
+                residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
+            )
+            return residual
         return torch.ops.resnet_fused.conv2d_bias_act.default(
             x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
         )

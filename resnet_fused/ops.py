@@ -49,6 +49,26 @@ def conv2d_bias_act(
     )
 
 
+def conv2d_bias_act_(
+    residual: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = False,
+    assume_finite: bool = False,
+) -> Tensor:
+    """:func:`conv2d_bias_act` written into ``residual`` (returned): for a residual that nothing
+    reads after the join, no output buffer is allocated and oneDNN accumulates into it."""
+    torch.ops.resnet_fused.conv2d_bias_act_.default(
+        residual, input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, relu, assume_finite
+    )
+    return residual
+
+
 def add_relu(a: Tensor, b: Tensor) -> Tensor:
     """``relu(a + b)`` in one pass (a residual join that no convolution absorbed)."""
     return torch.ops.resnet_fused.add_relu.default(a, b)
@@ -93,6 +113,16 @@ def _conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, dilati
             lambda: f"resnet_fused: residual must have the output's shape {shape}, got {list(residual.shape)}",
         )
     return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+
+
+@torch.library.register_fake("resnet_fused::conv2d_bias_act_")
+def _conv2d_bias_act_inplace_fake(residual, input, weight, bias, stride, padding, dilation, groups, relu,
+                                  assume_finite=False):
+    shape = conv_output_size(input.shape, weight.shape, stride, padding, dilation)
+    torch._check(
+        list(residual.shape) == shape,
+        lambda: f"resnet_fused: residual must have the output's shape {shape}, got {list(residual.shape)}",
+    )
 
 
 @torch.library.register_fake("resnet_fused::add_relu")

@@ -23,6 +23,7 @@ make_venv() {
   if [ ! -x "$venv/bin/python" ]; then
     "$PY" -m venv "$venv"
   fi
+  venv=$(cd "$venv" && pwd)
   if "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and (torch.version.cuda is not None) == ('$kind' == 'cuda') else 1)" 2>/dev/null; then
     echo "== $venv: torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') already there"
   elif [ "$kind" = cuda ]; then
@@ -38,7 +39,8 @@ make_venv() {
 
 # install_here VENV [RESNET_FUSED_CUDA]: the README's install command, in VENV.
 install_here() {
-  local venv=$1 cuda=${2:-auto}
+  local venv cuda=${2:-auto}
+  venv=$(cd "$1" && pwd)
   rm -rf build
   echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda)"
   local log

@@ -49,7 +49,7 @@ def assert_fully_fused(original, fused, x, add_relus=0):
         "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
         "aten.threshold", "aten.clamp_min")}
     assert not leftover, f"unfused ops left: {leftover}"
-    assert counts["resnet_fused.conv2d_bias_act"] == n_convs, counts
+    assert counts["resnet_fused.conv2d_bias_act"] + counts["resnet_fused.conv2d_bias_act_"] == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts
     return counts
 

@@ -200,13 +200,13 @@ def test_add_relu(device, dtype, layout):
 
 
 def test_cpu_kernels_registered():
-    for name in ("conv2d_bias_act", "add_relu", "prepack_conv2d_weight"):
+    for name in ("conv2d_bias_act", "conv2d_bias_act_", "add_relu", "prepack_conv2d_weight"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{name}", "CPU"), name
 
 
 @pytest.mark.skipif(not resnet_fused.cuda_compiled(), reason="built without CUDA kernels")
 def test_cuda_kernels_registered():
-    for name in ("conv2d_bias_act", "add_relu", "prepack_conv2d_weight"):
+    for name in ("conv2d_bias_act", "conv2d_bias_act_", "add_relu", "prepack_conv2d_weight"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{name}", "CUDA"), name
 
 
@@ -248,3 +248,27 @@ def test_compile_fullgraph_op():
     x, w, b, r, kw = make_inputs(2, 8, 8, 3, 1, 6, residual=True)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b, r), f(x, w, b, r))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("groups,relu,assume_finite", [(1, True, True), (1, True, False), (1, False, True), (2, True, True)])
+def test_inplace_residual(device, dtype, channels_last, groups, relu, assume_finite):
+    x, w, b, res, kw = make_inputs(2, 16, 32, 3, 2, 11, groups=groups, dtype=dtype, device=device,
+                                   residual=True, channels_last=channels_last)
+    ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
+    eager = eager_results(x, w, b, res, relu, kw)
+    buf = res.clone()
+    ptr = buf.data_ptr()
+    out = ops.conv2d_bias_act_(buf, x, w, b, relu=relu, assume_finite=assume_finite, **kw)
+    assert out is buf and buf.data_ptr() == ptr
+    assert_accuracy_rule(buf, eager, ref)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_inplace(device, channels_last):
+    x, w, b, r, kw = make_inputs(2, 8, 16, 3, 2, 9, device=device, residual=True, channels_last=channels_last)
+    args = (r, x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], True, True)
+    torch.library.opcheck(torch.ops.resnet_fused.conv2d_bias_act_.default, args)

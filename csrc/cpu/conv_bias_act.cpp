@@ -138,6 +138,37 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   return native_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
 }
 
+void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
+                         const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
+  TORCH_CHECK_VALUE(input.device().is_cpu() && !input.is_mkldnn(),
+                    "resnet_fused: input must be a dense CPU tensor, got ", input.device());
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+  if (input.numel() == 0) return;
+  const bool nhwc_res = residual.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool nhwc = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
+                    weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (onednn_enabled(input.scalar_type()) && nhwc && nhwc_res && groups == 1 &&
+      (input.scalar_type() == at::kFloat || onednn_state(input.scalar_type())->load() == 1)) {
+    // oneDNN accumulates conv + bias into the residual buffer (sum post-op), then the ReLU.
+    static const auto inplace = op_handle("mkldnn::_convolution_pointwise_", "binary");
+    const bool relu_post_op = relu && assume_finite;
+    std::vector<c10::IValue> stack{residual, input, weight,
+                                   bias.has_value() ? c10::IValue(bias->to(input.scalar_type())) : c10::IValue(),
+                                   vec(padding), vec(stride), vec(dilation), groups, std::string("add"),
+                                   c10::IValue(at::Scalar(1.0)),
+                                   relu_post_op ? c10::IValue(std::string("relu")) : c10::IValue(),
+                                   c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    inplace.callBoxed(&stack);
+    if (relu && !relu_post_op) {
+      bias_act_epilogue(residual, residual, nullptr, nullptr, true, true);
+    }
+    return;
+  }
+  residual.copy_(conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+                                 assume_finite));
+}
+
 Tensor add_relu(const Tensor& a, const Tensor& b) {
   check_add_relu(a, b);
   TORCH_CHECK_VALUE(a.device().is_cpu(), "resnet_fused: add_relu on CPU got a tensor on ", a.device());
@@ -171,6 +202,7 @@ Tensor prepack_conv2d_weight(const Tensor& weight, at::IntArrayRef stride, at::I
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act);
+  m.impl("conv2d_bias_act_", &conv2d_bias_act_);
   m.impl("add_relu", &add_relu);
   m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
 }
@@ -178,6 +210,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
 // A prepacked weight is an opaque oneDNN tensor, whose dispatch key is MkldnnCPU.
 TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act);
+  m.impl("conv2d_bias_act_", &conv2d_bias_act_);
   m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
 }
 

@@ -77,6 +77,28 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   return out;
 }
 
+// In place into the residual: cuDNN's conv output, then one epilogue pass that reads it and the
+// residual and writes the residual.
+void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
+                         const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
+  check_cuda(input, "input");
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return;
+  const auto fmt = input.suggest_memory_format();
+  if (!residual.is_contiguous(fmt)) {
+    residual.copy_(conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, relu, false));
+    return;
+  }
+  Tensor out = at::convolution(input, weight.contiguous(fmt), std::nullopt, stride, padding, dilation, false,
+                               {0, 0}, groups)
+                   .contiguous(fmt);
+  const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  run_epilogue(out, residual, bias.has_value() ? &bias_f : nullptr, &residual, relu,
+               fmt == at::MemoryFormat::ChannelsLast);
+}
+
 Tensor add_relu(const Tensor& a, const Tensor& b) {
   check_cuda(a, "a");
   check_add_relu(a, b);
@@ -102,6 +124,7 @@ Tensor prepack_conv2d_weight(const Tensor& weight, at::IntArrayRef, at::IntArray
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act);
+  m.impl("conv2d_bias_act_", &conv2d_bias_act_);
   m.impl("add_relu", &add_relu);
   m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
 }
