@@ -328,17 +328,30 @@ def run_layer_benchmark(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Memory: peak RSS in a fresh process per variant
 # ---------------------------------------------------------------------------------------------
-def _memory_child(variant: str, model: str, batch: int) -> None:
-    import resource
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
+
+def _memory_child(variant: str, model: str, batch: int) -> None:
+    """Peak RSS of building the model (and fusing it) and running it, in MB: the process's own
+    peak (VmHWM), reset after the imports so that the libraries' load does not hide it, and
+    the same less the RSS at that reset (what the model and its inference add)."""
+    x = torch.randn(batch, 3, 224, 224)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kb("VmRSS")
     m = make_model(model)
     if variant == "fused":
         m = resnet_fused.fuse(m, inplace=True)
-    x = torch.randn(batch, 3, 224, 224)
     with torch.inference_mode():
         for _ in range(3):
             m(x)
-    print(json.dumps({"variant": variant, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"variant": variant, "peak_rss_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
 
 
 def run_memory(args) -> dict:
@@ -347,8 +360,10 @@ def run_memory(args) -> dict:
         res = subprocess.run([sys.executable, "-m", "resnet_fused.bench", "--memory-child", v, "--model", args.model,
                               "--batch", str(args.batch[-1]), "--threads", str(torch.get_num_threads())],
                              capture_output=True, text=True, check=True)
-        out[v] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    return {"peak_rss_mb": out, "memory_batch": args.batch[-1]}
+        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": {v: round(r["peak_rss_mb"], 1) for v, r in out.items()},
+            "peak_added_mb": {v: round(r["added_mb"], 1) for v, r in out.items()},
+            "memory_batch": args.batch[-1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,8 +408,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {layer} | {first['floor_ms']:.3f} ({first['bound']}) | " + " | ".join(cells) + " |")
     if result.get("peak_rss_mb"):
         lines.append("")
-        lines.append(f"Peak RSS at batch {result['memory_batch']} (fresh process each): " +
-                     ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()))
+        lines.append(f"Peak RSS at batch {result['memory_batch']} (fresh process each, model built, fused and run "
+                     "3 times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
+                     "; above the RSS after imports: " +
+                     ", ".join(f"{k} {v:.0f} MB" for k, v in result.get("peak_added_mb", {}).items()))
     if result.get("build_s"):
         lines.append("")
         lines.append("Build / compile + warm-up time (s): " +

@@ -187,30 +187,7 @@ class FusedConv2d(nn.Module):
         self._cache = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = self.dtype
-        if torch.compiler.is_compiling() or x.dim() != 4 or x.shape[1] != self.in_channels:
-            # (a wrong input goes to the op as it is, for the op's own clear error)
-            return self.weight.to(dtype), self.bias.to(torch.float32)
-        cl = _is_channels_last(x)
-        key = (dtype, cl, self.weight.device, self.weight.data_ptr(), _version(self.weight), _version(self.bias))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        with self._lock, torch.no_grad():
-            hit = self._cache.get(key)
-            if hit is not None:
-                return hit
-            w = self.weight.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            if self.prepack and w.device.type == "cpu":
-                w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
-                    w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
-                )
-            b = self.bias.to(torch.float32)
-            self._cache = {key: (w, b)}  # one entry: a layout/dtype change replaces it
-            return w, b
-
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, assume_finite: bool = False) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         dtype = self.dtype
         if x.dtype != dtype:
             raise TypeError(
@@ -221,12 +198,43 @@ class FusedConv2d(nn.Module):
             raise ValueError(f"FusedConv2d is on {self.weight.device} but got an input on {x.device}")
         if dtype not in _SUPPORTED:
             raise TypeError(f"FusedConv2d: no fused kernel for {dtype}; use float32, float16 or bfloat16")
+
+    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The weight in x's dtype and layout (prepacked on CPU) and the float32 bias, cached.
+        The key holds everything a hit relies on, so the input checks run on a miss only."""
+        w_master = self.weight
+        key = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
+               x.shape[1] if x.dim() > 1 else -1, w_master.data_ptr(), _version(w_master), _version(self.bias))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        self._check_input(x)
+        dtype = self.dtype
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            # (a wrong input goes to the op as it is, for the op's own clear error)
+            return w_master.to(dtype), self.bias.to(torch.float32)
+        cl = _is_channels_last(x)
+        with self._lock, torch.no_grad():
+            w = w_master.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            if self.prepack and w.device.type == "cpu":
+                w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
+                    w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
+                )
+            b = self.bias.to(torch.float32)
+            self._cache = {key: (w, b)}  # one entry: a layout/dtype change replaces it
+            return w, b
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, assume_finite: bool = False) -> Tensor:
         if (residual is not None) != self.residual:
             raise ValueError(
                 f"FusedConv2d was fused {'with' if self.residual else 'without'} a residual input, "
                 f"got {'one' if residual is not None else 'none'}"
             )
-        w, b = self._weights(x)
+        if torch.compiler.is_compiling():
+            self._check_input(x)
+            w, b = self.weight.to(self.dtype), self.bias.to(torch.float32)
+        else:
+            w, b = self._weights(x)
         if residual is not None and self.inplace_residual:
             torch.ops.resnet_fused.conv2d_bias_act_.default(
                 residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite

@@ -40,20 +40,27 @@ def max_err(out, ref):
     return (out.double() - ref.double()).abs().max().item()
 
 
-def assert_accuracy_rule(out, eager, ref, factor=2.0, what=""):
+def assert_accuracy_rule(out, eager, ref, factor=2.0, what="", magnitude=None):
     """Flash-attention's rule: the fused error against a float64 reference is at most `factor`
     times eager PyTorch's own error in the same dtype, plus one ulp of the output's scale
     (eager can be bit-exact where it happens to compute the same way).
 
     `eager` may be a list of eager results computed in the same dtype in the layouts eager
     offers (NCHW, channels_last): their errors differ (oneDNN's NHWC kernels sum in another
-    order), and each is eager's own error; the largest is the yardstick."""
+    order), and each is eager's own error; the largest is the yardstick.
+
+    `magnitude`, when given, is the float64 sum of the absolute values of the terms behind each
+    output (for a conv: conv2d(|x|, |w|) + |bias| + |residual|): the ulp floor is then taken at
+    that scale, as a sum's rounding error is bounded by its terms, not by its (possibly
+    cancelled) result. Eager can be exact where it happens to use one FMA for x*w + b."""
     eagers = eager if isinstance(eager, (list, tuple)) else [eager]
     eager = max(eagers, key=lambda e: max_err(e, ref))
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert out.dtype == eager.dtype, f"{what}: dtype {out.dtype} != eager's {eager.dtype}"
     assert torch.isfinite(out).all() or not torch.isfinite(ref).all(), f"{what}: non-finite values where the reference has none"
     scale = ref.double().abs().max().item()
+    if magnitude is not None:
+        scale = max(scale, magnitude.double().abs().max().item())
     ulp = torch.finfo(out.dtype).eps * max(scale, 1e-30)
     e_fused, e_eager = max_err(out, ref), max_err(eager, ref)
     assert e_fused <= factor * e_eager + ulp, (

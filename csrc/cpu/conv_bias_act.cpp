@@ -110,6 +110,19 @@ Tensor native_conv(const Tensor& input, const Tensor& weight_in, const std::opti
   return out;
 }
 
+// Shapes where oneDNN (as PyTorch 2.13 ships it) is wrong, found by the property-based tests;
+// eager PyTorch's own conv2d fails on them too.
+bool dilated_and_strided(at::IntArrayRef stride, at::IntArrayRef dilation) {
+  // segfaults for some tiny spatial sizes, any dtype
+  return (stride[0] > 1 || stride[1] > 1) && (dilation[0] > 1 || dilation[1] > 1);
+}
+bool reduced_strided_single_row(const Tensor& input, at::IntArrayRef out_shape, at::IntArrayRef stride) {
+  // bf16/fp16 kernels return garbage (reads of unwritten memory) for a strided conv whose
+  // output is one row or one column wide
+  return input.scalar_type() != at::kFloat && (stride[0] > 1 || stride[1] > 1) &&
+         (out_shape[2] == 1 || out_shape[3] == 1);
+}
+
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
@@ -119,6 +132,32 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   if (input.numel() == 0) {
     return at::empty(out_shape, input.options().memory_format(input.suggest_memory_format()));
+  }
+  if (reduced_strided_single_row(input, out_shape, stride)) {
+    // A tiny layer: compute it in float32 and round once (more accurate than the bf16 kernel).
+    const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
+    auto f32 = [](const std::optional<Tensor>& t) {
+      return t.has_value() ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
+    };
+    return conv2d_bias_act(input.to(at::kFloat), w.to(at::kFloat), f32(bias), f32(residual), stride, padding,
+                           dilation, groups, relu, assume_finite)
+        .to(input.scalar_type())
+        .contiguous(input.suggest_memory_format());
+  }
+  if (dilated_and_strided(stride, dilation)) {
+    // oneDNN (PyTorch 2.13) crashes on some dilated *and* strided shapes with tiny spatial
+    // sizes (eager bf16 conv2d included). Such convs are rare (dilation comes with stride 1 in
+    // segmentation backbones): compute the stride-1 conv and keep every stride-th output.
+    Tensor full = conv2d_bias_act(input, weight, bias, std::nullopt, {1, 1}, padding, dilation, groups, false,
+                                  assume_finite);
+    const auto fmt = input.suggest_memory_format();
+    Tensor out = full.slice(2, 0, std::nullopt, stride[0]).slice(3, 0, std::nullopt, stride[1]).contiguous(fmt);
+    if (residual.has_value() || relu) {
+      const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
+      bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
+                        fmt == at::MemoryFormat::ChannelsLast);
+    }
+    return out;
   }
   const auto dtype = input.scalar_type();
   if (onednn_enabled(dtype)) {
@@ -146,9 +185,11 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
   check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   if (input.numel() == 0) return;
   const bool nhwc_res = residual.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool avoid_onednn = dilated_and_strided(stride, dilation) ||
+                            reduced_strided_single_row(input, residual.sizes(), stride);
   const bool nhwc = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
                     weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  if (onednn_enabled(input.scalar_type()) && nhwc && nhwc_res && groups == 1 &&
+  if (!avoid_onednn && onednn_enabled(input.scalar_type()) && nhwc && nhwc_res && groups == 1 &&
       (input.scalar_type() == at::kFloat || onednn_state(input.scalar_type())->load() == 1)) {
     // oneDNN accumulates conv + bias into the residual buffer (sum post-op), then the ReLU.
     static const auto inplace = op_handle("mkldnn::_convolution_pointwise_", "binary");
