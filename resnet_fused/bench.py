@@ -294,7 +294,8 @@ def run_layer_benchmark(args) -> dict:
         cands = {
             "eager": lambda _: torch.relu(chain(xn) + rn) if residual else torch.relu(chain(xn)),
             "eager_cl": lambda _: torch.relu(chain_cl(x) + r) if residual else torch.relu(chain_cl(x)),
-            "fused": lambda _: fused(x, r) if residual else fused(x),
+            # as a fused model calls it (its input checked finite once per forward)
+            "fused": lambda _: fused(x, r, assume_finite=True) if residual else fused(x, assume_finite=True),
         }
         if device == "cuda":
             wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -1,62 +1,97 @@
 // The CPU epilogue: bias + residual + ReLU over a convolution's output in one pass, used
-// where the oneDNN primitive cannot take the epilogue as post-ops (oneDNN disabled, or a
-// dtype this CPU's oneDNN has no kernel for), and by add_relu.
+// where the oneDNN primitive cannot take the epilogue as post-ops (oneDNN disabled, grouped
+// convs with a residual, an exact-NaN ReLU), and by add_relu.
+//
+// The inner loops are plain C++ that the compiler vectorises, built three times (AVX-512, AVX2,
+// baseline x86-64) with GCC's target_clones and picked at load time by the CPU, so the wheel
+// runs anywhere and uses the vector width the machine has. bfloat16 is converted with bit
+// operations (round to nearest even, NaN kept), which vectorise too.
 #include "epilogue.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RF_CLONES
+#endif
 
 namespace resnet_fused::cpu {
 namespace {
 
-using at::vec::Vectorized;
-
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kGrain = 32768;
 
-// Loads n <= Vectorized<float>::size() elements of T as floats.
-template <typename T>
-inline Vectorized<float> load_f(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return n == Vectorized<float>::size() ? Vectorized<float>::loadu(p) : Vectorized<float>::loadu(p, n);
-  } else {
-    // A reduced-precision vector holds twice as many lanes; only the low half is used.
-    auto v = Vectorized<T>::loadu(p, n);
-    return std::get<0>(at::vec::convert_to_float<T>(v));
-  }
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
-template <typename T>
-inline void store_f(T* p, Vectorized<float> v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, n);
-  }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(rounded);  // NaN stays NaN
 }
 
-// One contiguous run of n elements. Bias is either one value per element (channels-last
-// rows, PER_ELEM) or one value for the whole run (an NCHW plane).
-template <typename T, bool PER_ELEM>
-inline void run(const T* src, T* dst, const T* res, const float* bias, float bias_scalar, int64_t n, bool relu) {
-  constexpr int64_t V = Vectorized<float>::size();
-  const Vectorized<float> zero(0.f);
-  const Vectorized<float> bs(bias_scalar);
-  int64_t i = 0;
-  for (; i < n; i += V) {
-    const int64_t m = std::min<int64_t>(V, n - i);
-    Vectorized<float> v = load_f(src + i, m);
-    if (PER_ELEM) {
-      v = v + (m == V ? Vectorized<float>::loadu(bias + i) : Vectorized<float>::loadu(bias + i, m));
-    } else {
-      v = v + bs;
+// One contiguous run of n elements: dst = act(src + bias + res). Bias is one value per element
+// (a channels-last row) or one value for the run (an NCHW plane), or none.
+// `x < 0 ? 0 : x` keeps NaN as NaN, as torch.relu does.
+RF_CLONES void run_f32(const float* src, float* dst, const float* res, const float* bias, float bias_scalar,
+                       int64_t n, bool relu) {
+  if (bias) {
+    for (int64_t i = 0; i < n; ++i) {
+      float v = src[i] + bias[i] + (res ? res[i] : 0.f);
+      dst[i] = (relu && v < 0.f) ? 0.f : v;
     }
-    if (res) v = v + load_f(res + i, m);
-    if (relu) v = at::vec::clamp_min(v, zero);
-    store_f(dst + i, v, m);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float v = src[i] + bias_scalar + (res ? res[i] : 0.f);
+      dst[i] = (relu && v < 0.f) ? 0.f : v;
+    }
   }
+}
+
+RF_CLONES void run_bf16(const uint16_t* src, uint16_t* dst, const uint16_t* res, const float* bias,
+                        float bias_scalar, int64_t n, bool relu) {
+  if (bias) {
+    for (int64_t i = 0; i < n; ++i) {
+      float v = bf16_to_float(src[i]) + bias[i] + (res ? bf16_to_float(res[i]) : 0.f);
+      dst[i] = float_to_bf16((relu && v < 0.f) ? 0.f : v);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float v = bf16_to_float(src[i]) + bias_scalar + (res ? bf16_to_float(res[i]) : 0.f);
+      dst[i] = float_to_bf16((relu && v < 0.f) ? 0.f : v);
+    }
+  }
+}
+
+void run_f16(const at::Half* src, at::Half* dst, const at::Half* res, const float* bias, float bias_scalar, int64_t n,
+             bool relu) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = float(src[i]) + (bias ? bias[i] : bias_scalar) + (res ? float(res[i]) : 0.f);
+    dst[i] = at::Half((relu && v < 0.f) ? 0.f : v);
+  }
+}
+
+inline void run(const float* s, float* d, const float* r, const float* b, float bs, int64_t n, bool relu) {
+  run_f32(s, d, r, b, bs, n, relu);
+}
+inline void run(const at::BFloat16* s, at::BFloat16* d, const at::BFloat16* r, const float* b, float bs, int64_t n,
+                bool relu) {
+  run_bf16(reinterpret_cast<const uint16_t*>(s), reinterpret_cast<uint16_t*>(d),
+           reinterpret_cast<const uint16_t*>(r), b, bs, n, relu);
+}
+inline void run(const at::Half* s, at::Half* d, const at::Half* r, const float* b, float bs, int64_t n, bool relu) {
+  run_f16(s, d, r, b, bs, n, relu);
 }
 
 template <typename T>
@@ -68,7 +103,7 @@ void epilogue_impl(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
   const int64_t numel = src.numel();
   if (!bias) {
     at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) {
-      run<T, false>(s + b, d + b, r ? r + b : nullptr, nullptr, 0.f, e - b, relu);
+      run(s + b, d + b, r ? r + b : nullptr, nullptr, 0.f, e - b, relu);
     });
     return;
   }
@@ -81,7 +116,7 @@ void epilogue_impl(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
       for (int64_t row = b; row < e; ++row) {
         const int64_t o = row * C;
-        run<T, true>(s + o, d + o, r ? r + o : nullptr, bp, 0.f, C, relu);
+        run(s + o, d + o, r ? r + o : nullptr, bp, 0.f, C, relu);
       }
     });
   } else {
@@ -90,7 +125,7 @@ void epilogue_impl(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
     at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t o = p * HW;
-        run<T, false>(s + o, d + o, r ? r + o : nullptr, nullptr, bp[p % C], HW, relu);
+        run(s + o, d + o, r ? r + o : nullptr, nullptr, bp[p % C], HW, relu);
       }
     });
   }
