@@ -346,8 +346,8 @@ def _memory_child(variant: str, model: str, batch: int) -> None:
         f.write("5")  # resets VmHWM to the current RSS
     base = _status_kb("VmRSS")
     m = make_model(model)
-    if variant == "fused":
-        m = resnet_fused.fuse(m, inplace=True)
+    if variant.startswith("fused"):
+        m = resnet_fused.fuse(m, inplace=True, prepack=variant != "fused_noprepack")
     with torch.inference_mode():
         for _ in range(3):
             m(x)
@@ -357,7 +357,7 @@ def _memory_child(variant: str, model: str, batch: int) -> None:
 
 def run_memory(args) -> dict:
     out = {}
-    for v in ("eager", "fused"):
+    for v in ("eager", "fused", "fused_noprepack"):
         res = subprocess.run([sys.executable, "-m", "resnet_fused.bench", "--memory-child", v, "--model", args.model,
                               "--batch", str(args.batch[-1]), "--threads", str(torch.get_num_threads())],
                              capture_output=True, text=True, check=True)

@@ -203,9 +203,17 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             if nxt:
                 report.left.append((prefix + nxt[0].target, "not folded: the conv output has several users"))
         w, b = fold_conv_bn(conv, bn)
+        if channels_last:
+            # the layout the layer will run in: then the master needs no second, NHWC copy
+            w = w.contiguous(memory_format=torch.channels_last)
         fused = FusedConv2d.from_conv(conv, w, b, _conv_padding(conv), folded_bn=bn is not None, prepack=prepack)
         fused.to(conv.weight.device)
         _set_module(gm, node.target, fused)
+        # The folded copy replaces the conv's weight: let the original go now rather than when
+        # fuse() returns, so the two never sit in memory together (a copy fuse() made, or the
+        # caller's own with inplace=True, whose folded convs are then spent).
+        conv.weight = None
+        conv.bias = None
         pattern[node.target] = "conv+bn" if bn is not None else "conv"
     modules = _modules(gm)
 
@@ -363,7 +371,8 @@ def fuse(
 
     Args:
         model: a network in eval mode (``model.eval()``). Left untouched unless ``inplace``.
-        inplace: reuse ``model``'s modules instead of copying it first.
+        inplace: reuse ``model``'s modules instead of copying it first (saves the copy's memory);
+            ``model`` is spent: its folded convs give up their weights.
         verbose: print the report of what was fused and what was left, and why.
         memory_format: ``torch.channels_last`` (default) converts activations once where a fused
             chain starts, so every fused layer runs in NHWC; ``None`` keeps the input's layout.

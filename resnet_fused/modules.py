@@ -112,7 +112,11 @@ class FusedConv2d(nn.Module):
         if bias is None:
             bias = torch.zeros(out_channels, dtype=weight.dtype, device=weight.device)
         mdt = master_dtype(weight.dtype)
-        self.weight = nn.Parameter(weight.detach().to(mdt).contiguous(), requires_grad=False)
+        # (kept in the layout it comes in: fuse() passes it channels-last when the layer will run so)
+        w = weight.detach().to(mdt)
+        cl = w.is_contiguous(memory_format=torch.channels_last)
+        self.weight = nn.Parameter(w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format),
+                                   requires_grad=False)
         self.bias = nn.Parameter(bias.detach().to(mdt).contiguous(), requires_grad=False)
         # None: compute in the masters' dtype. Set by .half() / .bfloat16() / .to(dtype).
         self.compute_dtype: Optional[torch.dtype] = None
