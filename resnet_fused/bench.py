@@ -36,6 +36,10 @@ CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_m
 GPU_VARIANTS = CPU_VARIANTS + ["compile_ro", "eager_graph", "fused_graph"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Results go to the checkout's benchmarks/results when run from an in-place (editable) install,
+# else to ./resnet_fused_results.
+DEFAULT_OUT = (os.path.join(ROOT, "benchmarks", "results") if os.path.isdir(os.path.join(ROOT, ".git"))
+               else os.path.join(os.getcwd(), "resnet_fused_results"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +490,7 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--layers", action="store_true", help="per-layer benchmark instead of whole models")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS of eager vs fused (CPU)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results folder")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
