@@ -138,11 +138,12 @@ def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, 
         inductor_config.freezing = False
         return torch.compile(m, mode="reduce-overhead" if name == "compile_ro" else None), nchw
     if name == "fused":
-        return resnet_fused.fuse(m), nchw
+        # folded from the float32 model, then cast: the way to get a half/bf16 fused model
+        return resnet_fused.fuse(model).to(device=device, dtype=dtype), nchw
     if name == "eager_graph":
         return cuda_graphed(m.to(memory_format=cl)), cl
     if name == "fused_graph":
-        return cuda_graphed(resnet_fused.fuse(m)), nchw
+        return cuda_graphed(resnet_fused.fuse(model).to(device=device, dtype=dtype)), nchw
     raise ValueError(f"unknown variant {name!r}")
 
 

@@ -208,6 +208,8 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             w = w.contiguous(memory_format=torch.channels_last)
         fused = FusedConv2d.from_conv(conv, w, b, _conv_padding(conv), folded_bn=bn is not None, prepack=prepack)
         fused.to(conv.weight.device)
+        if conv.weight.dtype != fused.weight.dtype:  # a half/bf16 model computes in its own dtype
+            fused.compute_dtype = conv.weight.dtype
         _set_module(gm, node.target, fused)
         # The folded copy replaces the conv's weight: let the original go now rather than when
         # fuse() returns, so the two never sit in memory together (a copy fuse() made, or the

@@ -229,13 +229,18 @@ Tensor prepack_conv2d_weight(const Tensor& weight, at::IntArrayRef stride, at::I
   // Packing only pays where the convolution runs in oneDNN; otherwise the dense weight is the
   // best layout, and conv2d_bias_act accepts both.
   // (A fresh tensor either way: the schema promises no aliasing.)
-  if (weight.is_mkldnn() || !onednn_enabled(weight.scalar_type()) || weight.scalar_type() != at::kFloat) {
+  if (weight.is_mkldnn() || !onednn_enabled(weight.scalar_type())) {
     return weight.clone();
   }
   static const auto reorder = op_handle("mkldnn::_reorder_convolution_weight", "");
   std::vector<c10::IValue> stack{weight.contiguous(), vec(padding), vec(stride), vec(dilation), groups,
                                  vec(input_size)};
-  reorder.callBoxed(&stack);
+  try {
+    reorder.callBoxed(&stack);
+  } catch (const c10::Error&) {
+    // No oneDNN kernel for this dtype on this CPU (bf16/fp16 need AVX-512 or AMX): stay dense.
+    return weight.clone();
+  }
   return stack[0].toTensor();
 }
 
