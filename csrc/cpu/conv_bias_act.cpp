@@ -42,15 +42,31 @@ c10::OperatorHandle op_handle(const char* name, const char* overload) {
 
 std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
+// oneDNN runs NHWC when the input or the weight is channels-last, or the weight is packed.
+bool onednn_runs_nhwc(const Tensor& input, const Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// out = act(out + residual) in place, in out's own layout: the part of the epilogue a primitive
+// could not take (the bias is already in). Returns out, made dense if it was not.
+Tensor residual_relu_(Tensor out, const std::optional<Tensor>& residual, bool relu) {
+  if (!residual.has_value() && !relu) return out;
+  const auto fmt = out.suggest_memory_format();
+  out = out.contiguous(fmt);
+  const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
+  bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
+                    fmt == at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
 Tensor onednn_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                    const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                    at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
   static const auto unary = op_handle("mkldnn::_convolution_pointwise", "");
   static const auto binary = op_handle("mkldnn::_convolution_pointwise", "binary");
   const auto fmt = input.suggest_memory_format();
-  // oneDNN runs NHWC when the input or the weight is channels-last, or the weight is packed.
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
-                    weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool nhwc = onednn_runs_nhwc(input, weight);
   c10::IValue b = bias.has_value() ? c10::IValue(bias->to(input.scalar_type())) : c10::IValue();
   std::vector<c10::IValue> stack;
   stack.reserve(13);
@@ -66,28 +82,16 @@ Tensor onednn_conv(const Tensor& input, const Tensor& weight, const std::optiona
                                relu_post_op ? c10::IValue(std::string("relu")) : c10::IValue(),
                                c10::List<std::optional<at::Scalar>>(), c10::IValue()});
     binary.callBoxed(&stack);
-    out = stack[0].toTensor();
-    if (relu && !relu_post_op) {
-      const auto ofmt = out.suggest_memory_format();
-      out = out.contiguous(ofmt);
-      bias_act_epilogue(out, out, nullptr, nullptr, true, ofmt == at::MemoryFormat::ChannelsLast);
-    }
+    out = residual_relu_(stack[0].toTensor(), std::nullopt, relu && !relu_post_op);
   } else {
     const bool unary_relu = relu_post_op && !residual.has_value();
     stack.insert(stack.end(), {input, weight, b, vec(padding), vec(stride), vec(dilation), groups,
                                std::string(unary_relu ? "relu" : "none"),
                                c10::List<std::optional<at::Scalar>>(), c10::IValue()});
     unary.callBoxed(&stack);
-    out = stack[0].toTensor();
-    if (residual.has_value() || (relu && !unary_relu)) {
-      // oneDNN fuses the residual only for NHWC, ungrouped convs; elsewhere (and for an exact
-      // ReLU) our epilogue adds it and applies the ReLU in one pass over the conv output.
-      const auto ofmt = out.suggest_memory_format();
-      out = out.contiguous(ofmt);
-      const Tensor res = residual.has_value() ? residual->contiguous(ofmt) : Tensor();
-      bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
-                        ofmt == at::MemoryFormat::ChannelsLast);
-    }
+    // oneDNN fuses the residual only for NHWC, ungrouped convs; elsewhere (and for an exact
+    // ReLU) our epilogue adds it and applies the ReLU in one pass over the conv output.
+    out = residual_relu_(stack[0].toTensor(), residual, relu && !unary_relu);
   }
   return out.contiguous(fmt);  // the op's contract: the output has the input's layout
 }
@@ -101,13 +105,9 @@ Tensor native_conv(const Tensor& input, const Tensor& weight_in, const std::opti
   // the conv output, a bias that cancels it (as folded BatchNorm shifts do) would lose bits.
   const std::optional<Tensor> b =
       bias.has_value() ? std::optional<Tensor>(bias->to(input.scalar_type())) : std::nullopt;
-  Tensor out = at::convolution(input, weight, b, stride, padding, dilation, false, {0, 0}, groups).contiguous(fmt);
-  if (residual.has_value() || relu) {
-    const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
-    bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
-                      fmt == at::MemoryFormat::ChannelsLast);
-  }
-  return out;
+  return residual_relu_(
+      at::convolution(input, weight, b, stride, padding, dilation, false, {0, 0}, groups).contiguous(fmt), residual,
+      relu);
 }
 
 // Shapes where oneDNN (as PyTorch 2.13 ships it) is wrong, found by the property-based tests;
@@ -151,13 +151,9 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
     Tensor full = conv2d_bias_act(input, weight, bias, std::nullopt, {1, 1}, padding, dilation, groups, false,
                                   assume_finite);
     const auto fmt = input.suggest_memory_format();
-    Tensor out = full.slice(2, 0, std::nullopt, stride[0]).slice(3, 0, std::nullopt, stride[1]).contiguous(fmt);
-    if (residual.has_value() || relu) {
-      const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
-      bias_act_epilogue(out, out, nullptr, residual.has_value() ? &res : nullptr, relu,
-                        fmt == at::MemoryFormat::ChannelsLast);
-    }
-    return out;
+    return residual_relu_(
+        full.slice(2, 0, std::nullopt, stride[0]).slice(3, 0, std::nullopt, stride[1]).contiguous(fmt), residual,
+        relu);
   }
   const auto dtype = input.scalar_type();
   if (onednn_enabled(dtype)) {
@@ -187,9 +183,8 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
   const bool nhwc_res = residual.is_contiguous(at::MemoryFormat::ChannelsLast);
   const bool avoid_onednn = dilated_and_strided(stride, dilation) ||
                             reduced_strided_single_row(input, residual.sizes(), stride);
-  const bool nhwc = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast || weight.is_mkldnn() ||
-                    weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  if (!avoid_onednn && onednn_enabled(input.scalar_type()) && nhwc && nhwc_res && groups == 1 &&
+  if (!avoid_onednn && onednn_enabled(input.scalar_type()) && onednn_runs_nhwc(input, weight) && nhwc_res &&
+      groups == 1 &&
       (input.scalar_type() == at::kFloat || onednn_state(input.scalar_type())->load() == 1)) {
     // oneDNN accumulates conv + bias into the residual buffer (sum post-op), then the ReLU.
     static const auto inplace = op_handle("mkldnn::_convolution_pointwise_", "binary");

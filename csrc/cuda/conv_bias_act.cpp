@@ -54,6 +54,20 @@ void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, co
   C10_CUDA_CHECK(launch_bias_act_epilogue(p, c10::cuda::getCurrentCUDAStream(src.get_device()).stream()));
 }
 
+// cuDNN's convolution without bias, dense in the input's layout. cuDNN picks the output layout
+// from input and weight; the weight is kept in the input's so that no copy follows (the fused
+// modules cache a weight per layout).
+Tensor cudnn_conv(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, int64_t groups, at::MemoryFormat fmt) {
+  return at::convolution(input, weight.contiguous(fmt), std::nullopt, stride, padding, dilation, false, {0, 0},
+                         groups)
+      .contiguous(fmt);
+}
+
+Tensor float_bias(const std::optional<Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+}
+
 // (assume_finite changes nothing here: our epilogue keeps NaN as torch.relu does.)
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -65,12 +79,8 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   if (input.numel() == 0) {
     return at::empty(out_shape, input.options().memory_format(fmt));
   }
-  // cuDNN picks the output layout from input and weight; keep the weight in the input's so
-  // that no copy follows (the fused modules cache a weight per layout).
-  Tensor out = at::convolution(input, weight.contiguous(fmt), std::nullopt, stride, padding, dilation, false,
-                               {0, 0}, groups)
-                   .contiguous(fmt);
-  const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
+  const Tensor bias_f = float_bias(bias);
   const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
   run_epilogue(out, out, bias.has_value() ? &bias_f : nullptr, residual.has_value() ? &res : nullptr, relu,
                fmt == at::MemoryFormat::ChannelsLast);
@@ -91,10 +101,8 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
     residual.copy_(conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, relu, false));
     return;
   }
-  Tensor out = at::convolution(input, weight.contiguous(fmt), std::nullopt, stride, padding, dilation, false,
-                               {0, 0}, groups)
-                   .contiguous(fmt);
-  const Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  const Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
+  const Tensor bias_f = float_bias(bias);
   run_epilogue(out, residual, bias.has_value() ? &bias_f : nullptr, &residual, relu,
                fmt == at::MemoryFormat::ChannelsLast);
 }
