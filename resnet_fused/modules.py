@@ -5,6 +5,12 @@ float64 model). ``.half()``, ``.bfloat16()`` and ``.to(dtype)`` change the dtype
 never the masters, so every dtype is cast from values folded in float64: a model is never
 folded in half. The weight in the compute dtype and memory layout (and, on CPU, prepacked for
 oneDNN) is made on first use and cached.
+
+On CPU in float32 the prepacked weight holds the same values as the master, only reordered, so it
+*becomes* the master (an opaque oneDNN tensor, as ``torch.utils.mkldnn`` stores its weights): the
+model keeps one copy of its weights, not two. Everything that needs the plain tensor
+(``state_dict``, pickling, ``deepcopy``, ``.to()``, another dtype or batch regime) gets it back
+exactly with ``to_dense()``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,25 @@ from .fold import master_dtype
 from .ops import conv_output_size
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _return_freed_pages() -> None:
+    """Hand pages that free() kept back to the OS (glibc only). A plain master freed when its
+    prepacked copy replaces it sits in the middle of the heap, where glibc never trims on its own:
+    without this the process keeps both copies' pages resident. Called once per repack, not per call."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _version(t: Tensor) -> int:
@@ -115,12 +140,13 @@ class FusedConv2d(nn.Module):
         # (kept in the layout it comes in: fuse() passes it channels-last when the layer will run so)
         w = weight.detach().to(mdt)
         cl = w.is_contiguous(memory_format=torch.channels_last)
-        self.weight = nn.Parameter(w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format),
-                                   requires_grad=False)
+        self._master_cl = cl  # (a bool: torch.memory_format does not pickle)
+        self.weight = nn.Parameter(w.contiguous(memory_format=self._master_format), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().to(mdt).contiguous(), requires_grad=False)
         # None: compute in the masters' dtype. Set by .half() / .bfloat16() / .to(dtype).
         self.compute_dtype: Optional[torch.dtype] = None
         self._cache: dict = {}
+        self._packed_for: Optional[tuple] = None  # the regime a prepacked master was packed for
         self._lock = threading.Lock()
 
     @classmethod
@@ -167,28 +193,61 @@ class FusedConv2d(nn.Module):
         # What fn does to a tensor of the current compute dtype says what it does to the module:
         # .to(device) keeps a half model half, .float() makes it float32 again.
         probe = fn(torch.zeros(1, dtype=self.dtype, device=self.weight.device))
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
+            self._unpack_master()
             if probe.dtype.is_floating_point:
                 self.compute_dtype = None if probe.dtype == self.weight.dtype else probe.dtype
             self.weight.data = self.weight.data.to(probe.device)
             self.bias.data = self.bias.data.to(probe.device)
-        self._cache = {}
+            self._cache = {}
         return self
+
+    # -- the master weight, plain or prepacked ----------------------------------------------
+    @property
+    def _master_format(self) -> torch.memory_format:
+        return torch.channels_last if self._master_cl else torch.contiguous_format
+
+    def dense_weight(self) -> Tensor:
+        """The folded master weight as a plain tensor (a copy when it is held prepacked)."""
+        w = self.weight
+        if w.is_mkldnn:
+            return w.to_dense().contiguous(memory_format=self._master_format)
+        return w
+
+    def _unpack_master(self) -> None:
+        """Make the master a plain tensor again (before it is moved, saved or loaded into)."""
+        if self.weight.is_mkldnn:
+            self._parameters["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            self._cache = {}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:
+            destination[prefix + "weight"] = self.dense_weight()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_cache"] = {}  # prepacked oneDNN tensors are not picklable, and are rebuilt on use
+        if self.weight.is_mkldnn:
+            params = dict(self._parameters)
+            params["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            state["_parameters"] = params
         state.pop("_lock", None)
         return state
 
     def __setstate__(self, state):
         state.setdefault("inplace_residual", False)
+        state.setdefault("_packed_for", None)
         self.__dict__.update(state)
+        if "_master_cl" not in state:
+            self._master_cl = _is_channels_last(self.weight)
         self._cache = {}
         self._lock = threading.Lock()
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = {}
+        with self._lock:
+            self._unpack_master()
+            self._cache = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _check_input(self, x: Tensor) -> None:
@@ -203,31 +262,51 @@ class FusedConv2d(nn.Module):
         if dtype not in _SUPPORTED:
             raise TypeError(f"FusedConv2d: no fused kernel for {dtype}; use float32, float16 or bfloat16")
 
+    def _cache_key(self, x: Tensor) -> tuple:
+        # oneDNN packs a weight differently for batch 1 and for larger batches, and a weight packed
+        # for one regime is reordered on every call in the other (2-3x slower): one entry each.
+        # The key's tail names the master it was made from (object, storage, in-place edits).
+        w, b = self.weight, self.bias
+        return (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
+                x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
+                id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
+
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The weight in x's dtype and layout (prepacked on CPU) and the float32 bias, cached.
         The key holds everything a hit relies on, so the input checks run on a miss only."""
-        w_master = self.weight
-        # oneDNN packs a weight differently for batch 1 and for larger batches, and a weight packed
-        # for one regime is reordered on every call in the other (2-3x slower): one entry each.
-        key = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
-               x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
-               w_master.data_ptr(), _version(w_master), _version(self.bias))
-        hit = self._cache.get(key)
+        hit = self._cache.get(self._cache_key(x))
         if hit is not None:
             return hit
         self._check_input(x)
         dtype = self.dtype
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             # (a wrong input goes to the op as it is, for the op's own clear error)
-            return w_master.to(dtype), self.bias.to(torch.float32)
+            return self.dense_weight().to(dtype), self.bias.to(torch.float32)
         cl = _is_channels_last(x)
         with self._lock, torch.no_grad():
-            w = w_master.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            if self.prepack and w.device.type == "cpu":
-                w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
-                    w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
-                )
+            key = self._cache_key(x)  # again: another thread may have changed the master meanwhile
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
             b = self.bias.to(torch.float32)
+            master = self.weight
+            if master.is_mkldnn and key[:6] == self._packed_for:
+                w = master  # the master is this regime's packed weight
+            else:
+                w = self.dense_weight().to(dtype)
+                w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                if self.prepack and w.device.type == "cpu":
+                    w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
+                        w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
+                    )
+                if w.is_mkldnn and not master.is_mkldnn and w.dtype == master.dtype:
+                    # Same values, reordered: the packed weight replaces the plain master.
+                    self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+                    self._packed_for = key[:6]
+                    self._cache = {}
+                    key = self._cache_key(x)
+                    del master
+                    _return_freed_pages()
             # At most two entries (batch 1 and larger batches, say); a new dtype, layout or
             # device replaces the oldest. Copy-on-write, so readers never see a dict change.
             entries = [(k, v) for k, v in self._cache.items() if k[:2] == key[:2] and k[6:] == key[6:]][-1:]
@@ -242,7 +321,8 @@ class FusedConv2d(nn.Module):
             )
         if torch.compiler.is_compiling():
             self._check_input(x)
-            w, b = self.weight.to(self.dtype), self.bias.to(torch.float32)
+            w = self.weight if self.weight.is_mkldnn else self.weight.to(self.dtype)
+            b = self.bias.to(torch.float32)
         else:
             w, b = self._weights(x)
         if residual is not None and self.inplace_residual:

@@ -235,6 +235,46 @@ def test_state_dict_and_torch_save_round_trip(tmp_path):
         assert torch.equal(other(x), expected)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_prepacked_weight_replaces_the_plain_master():
+    """On CPU in float32 the fused model holds one copy of each weight: the oneDNN-packed one.
+    Everything that needs the plain tensor gets back exactly the folded values."""
+    torch.manual_seed(0)
+    model = randomize_bn(models.CifarResNet()).eval()
+    fused = resnet_fused.fuse(model)
+    plain = {k: v.clone() for k, v in fused.state_dict().items()}
+    x8, x1 = torch.randn(8, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        expected8, expected1 = fused(x8), fused(x1)  # b8 packs first: its packs become the masters
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert all(m.weight.is_mkldnn for m in convs)
+    after = fused.state_dict()
+    assert after.keys() == plain.keys()
+    for k in plain:  # same values, same (plain) layout
+        assert not after[k].is_mkldnn and torch.equal(after[k], plain[k]), k
+        assert after[k].stride() == plain[k].stride(), k
+    with torch.inference_mode():
+        assert torch.equal(fused(x8), expected8) and torch.equal(fused(x1), expected1)
+        assert torch.equal(copy.deepcopy(fused)(x8), expected8)
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x1), expected1)
+        fresh = resnet_fused.fuse(model)
+        fresh.load_state_dict(after)
+        assert torch.equal(fresh(x8), expected8)
+        compiled = torch.compile(fused, fullgraph=True)  # traced with packed masters
+        assert_accuracy_rule(compiled(x8), [model(x8)], copy.deepcopy(model).double()(x8.double()))
+        fused.load_state_dict(plain)  # loading into packed masters
+        assert torch.equal(fused(x8), expected8)
+        fused.bfloat16()  # unpacks: bf16 copies are cast from the exact float32 values
+        assert all(not m.weight.is_mkldnn and m.weight.dtype == torch.float32 for m in convs)
+        sd = fused.state_dict()
+        conv_names = [n for n, m in fused.named_modules() if isinstance(m, FusedConv2d)]
+        assert all(torch.equal(sd[n + ".weight"], plain[n + ".weight"]) for n in conv_names)
+        fused.float()
+
+
 def test_fuse_twice_is_harmless():
     x = torch.randn(2, 3, 32, 32)
     once = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
