@@ -263,13 +263,19 @@ class FusedConv2d(nn.Module):
             raise TypeError(f"FusedConv2d: no fused kernel for {dtype}; use float32, float16 or bfloat16")
 
     def _cache_key(self, x: Tensor) -> tuple:
-        # oneDNN packs a weight differently for batch 1 and for larger batches, and a weight packed
-        # for one regime is reordered on every call in the other (2-3x slower): one entry each.
-        # The key's tail names the master it was made from (object, storage, in-place edits).
+        """(input regime, master): what a cached weight was made for and from.
+
+        oneDNN packs a weight for the input it will meet: batch 1 and larger batches pack
+        differently, and so do different image sizes (the batch beyond 1 does not matter). A weight
+        packed for other sizes still gives the right answer, but oneDNN reorders it on every call
+        (2-3x slower per layer), so the regime names them. The master part names the tensor the
+        weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
+        the image size is left out."""
         w, b = self.weight, self.bias
-        return (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
-                x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
-                id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
+        regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
+                  x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
+                  tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else ())
+        return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The weight in x's dtype and layout (prepacked on CPU) and the float32 bias, cached.
@@ -290,7 +296,7 @@ class FusedConv2d(nn.Module):
                 return hit
             b = self.bias.to(torch.float32)
             master = self.weight
-            if master.is_mkldnn and key[:6] == self._packed_for:
+            if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
             else:
                 w = self.dense_weight().to(dtype)
@@ -302,14 +308,17 @@ class FusedConv2d(nn.Module):
                 if w.is_mkldnn and not master.is_mkldnn and w.dtype == master.dtype:
                     # Same values, reordered: the packed weight replaces the plain master.
                     self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
-                    self._packed_for = key[:6]
+                    self._packed_for = key[0]
                     self._cache = {}
                     key = self._cache_key(x)
                     del master
                     _return_freed_pages()
-            # At most two entries (batch 1 and larger batches, say); a new dtype, layout or
-            # device replaces the oldest. Copy-on-write, so readers never see a dict change.
-            entries = [(k, v) for k, v in self._cache.items() if k[:2] == key[:2] and k[6:] == key[6:]][-1:]
+            # At most two entries (batch 1 and larger batches, say): a third regime replaces the
+            # oldest that is not the master itself; a new dtype or device, or a changed master,
+            # drops them all. Copy-on-write, so readers never see a dict change.
+            entries = [(k, v) for k, v in self._cache.items()
+                       if k[0][:2] == key[0][:2] and k[1] == key[1] and k[0] != key[0]]
+            entries = [e for e in entries if e[1][0] is self.weight][-1:] or entries[-1:]
             self._cache = dict(entries + [(key, (w, b))])
             return w, b
 

@@ -275,6 +275,23 @@ def test_prepacked_weight_replaces_the_plain_master():
         fused.float()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_new_image_size_gets_its_own_packed_weights(capfd):
+    """oneDNN packs a weight for the input size it will meet; a weight packed for another size
+    still works but is reordered on every call. After one call at a new size, none is."""
+    fused = resnet_fused.fuse(torchvision_model("resnet50"))
+    with torch.inference_mode():
+        for size in (224, 160, 160):
+            x = torch.randn(2, 3, size, size)
+            capfd.readouterr()
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fused(x)
+            lines = [ln for ln in capfd.readouterr().out.splitlines() if ",exec," in ln]
+    assert sum(",convolution," in ln for ln in lines) == 53, lines[:3]
+    reorders = [ln for ln in lines if ",reorder," in ln]
+    assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"
+
+
 def test_fuse_twice_is_harmless():
     x = torch.randn(2, 3, 32, 32)
     once = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
