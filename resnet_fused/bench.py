@@ -360,15 +360,21 @@ def _memory_child(variant: str, model: str, batch: int) -> None:
     print(json.dumps({"variant": variant, "peak_rss_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
 
 
-def run_memory(args) -> dict:
-    out = {}
-    for v in ("eager", "fused", "fused_noprepack"):
-        res = subprocess.run([sys.executable, "-m", "resnet_fused.bench", "--memory-child", v, "--model", args.model,
-                              "--batch", str(args.batch[-1]), "--threads", str(torch.get_num_threads())],
-                             capture_output=True, text=True, check=True)
-        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": {v: round(r["peak_rss_mb"], 1) for v, r in out.items()},
-            "peak_added_mb": {v: round(r["added_mb"], 1) for v, r in out.items()},
+def run_memory(args, repeats: int = 3) -> dict:
+    """Each variant in `repeats` fresh processes, interleaved; the median is reported. One process
+    alone is not a measurement: glibc's heap (per-thread arenas, its moving mmap threshold) makes
+    the same program's peak RSS vary by 15% from run to run here."""
+    runs = {v: [] for v in ("eager", "fused", "fused_noprepack")}
+    for _ in range(repeats):
+        for v in runs:
+            res = subprocess.run([sys.executable, "-m", "resnet_fused.bench", "--memory-child", v, "--model",
+                                  args.model, "--batch", str(args.batch[-1]), "--threads", str(torch.get_num_threads())],
+                                 capture_output=True, text=True, check=True)
+            runs[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    med = lambda v, k: round(statistics.median(r[k] for r in runs[v]), 1)  # noqa: E731
+    return {"peak_rss_mb": {v: med(v, "peak_rss_mb") for v in runs},
+            "peak_added_mb": {v: med(v, "added_mb") for v in runs},
+            "peak_added_mb_runs": {v: [round(r["added_mb"], 1) for r in rs] for v, rs in runs.items()},
             "memory_batch": args.batch[-1]}
 
 
@@ -414,8 +420,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {layer} | {first['floor_ms']:.3f} ({first['bound']}) | " + " | ".join(cells) + " |")
     if result.get("peak_rss_mb"):
         lines.append("")
-        lines.append(f"Peak RSS at batch {result['memory_batch']} (fresh process each, model built, fused and run "
-                     "3 times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
+        lines.append(f"Peak RSS at batch {result['memory_batch']} (median of "
+                     f"{len(next(iter(result.get('peak_added_mb_runs', {'': [0]}).values())))} fresh processes each; "
+                     "model built, fused and run 3 times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
                      "; above the RSS after imports: " +
                      ", ".join(f"{k} {v:.0f} MB" for k, v in result.get("peak_added_mb", {}).items()))
     if result.get("build_s"):
