@@ -278,7 +278,7 @@ class FusedConv2d(nn.Module):
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The weight in x's dtype and layout (prepacked on CPU) and the float32 bias, cached.
+        """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached.
         The key holds everything a hit relies on, so the input checks run on a miss only."""
         hit = self._cache.get(self._cache_key(x))
         if hit is not None:
@@ -294,7 +294,9 @@ class FusedConv2d(nn.Module):
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
-            b = self.bias.to(torch.float32)
+            # CPU kernels add the bias in the input's dtype (oneDNN's bias, ATen's conv bias): cast
+            # once here rather than on every call. CUDA's epilogue adds a float32 bias.
+            b = self.bias.to(dtype if x.device.type == "cpu" else torch.float32)
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
