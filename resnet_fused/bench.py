@@ -375,7 +375,7 @@ def run_memory(args, repeats: int = 3) -> dict:
     return {"peak_rss_mb": {v: med(v, "peak_rss_mb") for v in runs},
             "peak_added_mb": {v: med(v, "added_mb") for v in runs},
             "peak_added_mb_runs": {v: [round(r["added_mb"], 1) for r in rs] for v, rs in runs.items()},
-            "memory_batch": args.batch[-1]}
+            "memory_repeats": repeats, "memory_batch": args.batch[-1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +420,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {layer} | {first['floor_ms']:.3f} ({first['bound']}) | " + " | ".join(cells) + " |")
     if result.get("peak_rss_mb"):
         lines.append("")
-        lines.append(f"Peak RSS at batch {result['memory_batch']} (median of "
-                     f"{len(next(iter(result.get('peak_added_mb_runs', {'': [0]}).values())))} fresh processes each; "
+        lines.append(f"Peak RSS at batch {result['memory_batch']} (median of {result.get('memory_repeats', 1)} "
+                     "fresh processes each; "
                      "model built, fused and run 3 times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
                      "; above the RSS after imports: " +
                      ", ".join(f"{k} {v:.0f} MB" for k, v in result.get("peak_added_mb", {}).items()))

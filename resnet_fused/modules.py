@@ -214,10 +214,13 @@ class FusedConv2d(nn.Module):
             return w.to_dense().contiguous(memory_format=self._master_format)
         return w
 
+    def _plain_master(self) -> nn.Parameter:
+        return nn.Parameter(self.dense_weight(), requires_grad=False)
+
     def _unpack_master(self) -> None:
         """Make the master a plain tensor again (before it is moved, saved or loaded into)."""
         if self.weight.is_mkldnn:
-            self._parameters["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            self._parameters["weight"] = self._plain_master()
             self._cache = {}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -230,7 +233,7 @@ class FusedConv2d(nn.Module):
         state["_cache"] = {}  # prepacked oneDNN tensors are not picklable, and are rebuilt on use
         if self.weight.is_mkldnn:
             params = dict(self._parameters)
-            params["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            params["weight"] = self._plain_master()
             state["_parameters"] = params
         state.pop("_lock", None)
         return state
@@ -313,7 +316,7 @@ class FusedConv2d(nn.Module):
                     self._packed_for = key[0]
                     self._cache = {}
                     key = self._cache_key(x)
-                    del master
+                    del master  # the last reference to the plain master, so that its pages can go
                     _return_freed_pages()
             # At most two entries (batch 1 and larger batches, say): a third regime replaces the
             # oldest that is not the master itself; a new dtype or device, or a changed master,
