@@ -31,6 +31,9 @@ TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("conv2d_bias_act_", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("add_relu", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("prepack_conv2d_weight", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("winograd_prepack", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("winograd_conv2d_bias_act", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("winograd_conv2d_bias_act_", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 }  // namespace resnet_fused

@@ -40,4 +40,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "prepack_conv2d_weight(Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int[] input_size) -> Tensor");
+  // Winograd F(2x2, 3x3), CPU float32: the 3x3 weight [K, C, 3, 3] transformed once into
+  // [16, C, K], and act(conv2d(input, weight, stride=1, padding=1) + bias [+ residual]) from it
+  // (out of place, and into the residual).
+  m.def("winograd_prepack(Tensor weight) -> Tensor");
+  m.def(
+      "winograd_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "bool relu) -> Tensor");
+  m.def(
+      "winograd_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
+      "bool relu) -> ()");
 }

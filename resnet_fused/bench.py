@@ -6,9 +6,12 @@
     python -m resnet_fused.bench --memory                 # peak RSS of eager vs fused, batch 8
 
 Timing: every variant is built and warmed up first (build/compile time reported apart); then
-runs are interleaved (each round times every variant once, in a shuffled order) over rotating
-inputs, on the device's own clock (CUDA events on GPU). The median is reported, with images/s
-and the max relative error against a float64 reference. Results go to benchmarks/results/ as
+rounds are interleaved, each round running every variant, in a shuffled order, for a block of
+--block calls in a row over rotating inputs, on the device's own clock (CUDA events on GPU). A
+server runs one model call after call, so the reported median is the steady state: the calls
+after the first of each block. The first call of a block, which finds the caches full of the
+previous variant's weights and activations, is reported apart as cold_ms. Images/s and the max
+relative error against a float64 reference come with each. Results go to benchmarks/results/ as
 JSON and markdown, with PNG plots.
 """
 
@@ -204,16 +207,21 @@ def run_model_benchmark(args) -> dict:
                 print(f"[batch {batch}] {v}: FAILED ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
                 builds.setdefault(v, f"failed: {type(err).__name__}: {str(err)[:200]}")
         timer = Timer(device)
-        times = {v: [] for v in fns}
+        times = {v: [] for v in fns}  # steady state: the calls after the first of each block
+        cold = {v: [] for v in fns}  # the first call of each block, right after another variant ran
         runs = args.runs if args.runs else max(5, min(50, int(20 / max(batch, 1) ** 0.5)))
+        rounds = -(-runs // (args.block - 1))
         order = list(fns)
         rng = random.Random(batch)
         with torch.inference_mode():
-            for r in progress(range(runs), runs, f"batch {batch}"):
+            i = 0
+            for _ in progress(range(rounds), rounds, f"batch {batch}"):
                 rng.shuffle(order)
                 for v in order:
                     fn, xs, _ = fns[v]
-                    times[v].append(timer(fn, xs[r % len(xs)]))
+                    for k in range(args.block):
+                        (cold if k == 0 else times)[v].append(timer(fn, xs[i % len(xs)]))
+                        i += 1
         for v in fns:
             ms = statistics.median(times[v])
             records.append({
@@ -223,6 +231,7 @@ def run_model_benchmark(args) -> dict:
                 "max_rel_err": errs[v], "runs": len(times[v]),
                 "p10_ms": round(sorted(times[v])[len(times[v]) // 10], 4),
                 "p90_ms": round(sorted(times[v])[(len(times[v]) * 9) // 10], 4),
+                "cold_ms": round(statistics.median(cold[v]), 4), "cold_runs": len(cold[v]),
             })
         del fns
     return {"records": records, "build_s": builds}
@@ -387,7 +396,7 @@ def markdown(result: dict) -> str:
     if recs:
         batches = sorted({r["batch"] for r in recs})
         variants = list(dict.fromkeys(r["variant"] for r in recs))
-        lines.append(f"{recs[0]['model']}, {recs[0]['dtype']}: median ms per batch (images/s); "
+        lines.append(f"{recs[0]['model']}, {recs[0]['dtype']}: median ms per batch (images/s), steady state; "
                      "speed-up of fused over each variant")
         lines.append("")
         lines.append("| variant | " + " | ".join(f"batch {b}" for b in batches) + " | max rel err |")
@@ -405,6 +414,23 @@ def markdown(result: dict) -> str:
                 cells.append(f"{r['ms']:.2f} ({r['img_s']:.0f}/s){ratio}")
             err = max(by[(v, b)]["max_rel_err"] for b in batches if (v, b) in by)
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {err:.1e} |")
+        if any("cold_ms" in r for r in recs):
+            lines.append("")
+            lines.append("Cold calls (the first of each block, right after another variant): median ms; "
+                         "speed-up of fused")
+            lines.append("")
+            lines.append("| variant | " + " | ".join(f"batch {b}" for b in batches) + " |")
+            lines.append("|---|" + "---|" * len(batches))
+            for v in variants:
+                cells = []
+                for b in batches:
+                    r, f = by.get((v, b)), by.get(("fused", b))
+                    if r is None or "cold_ms" not in r:
+                        cells.append("-")
+                        continue
+                    ratio = f" **{r['cold_ms'] / f['cold_ms']:.2f}x**" if f and v != "fused" else ""
+                    cells.append(f"{r['cold_ms']:.2f}{ratio}")
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if result.get("layers"):
         lines.append("")
         lines.append(f"Per layer (batch {result['layers'][0]['batch']}, {result['layers'][0]['dtype']}): "
@@ -492,7 +518,10 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--variants", nargs="+", default=None, help=f"default: all of {GPU_VARIANTS} that run on the device")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default: by batch)")
+    p.add_argument("--runs", type=int, default=None, help="timed steady-state runs per variant (default: by batch)")
+    p.add_argument("--block", type=int, default=3,
+                   help="calls of one variant in a row per round (at least 2); the first of each block is "
+                        "reported apart as cold_ms: another variant's weights had just gone through the caches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rotate", type=int, default=4, help="distinct inputs rotated through")
     p.add_argument("--image-size", type=int, default=224)
@@ -510,6 +539,8 @@ def main(argv: Optional[list] = None) -> dict:
         return {}
     if args.device == "cuda" and not resnet_fused.cuda_available():
         p.error("--device cuda: no CUDA device, or resnet_fused was built without CUDA kernels")
+    if args.block < 2:
+        p.error("--block must be at least 2: the first call of a block is the cold one")
     bad = set(args.variants or []) - set(GPU_VARIANTS)
     if bad:
         p.error(f"unknown variants {sorted(bad)}; choose from {GPU_VARIANTS}")

@@ -134,3 +134,19 @@ def _add_relu_fake(a, b):
 @torch.library.register_fake("resnet_fused::prepack_conv2d_weight")
 def _prepack_fake(weight, stride, padding, dilation, groups, input_size):
     return torch.empty_like(weight)
+
+
+@torch.library.register_fake("resnet_fused::winograd_prepack")
+def _winograd_prepack_fake(weight):
+    return weight.new_empty((16, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act")
+def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu):
+    n, _, h, w = input.shape
+    return input.new_empty((n, weight.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act_")
+def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu):
+    return None

@@ -1,0 +1,241 @@
+"""The CPU Winograd F(2x2, 3x3) kernel: the op against float64 and eager, its weight transform,
+its bad-input errors, and where FusedConv2d uses it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnet_fused
+from resnet_fused.modules import FusedConv2d
+
+from conftest import assert_accuracy_rule
+from test_ops import eager_results, magnitude, make_inputs, reference
+
+wino = torch.ops.resnet_fused
+
+# ResNet-50's stride-1 3x3 convolutions (C = K, H), and shapes that exercise the edges: odd
+# sizes (half tiles), images smaller than a tile, one channel, C != K.
+RESNET50_3X3 = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)]
+ODD = [(1, 1, 1), (3, 5, 2), (5, 7, 3), (16, 8, 9), (7, 33, 13), (40, 24, 6)]
+
+
+def run(x, w, b, res, relu):
+    return wino.winograd_conv2d_bias_act(x, wino.winograd_prepack(w), b, res, relu)
+
+
+def check(x, w, b, res, relu, what):
+    kw = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    out = run(x, w, b, res, relu)
+    ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
+    assert_accuracy_rule(out, eager_results(x, w, b, res, relu, kw), ref, what=what,
+                         magnitude=magnitude(x, w, b, res, **kw))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@pytest.mark.parametrize("shape", RESNET50_3X3 + ODD, ids=lambda s: "C{}K{}H{}".format(*s))
+@pytest.mark.parametrize("residual,relu,bias", [(False, True, True), (True, True, True), (False, False, False),
+                                                (True, False, True)])
+def test_against_float64(shape, residual, relu, bias):
+    c, k, h = shape
+    x, w, b, res, _ = make_inputs(2, c, k, 3, 1, h, dtype=torch.float32, residual=residual, bias=bias,
+                                  channels_last=True)
+    check(x, w, b, res, relu, what=f"{shape} res={residual} relu={relu} bias={bias}")
+
+
+def test_nchw_and_rectangular_inputs():
+    x, w, b, res, _ = make_inputs(3, 12, 10, 3, 1, 9, w=14, residual=True, channels_last=False)
+    out = check(x, w, b, res, True, what="nchw 9x14")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_weight_transform_is_g_g_gt():
+    """U[xi] = (G g G^T)[xi], laid out [16, C, K], against the textbook matrices in float64."""
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    want = torch.einsum("ai,kcij,bj->abck", G, w, G).reshape(16, 3, 5)
+    got = wino.winograd_prepack(w.float())
+    assert got.shape == (16, 3, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=1e-7)
+
+
+def test_in_place_into_the_residual():
+    x, w, b, res, _ = make_inputs(2, 128, 128, 3, 1, 10, residual=True, channels_last=True)
+    expect = run(x, w, b, res, True)
+    buf = res.clone()
+    ptr = buf.data_ptr()
+    wino.winograd_conv2d_bias_act_(buf, x, wino.winograd_prepack(w), b, True)
+    assert buf.data_ptr() == ptr
+    torch.testing.assert_close(buf, expect, rtol=0, atol=0)
+
+
+def test_in_place_when_the_residual_is_the_input():
+    """out = act(conv(x) + x) written over x: tiles read x's neighbours, so it may not be
+    written while read; the op computes out of place first."""
+    x, w, b, _, _ = make_inputs(1, 16, 16, 3, 1, 8, channels_last=True)
+    expect = run(x, w, b, x, True)
+    wino.winograd_conv2d_bias_act_(x, x, wino.winograd_prepack(w), b, True)
+    torch.testing.assert_close(x, expect, rtol=0, atol=0)
+
+
+def test_batch_zero():
+    x = torch.randn(0, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = run(x, torch.randn(4, 8, 3, 3), None, None, True)
+    assert out.shape == (0, 4, 5, 5)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("bf16 input", TypeError, "float32 only"),
+    ("2-d weight", ValueError, r"shape \[16, C, K\]"),
+    ("channels", ValueError, "channels but the Winograd weight"),
+    ("bias shape", ValueError, "bias must have shape"),
+    ("residual shape", ValueError, "residual must have the output's shape"),
+    ("3-d input", ValueError, "input must have 4 dimensions"),
+])
+def test_bad_input(case, exc, match):
+    x = torch.randn(1, 8, 6, 6)
+    U = wino.winograd_prepack(torch.randn(4, 8, 3, 3))
+    b, r = None, None
+    if case == "bf16 input":
+        x = x.bfloat16()
+    elif case == "2-d weight":
+        U = torch.randn(8, 4)
+    elif case == "channels":
+        x = torch.randn(1, 6, 6, 6)
+    elif case == "bias shape":
+        b = torch.randn(5)
+    elif case == "residual shape":
+        r = torch.randn(1, 4, 5, 6)
+    elif case == "3-d input":
+        x = x[0]
+    with pytest.raises(exc, match=match):
+        wino.winograd_conv2d_bias_act(x, U, b, r, True)
+
+
+def test_prepack_bad_input():
+    with pytest.raises(ValueError, match="3x3 weight"):
+        wino.winograd_prepack(torch.randn(4, 8, 1, 1))
+    with pytest.raises(TypeError, match="float32"):
+        wino.winograd_prepack(torch.randn(4, 8, 3, 3).half())
+
+
+def test_opcheck():
+    x, w, b, r, _ = make_inputs(2, 8, 6, 3, 1, 7, residual=True, channels_last=True)
+    U = wino.winograd_prepack(w)
+    torch.library.opcheck(wino.winograd_prepack.default, (w,))
+    torch.library.opcheck(wino.winograd_conv2d_bias_act.default, (x, U, b, r, True))
+    torch.library.opcheck(wino.winograd_conv2d_bias_act_.default, (r.clone(), x, U, b, True))
+
+
+# --- where FusedConv2d uses it ----------------------------------------------------------------
+def layer(c, k, kernel=3, stride=1):
+    conv = nn.Conv2d(c, k, kernel, stride, kernel // 2, bias=True)
+    return FusedConv2d.from_conv(conv, conv.weight.detach(), conv.bias.detach(), conv.padding, folded_bn=False)
+
+
+def uses_winograd(m, x):
+    with torch.inference_mode():
+        m(x, assume_finite=True)
+    return any(w.dim() == 3 for w, _ in m._cache.values())
+
+
+@pytest.mark.parametrize("c,h,expected", [(64, 56, False), (128, 28, True), (256, 14, True), (512, 7, False),
+                                          (256, 15, True), (256, 5, False)])
+def test_which_layers(c, h, expected):
+    """ResNet-50's layer2 and layer3 3x3s (128-256 channels) run Winograd; 64 and 512 channels,
+    and small odd images with many wasted half tiles, stay direct."""
+    x = torch.randn(1, c, h, h).contiguous(memory_format=torch.channels_last)
+    assert uses_winograd(layer(c, c), x) == expected
+
+
+@pytest.mark.parametrize("why", ["stride 2", "1x1", "nchw input", "bf16", "switched off", "no prepack"])
+def test_not_used(why):
+    m = layer(128, 128, kernel=1 if why == "1x1" else 3, stride=2 if why == "stride 2" else 1)
+    x = torch.randn(1, 128, 16, 16)
+    if why != "nchw input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if why == "bf16":
+        m, x = m.bfloat16(), x.bfloat16()
+    if why == "switched off":
+        m.winograd = False
+    if why == "no prepack":
+        m.prepack = False
+    assert not uses_winograd(m, x)
+
+
+def test_switching_off_after_use_takes_effect():
+    m = layer(128, 128)
+    x = torch.randn(1, 128, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert uses_winograd(m, x)
+    m.winograd = False  # the cache key holds the switch: no stale Winograd weight is reused
+    with torch.inference_mode():
+        m(x, assume_finite=True)
+    key = m._cache_key(x)
+    assert m._cache[key][0].dim() == 4 or m._cache[key][0].is_mkldnn
+
+
+class Block(nn.Module):
+    def __init__(self, c=128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+def test_fused_model_uses_it_and_keeps_the_rule():
+    from conftest import randomize_bn
+
+    model = randomize_bn(Block()).eval()
+    x = torch.randn(2, 128, 12, 12)
+    fused = resnet_fused.fuse(model)
+    direct = resnet_fused.fuse(model, winograd=False)
+    with torch.inference_mode():
+        out, out_direct = fused(x), direct(x)
+        ref = model.double()(x.double())
+        eager = model.float()(x)
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert convs and all(any(w.dim() == 3 for w, _ in m._cache.values()) for m in convs)
+    assert not any(w.dim() == 3 for m in direct.modules() if isinstance(m, FusedConv2d) for w, _ in m._cache.values())
+    assert_accuracy_rule(out, eager, ref, what="winograd block")
+    assert_accuracy_rule(out_direct, eager, ref, what="direct block")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_input_takes_the_direct_path(bad):
+    """The transforms subtract inputs (Inf - Inf = NaN where a direct conv gives Inf): a model
+    input holding NaN/Inf runs the direct convolution, so the answer is eager's."""
+    model = Block().eval()
+    x = torch.randn(1, 128, 8, 8)
+    x[0, 3, 4, 4] = bad
+    with torch.inference_mode():
+        out = resnet_fused.fuse(model)(x)
+        want = resnet_fused.fuse(model, winograd=False)(x)
+        eager = model(x)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf())
+
+
+def test_state_dict_and_pickling_keep_the_plain_weight():
+    import copy
+    import io
+
+    model = Block().eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(1, 128, 8, 8)
+    with torch.inference_mode():
+        before = fused(x)
+    sd = fused.state_dict()
+    assert all(v.dim() != 3 for k, v in sd.items() if k.endswith("weight"))
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(fused)(x), before, rtol=0, atol=0)
