@@ -280,29 +280,37 @@ class FusedConv2d(nn.Module):
         packed for other sizes still gives the right answer, but oneDNN reorders it on every call
         (2-3x slower per layer), so the regime names them. The master part names the tensor the
         weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
-        the image size is left out."""
+        the image size is left out. The regime ends with whether the layer runs Winograd, which
+        depends on the batch too (see _winograd_fits)."""
         w, b = self.weight, self.bias
         regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
                   x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
-                  tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else (), self.winograd)
+                  tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else (), self._winograd_fits(x))
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
     def _winograd_fits(self, x: Tensor) -> bool:
         """Whether this layer runs Winograd F(2x2, 3x3) for input x: a 3x3, stride-1, padding-1
         float32 conv on CPU in channels-last, where it beat oneDNN's direct convolution when measured
-        over ResNet-50's shapes (batch 1 and 8, 2 cores): at least 128 input channels (fewer make
-        the 16 products too shallow to pay for the transforms), a transformed weight of at most
-        4 MiB (16 * C * K floats: it is re-read per chunk of tiles) and at most 15% of the 2x2 tiles
-        falling outside an odd-sized image. 128-256 channel layers (ResNet-50's layer2 and layer3)
-        fit; 64 and 512 do not."""
-        if not (self.winograd and self.prepack and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 4 and self.kernel_size == (3, 3) and self.stride == [1, 1]
-                and self.padding == [1, 1] and self.dilation == [1, 1] and self.groups == 1
-                and _is_channels_last(x)):
+        side by side (2 cores), each call finding its weights evicted from the caches as they are
+        in a whole model (ResNet-50's shapes at batch 1-32, and others):
+
+        - at least 96 input and output channels: at 64 the 16 products are too shallow to pay for
+          the transforms (0.93-0.99x), at 96 it is 1.3x, at 128-256 up to 1.25x;
+        - enough tiles (2x2 outputs) to pay for reading the transformed weight, 16/9 the size of
+          the direct one: at least C * K / 1024 (at most 64 KiB of it per tile) and at least 16.
+          ResNet-50: layer2 (128 channels, 28x28) from batch 1 (1.1x), layer3 (256, 14x14) from
+          batch 2 (1.0-1.25x; 0.93x at batch 1), layer4 (512, 7x7) from batch 16 (1.46x; 0.92x at 8).
+
+        Part of the cache key (cheap: layers that are not 3x3 stride 1 answer at the first test)."""
+        if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
+                and self.dilation == [1, 1] and self.groups == 1 and self.prepack and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.dim() == 4 and _is_channels_last(x)):
             return False
-        c, k, h, w = self.in_channels, self.out_channels, x.shape[2], x.shape[3]
-        waste = (4 * ((h + 1) // 2) * ((w + 1) // 2)) / max(1, h * w)
-        return c >= 128 and 16 * c * k * 4 <= 4 << 20 and waste <= 1.15
+        c, k = self.in_channels, self.out_channels
+        if min(c, k) < 96:
+            return False
+        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+        return tiles >= max(16, c * k // 1024)
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached.
@@ -327,7 +335,7 @@ class FusedConv2d(nn.Module):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif self._winograd_fits(x):
+            elif key[0][-1]:  # _winograd_fits(x)
                 w = torch.ops.resnet_fused.winograd_prepack.default(self.dense_weight())
             else:
                 w = self.dense_weight().to(dtype)

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../checks.h"
@@ -180,59 +181,102 @@ Tensor winograd_prepack(const Tensor& weight) {
   return U;
 }
 
+// The tiling of one convolution: 2x2 output tiles over N images of H x W, C -> K channels.
+struct Tiling {
+  int64_t N, C, H, W, K, th, tw, tiles;
+  Tiling(const Tensor& x, const Tensor& U)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), K(U.size(2)), th((H + 1) / 2),
+        tw((W + 1) / 2), tiles(N * th * tw) {}
+};
+
+// Input transform of tiles [t0, t0 + nt): tile t's V[xi] at v + xi * stride + (t - t0) * C.
+void tiles_in(const Tiling& g, const float* xp, const float* zeros, int64_t t0, int64_t nt, float* v,
+              int64_t stride) {
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
+    const float* d[16];
+    for (int a = 0; a < 4; ++a) {
+      const int64_t h = 2 * i - 1 + a;
+      for (int b = 0; b < 4; ++b) {
+        const int64_t w = 2 * j - 1 + b;
+        d[a * 4 + b] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? xp + ((n * g.H + h) * g.W + w) * g.C : zeros;
+      }
+    }
+    input_transform(d, v + t * g.C, stride, g.C);
+  }
+}
+
+// Output transform and epilogue of tiles [t0, t0 + nt) from M (tile t's M[xi] at
+// m + xi * stride + (t - t0) * K) into out (NHWC; may be the residual itself).
+void tiles_out(const Tiling& g, const float* m, int64_t stride, int64_t t0, int64_t nt, const float* bias,
+               const float* residual, float* out, const float* zeros, float* scratch, bool relu) {
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
+    const float* r[4];
+    float* y[4];
+    for (int a = 0; a < 2; ++a) {
+      for (int b = 0; b < 2; ++b) {
+        const int64_t h = 2 * i + a, w = 2 * j + b;
+        const bool in = h < g.H && w < g.W;
+        const int64_t off = ((n * g.H + h) * g.W + w) * g.K;
+        r[a * 2 + b] = (residual && in) ? residual + off : zeros;
+        y[a * 2 + b] = in ? out + off : scratch;  // (half tiles past the edge: computed, dropped)
+      }
+    }
+    if (relu) {
+      output_transform<true>(m + t * g.K, stride, bias, r, y, g.K);
+    } else {
+      output_transform<false>(m + t * g.K, stride, bias, r, y, g.K);
+    }
+  }
+}
+
+// A transformed weight above this is not re-read per chunk of tiles: the convolution runs in
+// three passes over all tiles instead, the products on every thread at once (each thread then
+// reads its own part of U once).
+constexpr int64_t kChunkedMaxWeightBytes = int64_t(4) << 20;
+
 // out (NHWC, may be the residual itself) = act(conv3x3_s1_p1(x) + bias [+ residual]).
 void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
                   bool relu) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = U.size(2);
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, tiles = N * th * tw;
-  const int64_t T = chunk_tiles(C, K, tiles);
-  const int64_t chunks = (tiles + T - 1) / T;
+  const Tiling g(x, U);
+  const int64_t C = g.C, K = g.K, tiles = g.tiles;
   const float* xp = x.data_ptr<float>();
   const std::vector<float> zeros(std::max(C, K), 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  if (16 * C * K * int64_t(sizeof(float)) > kChunkedMaxWeightBytes) {
+    Tensor V = at::empty({16, tiles, C}, x.options());
+    Tensor M = at::empty({16, tiles, K}, x.options());
+    float* vp = V.data_ptr<float>();
+    const float* mp = M.data_ptr<float>();
+    at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+      tiles_in(g, xp, zeros.data(), t0, t1 - t0, vp + t0 * C, tiles * C);
+    });
+    at::bmm_out(M, V, U);
+    at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scratch(K);
+      tiles_out(g, mp + t0 * K, tiles * K, t0, t1 - t0, bias, residual, out, zeros.data(), scratch.data(), relu);
+    });
+    return;
+  }
+  const int64_t T = chunk_tiles(C, K, tiles);
+  const int64_t chunks = (tiles + T - 1) / T;
+  // Chunks are handed out one at a time (an atomic counter), not split in equal ranges up front:
+  // on a shared machine one core is often slowed, and a static split makes the other wait.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Tensor V = at::empty({16, T, C}, x.options());
     Tensor M = at::empty({16, T, K}, x.options());
     std::vector<float> scratch(K);
     float* vp = V.data_ptr<float>();
     float* mp = M.data_ptr<float>();
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+    for (int64_t chunk = next++; chunk < chunks; chunk = next++) {
       const int64_t t0 = chunk * T, nt = std::min(T, tiles - t0);
-      for (int64_t t = 0; t < nt; ++t) {
-        const int64_t id = t0 + t, n = id / (th * tw), i = (id / tw) % th, j = id % tw;
-        const float* d[16];
-        for (int a = 0; a < 4; ++a) {
-          const int64_t h = 2 * i - 1 + a;
-          for (int b = 0; b < 4; ++b) {
-            const int64_t w = 2 * j - 1 + b;
-            d[a * 4 + b] = (h >= 0 && h < H && w >= 0 && w < W) ? xp + ((n * H + h) * W + w) * C : zeros.data();
-          }
-        }
-        input_transform(d, vp + t * C, T * C, C);
-      }
+      tiles_in(g, xp, zeros.data(), t0, nt, vp, T * C);
       // the 16 products of this chunk, on this thread: M[xi] = V[xi] U[xi]
-      const Tensor v = V.narrow(1, 0, nt);
       Tensor m = M.narrow(1, 0, nt);
-      at::bmm_out(m, v, U);
-      for (int64_t t = 0; t < nt; ++t) {
-        const int64_t id = t0 + t, n = id / (th * tw), i = (id / tw) % th, j = id % tw;
-        const float* r[4];
-        float* y[4];
-        for (int a = 0; a < 2; ++a) {
-          for (int b = 0; b < 2; ++b) {
-            const int64_t h = 2 * i + a, w = 2 * j + b;
-            const bool in = h < H && w < W;
-            const int64_t off = ((n * H + h) * W + w) * K;
-            r[a * 2 + b] = (residual && in) ? residual + off : zeros.data();
-            y[a * 2 + b] = in ? out + off : scratch.data();
-          }
-        }
-        if (relu) {
-          output_transform<true>(mp + t * K, T * K, bias, r, y, K);
-        } else {
-          output_transform<false>(mp + t * K, T * K, bias, r, y, K);
-        }
-      }
+      at::bmm_out(m, V.narrow(1, 0, nt), U);
+      tiles_out(g, mp, T * K, t0, nt, bias, residual, out, zeros.data(), scratch.data(), relu);
     }
   });
 }
