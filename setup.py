@@ -91,6 +91,13 @@ def get_extensions():
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     extra_compile_args = {"cxx": opt + ["-fvisibility=hidden"]}
+    extra_link_args = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # ATen's at::parallel_for is a header template whose body is `#pragma omp parallel`:
+        # without -fopenmp our kernels' parallel loops compile serial and run on one core. The
+        # OpenMP runtime linked is the libgomp.so.1 torch already loaded (same soname).
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     extension = cpp_extension.CppExtension
     if use_cuda:
@@ -114,6 +121,7 @@ def get_extensions():
         print(f"  extra CUDA includes   {include_dirs[1:]}")
     print(f"  MAX_JOBS              {os.environ.get('MAX_JOBS', '(ninja default)')}")
     print(f"  RESNET_FUSED_DEBUG    {int(debug)}")
+    print(f"  OpenMP                {'-fopenmp (torch parallel loops run on every core)' if extra_link_args else 'no (parallel loops run serially)'}")
 
     return [
         extension(
@@ -121,6 +129,7 @@ def get_extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ]
 

@@ -292,14 +292,15 @@ class FusedConv2d(nn.Module):
         """Whether this layer runs Winograd F(2x2, 3x3) for input x: a 3x3, stride-1, padding-1
         float32 conv on CPU in channels-last, where it beat oneDNN's direct convolution when measured
         side by side (2 cores), each call finding its weights evicted from the caches as they are
-        in a whole model (ResNet-50's shapes at batch 1-32, and others):
+        in a whole model. ResNet-50's stride-1 3x3s: 1.25-1.75x at batch 1-8 (64 channels at 56x56:
+        1.4x; 128 at 28: 1.3-1.75x; 256 at 14: 1.25-1.6x; 512 at 7: 1.3-1.75x from batch 2), except:
 
-        - at least 96 input and output channels: at 64 the 16 products are too shallow to pay for
-          the transforms (0.93-0.99x), at 96 it is 1.3x, at 128-256 up to 1.25x;
-        - enough tiles (2x2 outputs) to pay for reading the transformed weight, 16/9 the size of
-          the direct one: at least C * K / 1024 (at most 64 KiB of it per tile) and at least 16.
-          ResNet-50: layer2 (128 channels, 28x28) from batch 1 (1.1x), layer3 (256, 14x14) from
-          batch 2 (1.0-1.25x; 0.93x at batch 1), layer4 (512, 7x7) from batch 16 (1.46x; 0.92x at 8).
+        - too few tiles (2x2 outputs) to pay for reading the transformed weight (16 C K floats,
+          16/9 the direct one's): 512 channels at 7x7, batch 1 (16 tiles, 1 MiB of weight per
+          tile): 0.8x; 1024 at 7x7: 0.64x; 256 at 5x5 (9 tiles): 0.82x. Hence at least 16 tiles
+          and at most 512 KiB of weight per tile (512 at 7x7 from batch 2: 1.34x);
+        - tiny channel counts, where the transforms cost as much as the products: 16 channels at
+          batch 8 ran 0.96x, 32 channels 1.09x. Hence at least 32 input and output channels.
 
         Part of the cache key (cheap: layers that are not 3x3 stride 1 answer at the first test)."""
         if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
@@ -307,10 +308,10 @@ class FusedConv2d(nn.Module):
                 and x.device.type == "cpu" and x.dim() == 4 and _is_channels_last(x)):
             return False
         c, k = self.in_channels, self.out_channels
-        if min(c, k) < 96:
+        if min(c, k) < 32:
             return False
         tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
-        return tiles >= max(16, c * k // 1024)
+        return tiles >= max(16, c * k // 8192)
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached.
