@@ -311,6 +311,12 @@ def run_layer_benchmark(args) -> dict:
             # as a fused model calls it (its input checked finite once per forward)
             "fused": lambda _: fused(x, r, assume_finite=True) if residual else fused(x, assume_finite=True),
         }
+        if device == "cpu" and kernel == 3 and stride == 1:
+            # the same layer as a direct (oneDNN) convolution, where fused runs Winograd: the
+            # roofline floor counts direct multiplies, which Winograd does fewer of
+            direct = copy.deepcopy(fused)
+            direct.winograd = False
+            cands["fused_direct"] = lambda _: direct(x, assume_finite=True)
         if device == "cuda":
             wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             bf = b.to(device=device, dtype=dtype)
@@ -442,7 +448,8 @@ def markdown(result: dict) -> str:
         by = {(r["layer"], r["variant"]): r for r in result["layers"]}
         for layer in dict.fromkeys(r["layer"] for r in result["layers"]):
             first = by[(layer, variants[0])]
-            cells = [f"{by[(layer, v)]['ms']:.3f} ({by[(layer, v)]['x_floor']:.1f}x)" for v in variants]
+            cells = [f"{by[(layer, v)]['ms']:.3f} ({by[(layer, v)]['x_floor']:.1f}x)" if (layer, v) in by else "-"
+                     for v in variants]
             lines.append(f"| {layer} | {first['floor_ms']:.3f} ({first['bound']}) | " + " | ".join(cells) + " |")
     if result.get("peak_rss_mb"):
         lines.append("")
