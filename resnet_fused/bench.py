@@ -500,7 +500,8 @@ def plot(result: dict, stem: str) -> list:
         width = 0.8 / (len(variants) + 1)
         by = {(r["layer"], r["variant"]): r for r in rows}
         for i, v in enumerate(variants):
-            ax.barh([j + i * width for j in range(len(layers))], [by[(l, v)]["ms"] for l in layers], width, label=v)
+            ax.barh([j + i * width for j in range(len(layers))], [by[(l, v)]["ms"] if (l, v) in by else 0 for l in layers], width,
+                    label=v)
         ax.barh([j + len(variants) * width for j in range(len(layers))], [by[(l, variants[0])]["floor_ms"] for l in layers],
                 width, label="roofline floor", color="black", alpha=0.4)
         ax.set_yticks([j + width * len(variants) / 2 for j in range(len(layers))])
