@@ -293,14 +293,20 @@ class FusedConv2d(nn.Module):
         float32 conv on CPU in channels-last, where it beat oneDNN's direct convolution when measured
         side by side (2 cores), each call finding its weights evicted from the caches as they are
         in a whole model. ResNet-50's stride-1 3x3s: 1.25-1.75x at batch 1-8 (64 channels at 56x56:
-        1.4x; 128 at 28: 1.3-1.75x; 256 at 14: 1.25-1.6x; 512 at 7: 1.3-1.75x from batch 2), except:
+        1.4x; 128 at 28: 1.3-1.75x; 256 at 14: 1.25-1.6x; 512 at 7: 1.3-1.75x from batch 2). Not:
 
         - too few tiles (2x2 outputs) to pay for reading the transformed weight (16 C K floats,
           16/9 the direct one's): 512 channels at 7x7, batch 1 (16 tiles, 1 MiB of weight per
           tile): 0.8x; 1024 at 7x7: 0.64x; 256 at 5x5 (9 tiles): 0.82x. Hence at least 16 tiles
           and at most 512 KiB of weight per tile (512 at 7x7 from batch 2: 1.34x);
         - tiny channel counts, where the transforms cost as much as the products: 16 channels at
-          batch 8 ran 0.96x, 32 channels 1.09x. Hence at least 32 input and output channels.
+          batch 8 ran 0.96x, 32 channels 1.09x. Hence at least 32 input and output channels;
+        - a transformed weight over 4 MiB (over 256 x 256 channels): it is kept beside the plain
+          master, and for ResNet-50's two 512-channel layers that is 32 MB more, which took the fused
+          model's peak memory at batch 8 above eager's (with glibc's mmap threshold fixed, so that
+          heap fragmentation does not blur it: 378 MB against eager's 359; 345 without them) for 2%
+          of its time. The op itself runs such weights well (three passes, the weight read once):
+          1.3-1.75x from batch 2 in the same measurement.
 
         Part of the cache key (cheap: layers that are not 3x3 stride 1 answer at the first test)."""
         if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
@@ -308,7 +314,7 @@ class FusedConv2d(nn.Module):
                 and x.device.type == "cpu" and x.dim() == 4 and _is_channels_last(x)):
             return False
         c, k = self.in_channels, self.out_channels
-        if min(c, k) < 32:
+        if min(c, k) < 32 or 16 * c * k * 4 > 4 << 20:
             return False
         tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
         return tiles >= max(16, c * k // 8192)
