@@ -15,11 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RF_CLONES
-#endif
+#include "clones.h"
 
 namespace resnet_fused::cpu {
 namespace {
