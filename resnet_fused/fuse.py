@@ -380,9 +380,11 @@ def fuse(
         memory_format: ``torch.channels_last`` (default) converts activations once where a fused
             chain starts, so every fused layer runs in NHWC; ``None`` keeps the input's layout.
         prepack: on CPU, reorder each weight once into oneDNN's blocked layout.
-        winograd: on CPU in float32 (with ``prepack``), run the 3x3 stride-1 layers where it is
-            faster (128-256 channels) as Winograd F(2x2, 3x3); its error against float64 is below
-            the direct convolution's. ``False`` runs every layer as a direct convolution.
+        winograd: on CPU in float32 (with ``prepack``), run the 3x3 stride-1 layers where it
+            measured faster and costs little memory (``FusedConv2d._winograd_fits``: at least 32
+            channels, enough tiles, a transformed weight of at most 4 MiB) as Winograd
+            F(2x2, 3x3); its error against float64 is below the direct convolution's. ``False``
+            runs every layer as a direct convolution.
 
     The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
     """

@@ -15,7 +15,7 @@
 // transform, products, output transform), so nothing but the input, the transformed weight
 // and the output travels through memory. The products are ATen's (MKL / oneDNN sgemm) on one
 // thread each; the transforms are plain loops over channels (contiguous in channels-last) that
-// the compiler vectorises, built per ISA with GCC's target_clones as in epilogue.cpp.
+// the compiler vectorises, built per ISA with GCC's target_clones (clones.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -124,9 +124,10 @@ RF_CLONES void output_transform(const float* __restrict m, int64_t xi_stride, co
 }
 
 // Tiles per chunk: the chunk's transformed input and products (16 * T * (C + K) floats) in
-// about 1 MiB, half a core's L2 here (measured on ResNet-50's shapes: 32-64 tiles for 128-256
-// channels beat both smaller and larger chunks); at least 16 rows per product, at most 256, and
-// no more than it takes to give every thread a chunk.
+// about 1 MiB, half a core's L2 here (on ResNet-50's shapes 32-64 tiles for 128-256 channels beat
+// smaller and larger chunks; measured before the -fopenmp build, with the kernel on one core,
+// and not tuned again since); at least 16 rows per product, at most 256, and no more than it
+// takes to give every thread a chunk.
 int64_t chunk_tiles(int64_t C, int64_t K, int64_t tiles) {
   const int64_t t = (int64_t(1) << 20) / (16 * (C + K) * int64_t(sizeof(float)));
   const int64_t per_thread = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
