@@ -50,4 +50,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
       "bool relu) -> ()");
+  // A convolution as matrix products (im2col rows times the weight), CPU float32, dilation 1,
+  // groups 1, with the epilogue applied per block in cache: out of place, and into the residual.
+  m.def(
+      "gemm_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int[2] stride, int[2] padding, bool relu) -> Tensor");
+  m.def(
+      "gemm_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, bool relu) -> ()");
 }

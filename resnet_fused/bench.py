@@ -311,12 +311,15 @@ def run_layer_benchmark(args) -> dict:
             # as a fused model calls it (its input checked finite once per forward)
             "fused": lambda _: fused(x, r, assume_finite=True) if residual else fused(x, assume_finite=True),
         }
-        if device == "cpu" and kernel == 3 and stride == 1:
-            # the same layer as a direct (oneDNN) convolution, where fused runs Winograd: the
-            # roofline floor counts direct multiplies, which Winograd does fewer of
-            direct = copy.deepcopy(fused)
-            direct.winograd = False
-            cands["fused_direct"] = lambda _: direct(x, assume_finite=True)
+        if device == "cpu" and fused._path(x):
+            # the same layer as oneDNN's convolution, where fused runs our Winograd or matrix-product
+            # kernel (the roofline floor counts direct multiplies, which Winograd does fewer of)
+            onednn = copy.deepcopy(fused)
+            onednn.winograd = onednn.gemm = False
+            if residual:
+                cands["fused_onednn"] = lambda _: onednn(x, r, assume_finite=True)
+            else:
+                cands["fused_onednn"] = lambda _: onednn(x, assume_finite=True)
         if device == "cuda":
             wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             bf = b.to(device=device, dtype=dtype)

@@ -368,6 +368,7 @@ def fuse(
     memory_format: Optional[torch.memory_format] = torch.channels_last,
     prepack: bool = True,
     winograd: bool = True,
+    gemm: bool = True,
 ) -> nn.Module:
     """Returns a module that computes what ``model`` computes in eval mode, with BatchNorm folded
     into the convolutions and each conv(+BN)(+add)(+ReLU) chain run as one fused op.
@@ -385,6 +386,10 @@ def fuse(
             channels, enough tiles, a transformed weight of at most 4 MiB) as Winograd
             F(2x2, 3x3); its error against float64 is below the direct convolution's. ``False``
             runs every layer as a direct convolution.
+        gemm: on CPU in float32 (with ``prepack``), run the 1x1 layers where it measured faster
+            (``FusedConv2d._gemm_fits``: 128-512 input channels, at least 784 output pixels) as
+            blocked matrix products with the epilogue applied in cache, instead of oneDNN's
+            convolution. ``False`` leaves them to oneDNN.
 
     The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
     """
@@ -409,6 +414,7 @@ def fuse(
     for m in fused.modules():
         if isinstance(m, FusedConv2d):
             m.winograd = winograd
+            m.gemm = gemm
     for p in fused.parameters():
         p.requires_grad_(False)  # inference-only: nothing of it is trained
     fused.fuse_report = report

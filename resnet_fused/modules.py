@@ -14,7 +14,9 @@ exactly with ``to_dense()``.
 
 On CPU in float32 the 3x3 stride-1 layers where it measured faster (see ``_winograd_fits``) run
 Winograd F(2x2, 3x3) instead (our kernel, csrc/cpu/winograd.cpp): their cached weight is the
-Winograd transform, made once, and the plain master stays as it is.
+Winograd transform, made once, and the plain master stays as it is. The 1x1 layers where it
+measured faster (see ``_gemm_fits``) run as blocked matrix products with the epilogue in cache
+(csrc/cpu/gemm_conv.cpp) on the plain master itself: nothing is packed or copied for them.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ class FusedConv2d(nn.Module):
         self.inplace_residual = False
         # CPU float32, prepacked: run the layers that fit (_winograd_fits) as Winograd F(2x2, 3x3).
         self.winograd = True
+        # CPU float32, prepacked: run the 1x1 layers that fit (_gemm_fits) as blocked matrix products.
+        self.gemm = True
         if weight is None:
             weight = torch.zeros(out_channels, in_channels // groups, *self.kernel_size)
         if bias is None:
@@ -248,6 +252,7 @@ class FusedConv2d(nn.Module):
         state.setdefault("inplace_residual", False)
         state.setdefault("_packed_for", None)
         state.setdefault("winograd", True)
+        state.setdefault("gemm", True)
         self.__dict__.update(state)
         if "_master_cl" not in state:
             self._master_cl = _is_channels_last(self.weight)
@@ -280,13 +285,48 @@ class FusedConv2d(nn.Module):
         packed for other sizes still gives the right answer, but oneDNN reorders it on every call
         (2-3x slower per layer), so the regime names them. The master part names the tensor the
         weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
-        the image size is left out. The regime ends with whether the layer runs Winograd, which
-        depends on the batch too (see _winograd_fits)."""
+        the image size is left out. The regime ends with the kernel the layer runs ("winograd",
+        "gemm" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
         w, b = self.weight, self.bias
         regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
                   x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
-                  tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else (), self._winograd_fits(x))
+                  tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else (), self._path(x))
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
+
+    def _path(self, x: Tensor) -> str:
+        """The CPU float32 kernel this layer runs for input x: "winograd" (_winograd_fits), "gemm"
+        (_gemm_fits), or "" (the oneDNN convolution; every other device and dtype)."""
+        if not (self.prepack and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and self.groups == 1 and self.dilation == [1, 1] and _is_channels_last(x)):
+            return ""
+        if self._winograd_fits(x):
+            return "winograd"
+        if self._gemm_fits(x):
+            return "gemm"
+        return ""
+
+    def _gemm_fits(self, x: Tensor) -> bool:
+        """Whether this 1x1 layer runs as matrix products (csrc/cpu/gemm_conv.cpp: blocks of output
+        pixels times the weight, one sgemm per block on one thread, the epilogue applied to the
+        block while it is in cache) rather than oneDNN's convolution, for input x (float32, CPU,
+        channels-last: checked by _path). Chosen where it beat oneDNN when measured side by side
+        (2 cores, weights evicted before each call as in a whole model; tests/ and bench.py
+        --layers show it): ResNet-50's 1x1s with 128-512 input channels, 1.05-1.3x at batch 8 and
+        1.05-1.35x at batch 1. Not:
+
+        - under 128 input channels (64 -> 256 at 56x56: 0.8x; a product that short does not
+          keep the multiply units busy between loads);
+        - over 512 input channels (1024 -> 256 at 14x14: 0.96x; 1024 -> 512: 0.97x);
+        - under 784 output pixels (28x28 at batch 1): too few blocks of at least 256 pixels for
+          the threads (512 -> 2048 at 7x7, batch 8: 0.94x; 2048 -> 512: 0.95x).
+
+        The stem (7x7, 3 channels: 0.83x) and the stride-2 3x3s (0.79-1.07x) stay with oneDNN."""
+        if not (self.gemm and self.kernel_size == (1, 1) and self.padding == [0, 0]
+                and 128 <= self.in_channels <= 512):
+            return False
+        oh = (x.shape[2] - 1) // self.stride[0] + 1
+        ow = (x.shape[3] - 1) // self.stride[1] + 1
+        return x.shape[0] * oh * ow >= 784
 
     def _winograd_fits(self, x: Tensor) -> bool:
         """Whether this layer runs Winograd F(2x2, 3x3) for input x: a 3x3, stride-1, padding-1
@@ -308,10 +348,9 @@ class FusedConv2d(nn.Module):
           of its time. The op itself runs such weights well (three passes, the weight read once):
           1.3-1.75x from batch 2 in the same measurement.
 
-        Part of the cache key (cheap: layers that are not 3x3 stride 1 answer at the first test)."""
-        if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
-                and self.dilation == [1, 1] and self.groups == 1 and self.prepack and x.dtype == torch.float32
-                and x.device.type == "cpu" and x.dim() == 4 and _is_channels_last(x)):
+        Part of the cache key, through _path (cheap: layers that are not 3x3 stride 1 answer at the
+        first test; _path has checked dtype, device, layout, groups and dilation)."""
+        if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]):
             return False
         c, k = self.in_channels, self.out_channels
         if min(c, k) < 32 or 16 * c * k * 4 > 4 << 20:
@@ -319,9 +358,10 @@ class FusedConv2d(nn.Module):
         tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
         return tiles >= max(16, c * k // 8192)
 
-    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached.
-        The key holds everything a hit relies on, so the input checks run on a miss only."""
+    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor, str]:
+        """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached, and the
+        kernel they are for (see _path). The key holds everything a hit relies on, so the input
+        checks run on a miss only."""
         hit = self._cache.get(self._cache_key(x))
         if hit is not None:
             return hit
@@ -329,7 +369,7 @@ class FusedConv2d(nn.Module):
         dtype = self.dtype
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             # (a wrong input goes to the op as it is, for the op's own clear error)
-            return self.dense_weight().to(dtype), self.bias.to(torch.float32)
+            return self.dense_weight().to(dtype), self.bias.to(torch.float32), ""
         cl = _is_channels_last(x)
         with self._lock, torch.no_grad():
             key = self._cache_key(x)  # again: another thread may have changed the master meanwhile
@@ -342,8 +382,12 @@ class FusedConv2d(nn.Module):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1]:  # _winograd_fits(x)
+            elif key[0][-1] == "winograd":
                 w = torch.ops.resnet_fused.winograd_prepack.default(self.dense_weight())
+            elif key[0][-1] == "gemm":
+                # the plain master itself (a 1x1 weight is channels-last and contiguous at once),
+                # or a plain copy where another regime holds it prepacked
+                w = self.dense_weight().contiguous(memory_format=torch.channels_last)
             else:
                 w = self.dense_weight().to(dtype)
                 w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -365,8 +409,8 @@ class FusedConv2d(nn.Module):
             entries = [(k, v) for k, v in self._cache.items()
                        if k[0][:2] == key[0][:2] and k[1] == key[1] and k[0] != key[0]]
             entries = [e for e in entries if e[1][0] is self.weight][-1:] or entries[-1:]
-            self._cache = dict(entries + [(key, (w, b))])
-            return w, b
+            self._cache = dict(entries + [(key, (w, b, key[0][-1]))])
+            return w, b, key[0][-1]
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, assume_finite: bool = False) -> Tensor:
         if (residual is not None) != self.residual:
@@ -378,9 +422,18 @@ class FusedConv2d(nn.Module):
             self._check_input(x)
             w = self.weight if self.weight.is_mkldnn else self.weight.to(self.dtype)
             b = self.bias.to(torch.float32)
+            path = ""
         else:
-            w, b = self._weights(x)
-        if w.dim() == 3:  # a Winograd weight (see _winograd_fits)
+            w, b, path = self._weights(x)
+        if path == "gemm":
+            # (exact NaN semantics whatever assume_finite says: the epilogue is ours)
+            if residual is not None and self.inplace_residual:
+                torch.ops.resnet_fused.gemm_conv2d_bias_act_.default(residual, x, w, b, self.stride, self.padding,
+                                                                     self.relu)
+                return residual
+            return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
+                                                                       self.relu)
+        if path == "winograd":
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct
                 # convolution gives Inf. Inputs that may hold NaN/Inf take the direct path.

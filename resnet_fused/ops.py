@@ -150,3 +150,14 @@ def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu):
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act_")
 def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu):
     return None
+
+
+@torch.library.register_fake("resnet_fused::gemm_conv2d_bias_act")
+def _gemm_conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, relu):
+    shape = conv_output_size(input.shape, weight.shape, stride, padding, [1, 1])
+    return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("resnet_fused::gemm_conv2d_bias_act_")
+def _gemm_conv2d_bias_act_inplace_fake(residual, input, weight, bias, stride, padding, relu):
+    return None

@@ -49,7 +49,8 @@ def assert_fully_fused(original, fused, x, add_relus=0):
         "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
         "aten.threshold", "aten.clamp_min")}
     assert not leftover, f"unfused ops left: {leftover}"
-    # every conv is one fused op: direct, or Winograd (CPU float32 3x3s, see _winograd_fits)
+    # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see _winograd_fits) or
+    # matrix products (CPU float32 1x1s, see _gemm_fits)
     fused_convs = sum(n for k, n in counts.items() if k.startswith("resnet_fused.") and "conv2d_bias_act" in k)
     assert fused_convs == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts
@@ -290,12 +291,16 @@ def test_new_image_size_gets_its_own_packed_weights(capfd):
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 fused(x)
             lines = [ln for ln in capfd.readouterr().out.splitlines() if ",exec," in ln]
-    # (the 3x3s that run Winograd, our own kernel, are not oneDNN convolutions: at 160x160 and
-    # batch 2, every stride-1 3x3 but layer4's two)
+    # (the layers that run our own kernels are not oneDNN convolutions. At 160x160 and batch 2:
+    # Winograd, every stride-1 3x3 but layer4's two; matrix products, the 1x1s with 128-512 input
+    # channels and >= 784 output pixels: layer1's two 256 -> 64, layer2's 1x1s and downsample
+    # (9), layer3's first 512 -> 256 at 20x20)
     counts = count_ops(fused, x)
     n_winograd = counts["resnet_fused.winograd_conv2d_bias_act"] + counts["resnet_fused.winograd_conv2d_bias_act_"]
+    n_gemm = counts["resnet_fused.gemm_conv2d_bias_act"] + counts["resnet_fused.gemm_conv2d_bias_act_"]
     assert n_winograd == 11, counts
-    assert sum(",convolution," in ln for ln in lines) == 53 - n_winograd, lines[:3]
+    assert n_gemm == 12, counts
+    assert sum(",convolution," in ln for ln in lines) == 53 - n_winograd - n_gemm, lines[:3]
     reorders = [ln for ln in lines if ",reorder," in ln]
     assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"
 

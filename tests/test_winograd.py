@@ -139,7 +139,7 @@ def layer(c, k, kernel=3, stride=1):
 def uses_winograd(m, x):
     with torch.inference_mode():
         m(x, assume_finite=True)
-    return any(w.dim() == 3 for w, _ in m._cache.values())
+    return any(w.dim() == 3 for w, _, _ in m._cache.values())
 
 
 @pytest.mark.parametrize("n,c,h,expected", [(1, 16, 32, False), (1, 32, 32, True), (1, 64, 56, True),
@@ -216,8 +216,8 @@ def test_fused_model_uses_it_and_keeps_the_rule():
             x.contiguous(memory_format=torch.channels_last))]
         ref = model.double()(x.double())
     convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
-    assert convs and all(any(w.dim() == 3 for w, _ in m._cache.values()) for m in convs)
-    assert not any(w.dim() == 3 for m in direct.modules() if isinstance(m, FusedConv2d) for w, _ in m._cache.values())
+    assert convs and all(any(w.dim() == 3 for w, _, _ in m._cache.values()) for m in convs)
+    assert not any(w.dim() == 3 for m in direct.modules() if isinstance(m, FusedConv2d) for w, _, _ in m._cache.values())
     assert_accuracy_rule(out, eager, ref, what="winograd block")
     assert_accuracy_rule(out_direct, eager, ref, what="direct block")
 

@@ -129,6 +129,10 @@ void epilogue_impl(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
 
 }  // namespace
 
+void bias_act_row_f32(const float* src, float* dst, const float* res, const float* bias, int64_t n, bool relu) {
+  run_f32(src, dst, res, bias, 0.f, n, relu);
+}
+
 void bias_act_epilogue(const at::Tensor& src, const at::Tensor& dst, const at::Tensor* bias,
                        const at::Tensor* residual, bool relu, bool channels_last) {
   if (src.numel() == 0) return;

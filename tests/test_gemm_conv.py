@@ -1,0 +1,263 @@
+"""The CPU matrix-product convolution kernel (csrc/cpu/gemm_conv.cpp): the op against float64
+and eager, in place, its edges and bad-input errors, the path without a BLAS, and where
+FusedConv2d uses it."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused
+from resnet_fused.modules import FusedConv2d
+
+from conftest import assert_accuracy_rule, randomize_bn
+from test_ops import eager_results, magnitude, make_inputs, reference
+
+ops = torch.ops.resnet_fused
+
+# ResNet-50's 1x1s (C, K, H, stride), its stem, a stride-2 3x3; and edges: odd sizes, one
+# channel, padding on a 1x1, a kernel wider than the padded image is not (valid shapes only).
+RESNET50_1X1 = [(64, 256, 14, 1), (256, 64, 14, 1), (128, 512, 7, 1), (512, 128, 7, 1), (256, 512, 14, 2),
+                (1024, 256, 5, 1), (512, 2048, 3, 1)]
+OTHER = [(3, 64, 23, 2, 7, 3), (32, 32, 9, 2, 3, 1), (1, 1, 1, 1, 1, 0), (5, 7, 6, 3, 3, 0), (9, 17, 5, 1, 1, 1),
+         (4, 6, 8, 1, 5, 2)]
+
+
+def check(x, w, b, res, relu, kw, what):
+    out = ops.gemm_conv2d_bias_act(x, w, b, res, kw["stride"], kw["padding"], relu)
+    ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
+    assert_accuracy_rule(out, eager_results(x, w, b, res, relu, kw), ref, what=what,
+                         magnitude=magnitude(x, w, b, res, **kw))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@pytest.mark.parametrize("shape", RESNET50_1X1, ids=lambda s: "C{}K{}H{}s{}".format(*s))
+@pytest.mark.parametrize("residual,relu,bias", [(False, True, True), (True, True, True), (False, False, False),
+                                                (True, False, True)])
+def test_1x1_against_float64(shape, residual, relu, bias):
+    c, k, h, s = shape
+    x, w, b, res, kw = make_inputs(2, c, k, 1, s, h, residual=residual, bias=bias, channels_last=True)
+    check(x, w, b, res, relu, kw, what=f"{shape} res={residual} relu={relu} bias={bias}")
+
+
+@pytest.mark.parametrize("shape", OTHER, ids=lambda s: "C{}K{}H{}s{}k{}p{}".format(*s))
+@pytest.mark.parametrize("residual", [False, True])
+def test_other_kernels_against_float64(shape, residual):
+    """Kernels larger than 1x1 build their im2col rows (zeros where the window leaves the image)."""
+    c, k, h, s, kernel, p = shape
+    x, w, b, res, kw = make_inputs(2, c, k, kernel, s, h, residual=residual, channels_last=True, padding=p)
+    check(x, w, b, res, True, kw, what=f"{shape} res={residual}")
+
+
+def test_many_blocks_and_split_channels():
+    """Enough pixels for many blocks of rows (batch 8 at 28x28), and too few for the threads
+    (batch 1 at 3x3: the output channels are split instead): both against float64."""
+    for n, h in [(8, 28), (1, 3)]:
+        x, w, b, res, kw = make_inputs(n, 128, 96, 1, 1, h, residual=True, channels_last=True)
+        check(x, w, b, res, True, kw, what=f"n={n} h={h}")
+
+
+def test_nchw_and_rectangular_inputs():
+    x, w, b, res, kw = make_inputs(3, 12, 10, 1, 2, 9, w=14, residual=True, channels_last=False)
+    check(x, w, b, res, True, kw, what="nchw 9x14")
+
+
+def test_in_place_into_the_residual():
+    x, w, b, res, kw = make_inputs(2, 128, 256, 1, 1, 10, residual=True, channels_last=True)
+    expect = ops.gemm_conv2d_bias_act(x, w, b, res, kw["stride"], kw["padding"], True)
+    buf = res.clone()
+    ptr = buf.data_ptr()
+    ops.gemm_conv2d_bias_act_(buf, x, w, b, kw["stride"], kw["padding"], True)
+    assert buf.data_ptr() == ptr
+    # (beta = 1 into the residual sums in another order than conv + bias + residual)
+    torch.testing.assert_close(buf, expect, rtol=1e-6, atol=1e-6)
+    ref = reference(x, w, b, res, True, dtype=torch.float64, **kw)
+    assert_accuracy_rule(buf, eager_results(x, w, b, res, True, kw), ref, what="in place",
+                         magnitude=magnitude(x, w, b, res, **kw))
+
+
+def test_in_place_when_the_residual_is_the_input():
+    """out = act(conv(x) + x) written over x: a block's rows are read while others are written,
+    so the op computes out of place first."""
+    x, w, b, _, kw = make_inputs(1, 16, 16, 1, 1, 8, channels_last=True)
+    expect = ops.gemm_conv2d_bias_act(x, w, b, x, [1, 1], [0, 0], True)
+    ops.gemm_conv2d_bias_act_(x, x, w, b, [1, 1], [0, 0], True)
+    torch.testing.assert_close(x, expect, rtol=0, atol=0)
+
+
+def test_in_place_into_an_nchw_residual():
+    x, w, b, res, kw = make_inputs(2, 16, 8, 1, 1, 5, residual=True, channels_last=True)
+    expect = ops.gemm_conv2d_bias_act(x, w, b, res, [1, 1], [0, 0], False)
+    buf = res.contiguous()
+    ops.gemm_conv2d_bias_act_(buf, x, w, b, [1, 1], [0, 0], False)
+    torch.testing.assert_close(buf, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_empty():
+    out = ops.gemm_conv2d_bias_act(torch.randn(0, 8, 5, 5), torch.randn(4, 8, 1, 1), None, None, [1, 1], [0, 0], True)
+    assert out.shape == (0, 4, 5, 5)
+    # no input channels: the convolution is zero, the epilogue still applies
+    b = torch.tensor([-1.0, 2.0])
+    out = ops.gemm_conv2d_bias_act(torch.randn(1, 0, 3, 3), torch.randn(2, 0, 1, 1), b, None, [1, 1], [0, 0], True)
+    torch.testing.assert_close(out, torch.relu(b).view(1, 2, 1, 1).expand(1, 2, 3, 3))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_values_as_eager(bad):
+    """NaN and Inf come out where eager's convolution puts them (the epilogue is torch.relu's:
+    NaN stays NaN)."""
+    x, w, b, res, kw = make_inputs(1, 128, 64, 1, 1, 6, residual=True, channels_last=True)
+    x[0, 5, 2, 3] = bad
+    w[7, 3, 0, 0] = 0.0
+    out = ops.gemm_conv2d_bias_act(x, w, b, res, [1, 1], [0, 0], True)
+    want = reference(x, w, b, res, True, **kw)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("bf16 input", TypeError, "float32 only"),
+    ("groups", ValueError, "channels"),
+    ("bias shape", ValueError, "bias"),
+    ("residual shape", ValueError, "residual"),
+    ("3-d input", ValueError, "input must have 4 dimensions"),
+    ("packed weight", ValueError, "mkldnn"),
+    ("stride", ValueError, "stride"),
+])
+def test_bad_input(case, exc, match):
+    x = torch.randn(1, 8, 6, 6)
+    w = torch.randn(4, 8, 1, 1)
+    b, r, stride = None, None, [1, 1]
+    if case == "bf16 input":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "groups":
+        w = torch.randn(4, 4, 1, 1)
+    elif case == "bias shape":
+        b = torch.randn(5)
+    elif case == "residual shape":
+        r = torch.randn(1, 4, 5, 6)
+    elif case == "3-d input":
+        x = x[0]
+    elif case == "packed weight":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("needs oneDNN")
+        w = w.to_mkldnn()
+    elif case == "stride":
+        stride = [0, 1]
+    with pytest.raises(exc, match=match):
+        ops.gemm_conv2d_bias_act(x, w, b, r, stride, [0, 0], True)
+
+
+def test_opcheck():
+    x, w, b, r, kw = make_inputs(2, 8, 6, 1, 2, 7, residual=True, channels_last=True)
+    torch.library.opcheck(ops.gemm_conv2d_bias_act.default, (x, w, b, r, [2, 2], [0, 0], True))
+    torch.library.opcheck(ops.gemm_conv2d_bias_act_.default, (r.clone(), x, w, b, [2, 2], [0, 0], True))
+
+
+def test_without_a_blas():
+    """Where torch has no Fortran sgemm to call, ATen's mm does the products: same answers."""
+    code = (
+        "import torch, resnet_fused, sys; sys.path.insert(0, 'tests');"
+        "from test_gemm_conv import check; from test_ops import make_inputs;"
+        "x, w, b, r, kw = make_inputs(8, 128, 96, 3, 2, 11, residual=True, channels_last=True);"
+        "check(x, w, b, r, True, kw, 'no blas'); print('ok')"
+    )
+    env = dict(os.environ, RESNET_FUSED_NO_BLAS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.path.join(root, "tests"), env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+# --- where FusedConv2d uses it ----------------------------------------------------------------
+def layer(c, k, kernel=1, stride=1):
+    conv = nn.Conv2d(c, k, kernel, stride, kernel // 2, bias=True)
+    return FusedConv2d.from_conv(conv, conv.weight.detach(), conv.bias.detach(), conv.padding, folded_bn=False)
+
+
+def path(m, x):
+    with torch.inference_mode():
+        m(x, assume_finite=True)
+    return m._cache[m._cache_key(x)][2]
+
+
+@pytest.mark.parametrize("n,c,k,h,stride,expected", [
+    (1, 256, 64, 56, 1, True), (1, 128, 512, 28, 1, True), (1, 256, 512, 56, 2, True), (8, 256, 1024, 14, 1, True),
+    (1, 256, 1024, 14, 1, False),  # 196 pixels
+    (8, 512, 2048, 7, 1, False),  # 392 pixels
+    (8, 64, 256, 56, 1, False),  # 64 input channels
+    (8, 1024, 256, 14, 1, False),  # 1024 input channels
+])
+def test_which_layers(n, c, k, h, stride, expected):
+    """Where it measured faster than oneDNN: 1x1s with 128-512 input channels and at least 784
+    output pixels. ResNet-50 at batch 8: layer1's 256 -> 64, layer2's 1x1s, layer3's but the
+    1024 -> 256s."""
+    x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+    assert (path(layer(c, k, stride=stride), x) == "gemm") == expected
+
+
+@pytest.mark.parametrize("why", ["3x3 stride 2", "nchw input", "bf16", "switched off", "no prepack"])
+def test_not_used(why):
+    m = layer(128, 128, kernel=3 if why == "3x3 stride 2" else 1, stride=2 if why == "3x3 stride 2" else 1)
+    x = torch.randn(1, 128, 32, 32)
+    if why != "nchw input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if why == "bf16":
+        m, x = m.bfloat16(), x.bfloat16()
+    if why == "switched off":
+        m.gemm = False
+    if why == "no prepack":
+        m.prepack = False
+    assert path(m, x) != "gemm"
+
+
+def test_keeps_the_plain_master_and_the_batch_decides():
+    """Its weight is the plain master itself (nothing packed or copied); a regime that runs
+    oneDNN packs it, and the gemm regime then gets a plain copy; both give the same answers."""
+    m = layer(256, 64)
+    big = torch.randn(1, 256, 28, 28).contiguous(memory_format=torch.channels_last)  # 784 pixels
+    small = torch.randn(1, 256, 7, 7).contiguous(memory_format=torch.channels_last)
+    assert path(m, big) == "gemm"
+    assert m._cache[m._cache_key(big)][0] is m.weight and not m.weight.is_mkldnn
+    with torch.inference_mode():
+        y1 = m(big, assume_finite=True)
+        assert path(m, small) == ""
+        y2 = m(big, assume_finite=True)
+        assert path(m, big) == "gemm"
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c=256, mid=128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+def test_fused_model_uses_it_in_place_and_keeps_the_rule():
+    # (two blocks: the second's shortcut is an intermediate, which the fused model writes into)
+    model = randomize_bn(nn.Sequential(Bottleneck(), Bottleneck())).eval()
+    x = torch.randn(2, 256, 20, 20)
+    fused = resnet_fused.fuse(model)
+    onednn = resnet_fused.fuse(model, gemm=False)
+    with torch.inference_mode():
+        out, out_onednn = fused(x), onednn(x)
+        eager = [model(x), copy.deepcopy(model).to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))]
+        ref = model.double()(x.double())
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert len(convs) == 4 and all(v[2] == "gemm" for m in convs for v in m._cache.values())
+    assert any(m.inplace_residual for m in convs)
+    assert not any(v[2] == "gemm" for m in onednn.modules() if isinstance(m, FusedConv2d) for v in m._cache.values())
+    assert_accuracy_rule(out, eager, ref, what="gemm block")
+    assert_accuracy_rule(out_onednn, eager, ref, what="oneDNN block")
