@@ -387,7 +387,8 @@ class FusedConv2d(nn.Module):
             elif key[0][-1] == "gemm":
                 # the plain master itself (a 1x1 weight is channels-last and contiguous at once),
                 # or a plain copy where another regime holds it prepacked
-                w = self.dense_weight().contiguous(memory_format=torch.channels_last)
+                # (cast: a float64 model's master is float64)
+                w = self.dense_weight().to(dtype).contiguous(memory_format=torch.channels_last)
             else:
                 w = self.dense_weight().to(dtype)
                 w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)

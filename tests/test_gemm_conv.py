@@ -234,6 +234,18 @@ def test_keeps_the_plain_master_and_the_batch_decides():
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_master_computing_in_float32():
+    """A float64 model keeps float64 masters; cast to float32, the gemm layer gets a float32 weight."""
+    conv = nn.Conv2d(128, 64, 1).double()
+    m = FusedConv2d.from_conv(conv, conv.weight.detach(), conv.bias.detach(), conv.padding, folded_bn=False).float()
+    x = torch.randn(1, 128, 28, 28).contiguous(memory_format=torch.channels_last)
+    assert path(m, x) == "gemm" and m.weight.dtype == torch.float64
+    with torch.inference_mode():
+        out = m(x)
+    ref = torch.nn.functional.conv2d(x.double(), conv.weight, conv.bias)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 class Bottleneck(nn.Module):
     def __init__(self, c=256, mid=128):
         super().__init__()
