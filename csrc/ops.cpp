@@ -58,4 +58,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "gemm_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
       "int[2] stride, int[2] padding, bool relu) -> ()");
+  // CUDA only, for the GPU session's golden dumps: runs one arch-layer instruction on a warp
+  // (csrc/cuda/kernels/conformance.h) and returns what every lane holds.
+  m.def("_conformance(Tensor inputs, Tensor tile, int op) -> Tensor");
 }

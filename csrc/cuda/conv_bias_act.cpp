@@ -1,58 +1,44 @@
-// CUDA kernels of conv2d_bias_act and add_relu: the launch layer. It checks inputs, picks
-// the layout, fills EpilogueParams and launches on the current stream of the input's device.
+// CUDA kernels of conv2d_bias_act, conv2d_bias_act_ and add_relu: checks, then the path.
 //
-// First version: the convolution runs in cuDNN (through ATen) on the folded weight, then our
-// kernel applies bias + residual + ReLU in one pass over its output. A tensor-core kernel
-// with the epilogue in registers will slot in beside `cudnn_conv` here.
+// float16/bfloat16 channels-last layers that our kernel covers (launch.h: fused_conv_unsupported)
+// run our implicit-GEMM kernel (kernels/implicit_gemm.cuh): conv + bias + residual + ReLU in one
+// pass, the epilogue in registers. Everything else (float32, NCHW, grouped convolutions, odd
+// channel counts) runs cuDNN's convolution and then our epilogue kernel in one more pass.
+// RESNET_FUSED_CUDA_CONV=cudnn sends every layer the second way.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../checks.h"
-#include "epilogue.h"
+#include "launch.h"
 
 namespace resnet_fused::cuda {
 namespace {
 
 using at::Tensor;
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat;
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "resnet_fused: unsupported dtype ", t);
-  }
-}
-
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "resnet_fused: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
-// dst = act(src + bias + residual); all dense in one memory format.
-void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, const Tensor* residual, bool relu,
-                  bool channels_last) {
-  EpilogueParams p;
-  p.src = src.const_data_ptr();
-  p.dst = dst.data_ptr();
-  p.residual = residual ? residual->const_data_ptr() : nullptr;
-  p.bias = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
-  p.numel = src.numel();
-  if (src.dim() == 4) {
-    p.C = src.size(1);
-    p.HW = src.size(2) * src.size(3);
-  }
-  p.channels_last = channels_last;
-  p.relu = relu;
-  p.dtype = to_dtype(src.scalar_type());
-  C10_CUDA_CHECK(launch_bias_act_epilogue(p, c10::cuda::getCurrentCUDAStream(src.get_device()).stream()));
+bool our_kernel_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("RESNET_FUSED_CUDA_CONV");
+    return !(v && std::strcmp(v, "cudnn") == 0);
+  }();
+  return enabled;
 }
+
+bool use_our_kernel(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
+                    int64_t groups) {
+  return our_kernel_enabled() && fused_conv_unsupported(input, weight, residual, groups) == nullptr;
+}
+
+int64_t num_sms(const Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
 
 // cuDNN's convolution without bias, dense in the input's layout. cuDNN picks the output layout
 // from input and weight; the weight is kept in the input's so that no copy follows (the fused
@@ -68,7 +54,7 @@ Tensor float_bias(const std::optional<Tensor>& bias) {
   return bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
 }
 
-// (assume_finite changes nothing here: our epilogue keeps NaN as torch.relu does.)
+// (assume_finite changes nothing here: our kernels keep NaN as torch.relu does.)
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
@@ -79,6 +65,10 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   if (input.numel() == 0) {
     return at::empty(out_shape, input.options().memory_format(fmt));
   }
+  if (use_our_kernel(input, weight, residual, groups)) {
+    return fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/false,
+                      num_sms(input));
+  }
   Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
   const Tensor bias_f = float_bias(bias);
   const Tensor res = residual.has_value() ? residual->contiguous(fmt) : Tensor();
@@ -87,11 +77,11 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
   return out;
 }
 
-// In place into the residual: cuDNN's conv output, then one epilogue pass that reads it and the
-// residual and writes the residual.
-void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
-                         const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
+// In place into the residual: our kernel reads each residual element and writes the result over
+// it; on the cuDNN path, its output and one epilogue pass that writes the residual.
+void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool relu, bool /*assume_finite*/) {
   check_cuda(input, "input");
   check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -99,6 +89,10 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
   const auto fmt = input.suggest_memory_format();
   if (!residual.is_contiguous(fmt)) {
     residual.copy_(conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, relu, false));
+    return;
+  }
+  if (use_our_kernel(input, weight, residual, groups)) {
+    fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/true, num_sms(input));
     return;
   }
   const Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
@@ -120,12 +114,17 @@ Tensor add_relu(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// No packed layout on CUDA: cuDNN takes the dense weight (a copy: the schema promises no aliasing).
+// No packed layout on CUDA: the kernels take the dense weight (a copy: the schema promises no aliasing).
 Tensor prepack_conv2d_weight(const Tensor& weight, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
                              at::IntArrayRef) {
   RF_CHECK_DIM(weight, 4, "weight");
   RF_CHECK_DTYPE(weight, "weight");
   return weight.clone();
+}
+
+Tensor conformance_cuda(const Tensor& in, const Tensor& tile, int64_t op) {
+  check_cuda(in, "inputs");
+  return conformance(op, in, tile);
 }
 
 }  // namespace
@@ -135,6 +134,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv2d_bias_act_", &conv2d_bias_act_);
   m.impl("add_relu", &add_relu);
   m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
+  m.impl("_conformance", &conformance_cuda);
 }
 
 }  // namespace resnet_fused::cuda

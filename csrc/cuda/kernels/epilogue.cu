@@ -1,31 +1,33 @@
-// Device code of the CUDA epilogue. Knows nothing of torch (see epilogue.h).
+// Device code of the CUDA epilogue. Knows nothing of torch (see epilogue.h). Written on the
+// arch layer, so it also runs under the emulator (csrc/emu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
+#include "../arch/arch.h"
 #include "epilogue.h"
 
 namespace resnet_fused::cuda {
 namespace {
 
 template <typename T>
-__device__ __forceinline__ float to_float(T v);
+RF_DEVICE float to_float(T v);
 template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
+RF_DEVICE float to_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+RF_DEVICE float to_float<__half>(__half v) { return __half2float(v); }
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+RF_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+RF_DEVICE T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+RF_DEVICE float from_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+RF_DEVICE __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+RF_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -35,7 +37,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 // Each thread handles VEC consecutive elements per step of a grid-stride loop. With VEC > 1 the
 // launcher guarantees that a pack never straddles a channel row (NHWC) or a plane (NCHW).
 template <typename T, int VEC>
-__global__ void bias_act_kernel(EpilogueParams p) {
+RF_KERNEL void bias_act_kernel(EpilogueParams p) {
   using P = Pack<T, VEC>;
   const P* src = reinterpret_cast<const P*>(p.src);
   const P* res = reinterpret_cast<const P*>(p.residual);
@@ -44,21 +46,21 @@ __global__ void bias_act_kernel(EpilogueParams p) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < npacks; k += step) {
     const int64_t i = k * VEC;
-    const P s = src[k];
+    const P s = rf::arch::ldg(src + k);
     P r;
-    if (res) r = res[k];
+    if (res) r = rf::arch::ldg(res + k);
     const int64_t c0 = p.channels_last ? i % p.C : (i / p.HW) % p.C;
     P o;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float x = to_float(s.v[j]);
-      if (p.bias) x += p.bias[p.channels_last ? c0 + j : c0];
+      if (p.bias) x += rf::arch::ldg(p.bias + (p.channels_last ? c0 + j : c0));
       if (res) x += to_float(r.v[j]);
       // `x < 0 ? 0 : x` keeps NaN as NaN, as torch.relu does (fmaxf would not).
       if (p.relu) x = x < 0.f ? 0.f : x;
       o.v[j] = from_float<T>(x);
     }
-    dst[k] = o;
+    rf::arch::stg(dst + k, o);
   }
 }
 
@@ -74,11 +76,9 @@ cudaError_t launch_typed(const EpilogueParams& p, cudaStream_t stream) {
   // Enough blocks to fill any current GPU several times over; the loop strides the rest.
   const int64_t blocks = std::min<int64_t>((work + threads - 1) / threads, 65536);
   if (vectorised) {
-    bias_act_kernel<T, VEC><<<blocks, threads, 0, stream>>>(p);
-  } else {
-    bias_act_kernel<T, 1><<<blocks, threads, 0, stream>>>(p);
+    return rf::arch::launch("bias_act_kernel", &bias_act_kernel<T, VEC>, dim3(blocks), dim3(threads), 0, stream, p);
   }
-  return cudaGetLastError();
+  return rf::arch::launch("bias_act_kernel", &bias_act_kernel<T, 1>, dim3(blocks), dim3(threads), 0, stream, p);
 }
 
 }  // namespace

@@ -1,0 +1,152 @@
+// The fused convolution's dispatch: what it supports, which tile and split-K a shape gets, and
+// the split-K reduction kernel. The conv kernels themselves are instantiated one per .cu
+// (implicit_gemm_<tile>_<dtype>.cu, device code in implicit_gemm.cuh).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../arch/arch.h"
+#include "implicit_gemm.h"
+
+namespace resnet_fused::cuda {
+namespace {
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// out = act(sum over splits of the partials + bias [+ residual]), two channels per step.
+template <DType kDType>
+RF_KERNEL void splitk_reduce_kernel(ConvParams p, int splits) {
+  using T2 = std::conditional_t<kDType == DType::kHalf, __half2, __nv_bfloat162>;
+  const int64_t MK = int64_t(p.N) * p.P * p.Q * p.K;
+  const int64_t pairs = MK / 2;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs; i += step) {
+    const int64_t off = 2 * i;
+    float v0 = 0.f, v1 = 0.f;
+    for (int z = 0; z < splits; ++z) {
+      const float2 s = rf::arch::ldg(reinterpret_cast<const float2*>(p.workspace + z * MK + off));
+      v0 += s.x;
+      v1 += s.y;
+    }
+    const int col = int(off % p.K);
+    if (p.bias) {
+      const float2 b = rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + col));
+      v0 += b.x;
+      v1 += b.y;
+    }
+    if (p.residual) {
+      const T2 r = rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + i);
+      if constexpr (kDType == DType::kHalf) {
+        const float2 f = __half22float2(r);
+        v0 += f.x;
+        v1 += f.y;
+      } else {
+        const float2 f = __bfloat1622float2(r);
+        v0 += f.x;
+        v1 += f.y;
+      }
+    }
+    if (p.relu) {
+      v0 = v0 < 0.f ? 0.f : v0;  // NaN stays NaN, as torch.relu keeps it
+      v1 = v1 < 0.f ? 0.f : v1;
+    }
+    T2 o;
+    if constexpr (kDType == DType::kHalf) {
+      o = __floats2half2_rn(v0, v1);
+    } else {
+      o = __floats2bfloat162_rn(v0, v1);
+    }
+    rf::arch::stg(reinterpret_cast<T2*>(p.output) + i, o);
+  }
+}
+
+template <DType kDType>
+cudaError_t launch_reduce(const ConvParams& p, int splits, cudaStream_t stream) {
+  constexpr int threads = 256;
+  const int64_t pairs = int64_t(p.N) * p.P * p.Q * p.K / 2;
+  const int64_t blocks = std::min<int64_t>((pairs + threads - 1) / threads, 65536);
+  return rf::arch::launch(kDType == DType::kHalf ? "splitk_reduce_kernel<f16>" : "splitk_reduce_kernel<bf16>",
+                          &splitk_reduce_kernel<kDType>, dim3(unsigned(blocks)), dim3(threads), 0, stream, p, splits);
+}
+
+template <DType kDType>
+cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream) {
+  cudaError_t e;
+  if (plan.narrow_loads) {
+    e = launch_conv_instance<Tile::k128x64, kDType, true>(p, plan.splits, stream);
+  } else {
+    switch (plan.tile) {
+      case Tile::k128x128:
+        e = launch_conv_instance<Tile::k128x128, kDType, false>(p, plan.splits, stream);
+        break;
+      case Tile::k128x64:
+        e = launch_conv_instance<Tile::k128x64, kDType, false>(p, plan.splits, stream);
+        break;
+      default:
+        e = launch_conv_instance<Tile::k64x64, kDType, false>(p, plan.splits, stream);
+        break;
+    }
+  }
+  if (e != cudaSuccess || plan.splits == 1) return e;
+  return launch_reduce<kDType>(p, plan.splits, stream);
+}
+
+}  // namespace
+
+const char* conv_unsupported(const ConvParams& p) {
+  if (p.dtype != DType::kHalf && p.dtype != DType::kBFloat16) return "only float16 and bfloat16";
+  if (p.C % 4 != 0) return "input channels not a multiple of 4";
+  if (p.K % 8 != 0) return "output channels not a multiple of 8";
+  if (p.N <= 0 || p.P <= 0 || p.Q <= 0 || p.K <= 0 || p.C <= 0) return "an empty problem";
+  if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.R) * p.S * p.C >= (int64_t(1) << 31) ||
+      int64_t(p.N) * p.P * p.Q / 128 >= (int64_t(1) << 31) - 1)
+    return "more than 2^31 output pixels or reduction elements";
+  const int load_bytes = p.C % 8 == 0 ? 16 : 8;
+  if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
+  if (!aligned(p.output, 4) || (p.residual && !aligned(p.residual, 4)) || (p.bias && !aligned(p.bias, 8)))
+    return "output, residual or bias not aligned";
+  return nullptr;
+}
+
+ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
+  ConvPlan plan;
+  const int64_t M = int64_t(p.N) * p.P * p.Q;
+  const int ktiles = ceil_div(int64_t(p.R) * p.S * p.C, 32);
+  plan.narrow_loads = p.C % 8 != 0;
+  if (plan.narrow_loads) {
+    plan.tile = Tile::k128x64;  // the one instantiation with 8-byte loads
+  } else if (tile >= 0 && tile < kNumTiles) {
+    plan.tile = Tile(tile);
+  } else if (p.K <= 64) {
+    plan.tile = ceil_div(M, 128) >= num_sms ? Tile::k128x64 : Tile::k64x64;
+  } else if (ceil_div(M, 128) * ceil_div(p.K, 128) >= num_sms) {
+    plan.tile = Tile::k128x128;
+  } else if (ceil_div(M, 128) * ceil_div(p.K, 64) >= num_sms) {
+    plan.tile = Tile::k128x64;
+  } else {
+    plan.tile = Tile::k64x64;
+  }
+  const int bm = plan.tile == Tile::k64x64 ? 64 : 128, bn = plan.tile == Tile::k128x128 ? 128 : 64;
+  const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
+  if (splits >= 1) {
+    plan.splits = std::min(splits, ktiles);
+  } else if (blocks < num_sms / 2 && ktiles >= 16) {
+    // Too few output tiles to fill the GPU (late layers at small batch): split the reduction,
+    // keeping at least 8 steps of 32 per split.
+    plan.splits = int(std::min<int64_t>({(num_sms + blocks - 1) / blocks, ktiles / 8, 16}));
+  }
+  plan.splits = std::max(plan.splits, 1);
+  plan.workspace_bytes = plan.splits > 1 ? size_t(plan.splits) * size_t(M) * size_t(p.K) * sizeof(float) : 0;
+  return plan;
+}
+
+cudaError_t launch_conv(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream) {
+  return p.dtype == DType::kHalf ? launch_typed<DType::kHalf>(p, plan, stream)
+                                 : launch_typed<DType::kBFloat16>(p, plan, stream);
+}
+
+}  // namespace resnet_fused::cuda

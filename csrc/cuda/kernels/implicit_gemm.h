@@ -1,0 +1,56 @@
+// Our fused convolution on tensor cores: act(conv2d(x, w) + bias [+ residual]) in one kernel,
+// NHWC activations, fp16 or bf16 in and out, fp32 accumulation (implicit GEMM: M = N*P*Q output
+// pixels, N = K output channels, reduction over R*S*C). Plain parameter struct and launcher:
+// no torch here (the launch layer, csrc/cuda/launch.cpp, fills it from tensors).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "epilogue.h"  // DType
+
+namespace resnet_fused::cuda {
+
+struct ConvParams {
+  const void* input = nullptr;     // [N, H, W, C], dense
+  const void* weight = nullptr;    // [K, R, S, C], dense (a channels-last [K, C, R, S] weight)
+  const float* bias = nullptr;     // [K] or null
+  const void* residual = nullptr;  // [N, P, Q, K] or null; may be `output` itself (in place)
+  void* output = nullptr;          // [N, P, Q, K]
+  float* workspace = nullptr;      // [splits, N*P*Q, K] float32 partial sums when splits > 1
+  int N = 0, H = 0, W = 0, C = 0, K = 0, R = 1, S = 1, P = 0, Q = 0;
+  int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  bool relu = false;
+  DType dtype = DType::kHalf;
+};
+
+// The block tiles (output pixels x output channels), each one kernel instantiation per dtype in
+// its own .cu. 4 warps (2 x 2), 32-deep reduction steps, 4-stage cp.async pipeline.
+enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2 };
+constexpr int kNumTiles = 3;
+
+struct ConvPlan {
+  Tile tile = Tile::k128x64;
+  int splits = 1;            // split-K: partial sums in the workspace, then a reduction kernel
+  bool narrow_loads = false; // 8-byte loads (C % 8 != 0, C % 4 == 0: the padded 3-channel stem)
+  size_t workspace_bytes = 0;
+};
+
+// Why our kernel cannot run p, or nullptr when it can. Needs fp16/bf16, C % 4 == 0 (the launch
+// layer pads a 3-channel input to 4), K % 8 == 0, sizes that fit 32-bit pixel indices.
+const char* conv_unsupported(const ConvParams& p);
+
+// The tile and split-K for p on a GPU with `num_sms` multiprocessors. `tile` / `splits` >= 0
+// force them (tests run every configuration this way).
+ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile = -1, int splits = -1);
+
+// Runs the plan on `stream` (p.workspace must hold plan.workspace_bytes).
+cudaError_t launch_conv(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream);
+
+// One instantiation per tile, dtype and load width (implicit_gemm_*.cu).
+template <Tile kTile, DType kDType, bool kNarrow>
+cudaError_t launch_conv_instance(const ConvParams& p, int splits, cudaStream_t stream);
+
+}  // namespace resnet_fused::cuda

@@ -1,0 +1,237 @@
+// See launch.h. One source for the GPU build and the emulator build (RF_EMU).
+#include "launch.h"
+
+#include <ATen/ATen.h>
+
+#include "../checks.h"
+#include "kernels/conformance.h"
+#include "kernels/epilogue.h"
+#include "kernels/implicit_gemm.h"
+
+#ifdef RF_EMU
+#include "../emu/runtime.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace resnet_fused::cuda {
+namespace {
+
+using at::Tensor;
+
+#ifdef RF_EMU
+// Every tensor a kernel may touch, registered for the emulator's bounds checks.
+struct Buffers {
+  std::vector<rf::emu::Buffer> list;
+  void add(const Tensor& t, const char* name, bool writable) {
+    if (t.defined() && t.numel()) {
+      list.push_back(rf::emu::Buffer{t.const_data_ptr(), size_t(t.numel()) * t.element_size(), name, writable});
+    }
+  }
+};
+cudaStream_t stream_of(const Tensor&) { return nullptr; }
+void check_launch(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "resnet_fused emulator: ", what, ": ", rf::emu::last_error());
+}
+#define RF_RUN(BUFFERS, CALL)                     \
+  [&] {                                           \
+    rf::emu::Buffers scope_((BUFFERS).list);      \
+    return CALL;                                  \
+  }()
+#else
+struct Buffers {
+  void add(const Tensor&, const char*, bool) {}
+};
+cudaStream_t stream_of(const Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+void check_launch(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "resnet_fused: ", what, " failed: ", cudaGetErrorString(e));
+}
+#define RF_RUN(BUFFERS, CALL) CALL
+#endif
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "resnet_fused: unsupported dtype ", t);
+  }
+}
+
+bool is_channels_last(const Tensor& t) { return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
+
+// A channels-last [N, C, H, W] tensor with its channels zero-padded to `c` (the 3-channel stem
+// runs with 4, so that every pixel is an 8-byte load).
+Tensor pad_channels(const Tensor& t, int64_t c) {
+  auto sizes = t.sizes().vec();
+  sizes[1] = c;
+  Tensor out = at::empty(sizes, t.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  return out;
+}
+
+// A float32 bias whose storage is 8-byte aligned (the kernels read it two channels at a time).
+Tensor aligned_float_bias(const Tensor& b) {
+  Tensor f = b.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 8) f = f.clone();
+  return f;
+}
+
+int64_t conv_out(int64_t in, int64_t k, int64_t s, int64_t pad, int64_t dil) {
+  return (in + 2 * pad - dil * (k - 1) - 1) / s + 1;
+}
+
+ConvParams shape_params(at::IntArrayRef in, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation) {
+  ConvParams p;
+  p.N = int(in[0]);
+  p.C = int(in[1]);
+  p.H = int(in[2]);
+  p.W = int(in[3]);
+  p.K = int(w[0]);
+  p.R = int(w[2]);
+  p.S = int(w[3]);
+  p.stride_h = int(stride[0]);
+  p.stride_w = int(stride[1]);
+  p.pad_h = int(padding[0]);
+  p.pad_w = int(padding[1]);
+  p.dil_h = int(dilation[0]);
+  p.dil_w = int(dilation[1]);
+  p.P = int(conv_out(in[2], w[2], stride[0], padding[0], dilation[0]));
+  p.Q = int(conv_out(in[3], w[3], stride[1], padding[1], dilation[1]));
+  if (p.C < 4) p.C = 4;
+  return p;
+}
+
+}  // namespace
+
+void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, const Tensor* residual, bool relu,
+                  bool channels_last) {
+  EpilogueParams p;
+  p.src = src.const_data_ptr();
+  p.dst = dst.data_ptr();
+  p.residual = residual ? residual->const_data_ptr() : nullptr;
+  p.bias = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  p.numel = src.numel();
+  if (src.dim() == 4) {
+    p.C = src.size(1);
+    p.HW = src.size(2) * src.size(3);
+  }
+  p.channels_last = channels_last;
+  p.relu = relu;
+  p.dtype = to_dtype(src.scalar_type());
+  Buffers bufs;
+  bufs.add(src, "src", false);
+  bufs.add(dst, "dst", true);
+  if (residual) bufs.add(*residual, "residual", false);
+  if (bias_f) bufs.add(*bias_f, "bias", false);
+  check_launch(RF_RUN(bufs, launch_bias_act_epilogue(p, stream_of(src))), "the epilogue kernel");
+}
+
+const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
+                                   int64_t groups) {
+  if (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16) return "only float16 and bfloat16";
+  if (groups != 1) return "grouped convolution";
+  if (!is_channels_last(input)) return "input not channels-last";
+  if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
+  if (input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
+  if (residual.has_value() && residual->scalar_type() != input.scalar_type()) return "residual of another dtype";
+  return nullptr;
+}
+
+std::tuple<int64_t, int64_t, bool, int64_t> fused_conv_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                                            at::IntArrayRef dilation, int64_t num_sms) {
+  ConvParams p = shape_params(input_size, weight_size, stride, padding, dilation);
+  p.dtype = DType::kHalf;
+  const ConvPlan plan = plan_conv(p, int(num_sms));
+  return {int64_t(plan.tile), plan.splits, plan.narrow_loads, int64_t(plan.workspace_bytes)};
+}
+
+Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                  const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, bool relu, bool inplace, int64_t num_sms, int64_t tile, int64_t splits) {
+  const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
+  if (const char* why = fused_conv_unsupported(input, weight, residual, 1)) {
+    TORCH_CHECK_VALUE(false, "resnet_fused: the fused convolution kernel cannot run this call: ", why);
+  }
+  TORCH_CHECK_VALUE(!inplace || residual.has_value(), "resnet_fused: in place needs a residual");
+#ifndef RF_EMU
+  const c10::cuda::CUDAGuard guard(input.device());
+#endif
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  Tensor out;
+  if (inplace) {
+    TORCH_CHECK_VALUE(is_channels_last(*residual), "resnet_fused: in place needs a dense channels-last residual");
+    out = *residual;
+  } else {
+    out = at::empty(out_shape, input.options().memory_format(cl));
+  }
+  if (out.numel() == 0) return out;
+  Tensor x = input, w = weight.contiguous(cl);
+  if (x.size(1) < 4) {
+    x = pad_channels(x, 4);
+    w = pad_channels(w, 4);
+  }
+  const Tensor b = bias.has_value() ? aligned_float_bias(*bias) : Tensor();
+  Tensor r;
+  if (residual.has_value()) r = inplace ? out : residual->contiguous(cl);
+
+  ConvParams p = shape_params(input.sizes(), weight.sizes(), stride, padding, dilation);
+  p.input = x.const_data_ptr();
+  p.weight = w.const_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  p.residual = r.defined() ? r.const_data_ptr() : nullptr;
+  p.output = out.data_ptr();
+  p.relu = relu;
+  p.dtype = to_dtype(input.scalar_type());
+  if (const char* why = conv_unsupported(p)) {
+    TORCH_CHECK_VALUE(false, "resnet_fused: the fused convolution kernel cannot run this call: ", why);
+  }
+  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile), int(splits));
+  Tensor ws;
+  if (plan.workspace_bytes) {
+    ws = at::empty({int64_t(plan.workspace_bytes / sizeof(float))}, input.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+  Buffers bufs;
+  bufs.add(x, "input", false);
+  bufs.add(w, "weight", false);
+  bufs.add(b, "bias", false);
+  if (!inplace) bufs.add(r, "residual", false);
+  bufs.add(out, inplace ? "residual (output, in place)" : "output", true);
+  bufs.add(ws, "split-K workspace", true);
+  check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(input))), "the fused convolution kernel");
+  return out;
+}
+
+Tensor conformance(int64_t op, const Tensor& in, const Tensor& tile) {
+  TORCH_CHECK_VALUE(op >= 0 && op < kNumConformanceOps, "resnet_fused: conformance op must be in [0, ",
+                    kNumConformanceOps, "), got ", op);
+  TORCH_CHECK_VALUE(in.scalar_type() == at::kInt && in.numel() == 32 * kConformanceInWords && in.is_contiguous(),
+                    "resnet_fused: conformance inputs must be a contiguous int32 [32, ", kConformanceInWords, "]");
+  TORCH_CHECK_VALUE(tile.scalar_type() == at::kInt && tile.numel() == 128 && tile.is_contiguous(),
+                    "resnet_fused: the conformance tile must be a contiguous int32 [128]");
+#ifndef RF_EMU
+  const c10::cuda::CUDAGuard guard(in.device());
+#endif
+  Tensor out = at::zeros({32, kConformanceOutWords}, in.options());
+  ConformanceParams p;
+  p.op = int(op);
+  p.in = reinterpret_cast<const uint32_t*>(in.const_data_ptr());
+  p.tile = reinterpret_cast<const uint32_t*>(tile.const_data_ptr());
+  p.out = reinterpret_cast<uint32_t*>(out.data_ptr());
+  Buffers bufs;
+  bufs.add(in, "in", false);
+  bufs.add(tile, "tile", false);
+  bufs.add(out, "out", true);
+  check_launch(RF_RUN(bufs, launch_conformance(p, stream_of(in))), "the conformance kernel");
+  return out;
+}
+
+}  // namespace resnet_fused::cuda
