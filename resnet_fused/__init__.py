@@ -26,6 +26,16 @@ def cuda_compiled() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::conv2d_bias_act", "CUDA")
 
 
+def set_cuda_conv(backend: str) -> str:
+    """Which kernel runs float16/bfloat16 channels-last convolutions on CUDA: "ours" (the fused
+    implicit-GEMM kernel, the default, where it applies) or "cudnn" (cuDNN's convolution and then
+    our epilogue pass, as for every other layer). Returns the previous setting; process-wide.
+    The environment variable RESNET_FUSED_CUDA_CONV=cudnn sets the default."""
+    if not cuda_compiled():
+        raise RuntimeError("resnet_fused was built without CUDA kernels")
+    return torch.ops.resnet_fused._set_cuda_conv(backend)
+
+
 __all__ = [
     "CUDAGraphModule",
     "cuda_graph",
@@ -36,6 +46,7 @@ __all__ = [
     "conv2d_bias_act",
     "cuda_available",
     "cuda_compiled",
+    "set_cuda_conv",
     "fold_conv_bn",
     "fuse",
     "ops",

@@ -36,7 +36,7 @@ from torch import nn
 import resnet_fused
 
 CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_max", "fused"]
-GPU_VARIANTS = CPU_VARIANTS + ["compile_ro", "eager_graph", "fused_graph"]
+GPU_VARIANTS = CPU_VARIANTS + ["fused_cudnn", "compile_ro", "eager_graph", "fused_graph"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Results go to the checkout's benchmarks/results when run from an in-place (editable) install,
@@ -115,6 +115,17 @@ def cuda_graphed(model: nn.Module) -> Callable:
     return resnet_fused.cuda_graph(model, copy_outputs=True)
 
 
+def on_cudnn(fn: Callable) -> Callable:
+    """fn run with resnet_fused's CUDA convolutions on cuDNN + epilogue (resnet_fused.set_cuda_conv)."""
+    def run(*args, **kwargs):
+        previous = resnet_fused.set_cuda_conv("cudnn")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            resnet_fused.set_cuda_conv(previous)
+    return run
+
+
 def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, example: torch.Tensor):
     """Returns (callable, input memory format) for one variant; the model is copied."""
     m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
@@ -143,6 +154,9 @@ def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, 
     if name == "fused":
         # folded from the float32 model, then cast: the way to get a half/bf16 fused model
         return resnet_fused.fuse(model).to(device=device, dtype=dtype), nchw
+    if name == "fused_cudnn":
+        # the same fused model with every conv on cuDNN + our epilogue pass instead of our kernel
+        return on_cudnn(resnet_fused.fuse(model).to(device=device, dtype=dtype)), nchw
     if name == "eager_graph":
         return cuda_graphed(m.to(memory_format=cl)), cl
     if name == "fused_graph":
@@ -321,6 +335,7 @@ def run_layer_benchmark(args) -> dict:
             else:
                 cands["fused_onednn"] = lambda _: onednn(x, assume_finite=True)
         if device == "cuda":
+            cands["fused_cudnn"] = on_cudnn(cands["fused"])
             wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             bf = b.to(device=device, dtype=dtype)
             if residual:

@@ -37,20 +37,20 @@ make_venv() {
   "$venv/bin/python" -m pip install -q --disable-pip-version-check setuptools wheel $TEST_DEPS
 }
 
-# install_here VENV [RESNET_FUSED_CUDA]: the README's install command, in VENV.
+# install_here VENV [RESNET_FUSED_CUDA] [RESNET_FUSED_EMU]: the README's install command, in VENV.
 install_here() {
-  local venv cuda=${2:-auto}
+  local venv cuda=${2:-auto} emu=${3:-0}
   venv=$(cd "$1" && pwd)
   rm -rf build
-  echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda)"
+  echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu)"
   local log
   log=$(mktemp)
-  if ! RESNET_FUSED_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install --no-build-isolation \
+  if ! RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install --no-build-isolation \
       --disable-pip-version-check -v . >"$log" 2>&1; then
     tail -n 80 "$log"
     echo "== install FAILED (full log: $log)"
     return 1
   fi
   grep -E "resnet_fused build settings|^ +[A-Z_]+ {2,}" "$log" || true
-  (cd / && "$venv/bin/python" -c "import resnet_fused as rf; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available())")
+  (cd / && "$venv/bin/python" -c "import resnet_fused as rf, importlib.util as u; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available(), '| emulator build:', u.find_spec('resnet_fused._emu') is not None)")
 }

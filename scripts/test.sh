@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (the same as CI): builds resnet_fused against the CUDA build of torch (the
-# CUDA kernels compile even with no GPU here; their tests skip) and runs the whole suite, then
+# CUDA kernels compile even with no GPU here; their GPU tests skip) with the emulator build of
+# those kernels (resnet_fused._emu: they run on the CPU, checked), and runs the whole suite; then
 # against the CPU-only torch and runs it again (torchvision-dependent tests skip there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ VENV_CPU=${VENV_CPU:-.venv-cpu}
 start=$SECONDS
 
 make_venv "$VENV_CUDA" cuda
-install_here "$VENV_CUDA" "${RESNET_FUSED_CUDA:-1}"
+install_here "$VENV_CUDA" "${RESNET_FUSED_CUDA:-1}" "${RESNET_FUSED_EMU:-1}"
 echo "== tests (CUDA build of torch) after $((SECONDS - start)) s"
 "$VENV_CUDA/bin/pytest" tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -rs --durations=10
 

@@ -4,14 +4,17 @@
 // run our implicit-GEMM kernel (kernels/implicit_gemm.cuh): conv + bias + residual + ReLU in one
 // pass, the epilogue in registers. Everything else (float32, NCHW, grouped convolutions, odd
 // channel counts) runs cuDNN's convolution and then our epilogue kernel in one more pass.
-// RESNET_FUSED_CUDA_CONV=cudnn sends every layer the second way.
+// RESNET_FUSED_CUDA_CONV=cudnn, or resnet_fused.set_cuda_conv("cudnn"), sends every layer the
+// second way (benchmarks compare the two side by side).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../checks.h"
 #include "launch.h"
@@ -25,17 +28,25 @@ void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "resnet_fused: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
-bool our_kernel_enabled() {
-  static const bool enabled = [] {
+std::atomic<bool>& our_kernel_enabled() {
+  static std::atomic<bool> enabled{[] {
     const char* v = std::getenv("RESNET_FUSED_CUDA_CONV");
     return !(v && std::strcmp(v, "cudnn") == 0);
-  }();
+  }()};
   return enabled;
+}
+
+// "ours" (our kernel where it applies) or "cudnn" (cuDNN + epilogue everywhere); returns the
+// previous setting.
+std::string set_cuda_conv(c10::string_view backend) {
+  TORCH_CHECK_VALUE(backend == "ours" || backend == "cudnn",
+                    "resnet_fused: the CUDA convolution backend must be 'ours' or 'cudnn', got '", backend, "'");
+  return our_kernel_enabled().exchange(backend == "ours") ? "ours" : "cudnn";
 }
 
 bool use_our_kernel(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
                     int64_t groups) {
-  return our_kernel_enabled() && fused_conv_unsupported(input, weight, residual, groups) == nullptr;
+  return our_kernel_enabled().load() && fused_conv_unsupported(input, weight, residual, groups) == nullptr;
 }
 
 int64_t num_sms(const Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
@@ -128,6 +139,9 @@ Tensor conformance_cuda(const Tensor& in, const Tensor& tile, int64_t op) {
 }
 
 }  // namespace
+
+// A setting with no tensor to dispatch on, defined only in builds with CUDA kernels.
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) { m.def("_set_cuda_conv(str backend) -> str", &set_cuda_conv); }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act);

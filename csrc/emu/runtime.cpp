@@ -303,14 +303,20 @@ void switch_to_scheduler(bool final = false) {
 
 void on_exit(Thread& t);
 
+// Thrown through the failing thread's own frames (kernel code, then the runtime's), so that
+// what they hold is freed; the block's other fibers are blocked in the runtime, holding nothing.
+struct FiberAbort {};
+
 void fiber_entry() {
 #ifdef RF_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &W().sched_bottom, &W().sched_size);
 #endif
-  Worker& w = W();
-  w.launch->body(w.launch->arg);
-  Thread& t = *W().current;
-  on_exit(t);
+  try {
+    Worker& w = W();
+    w.launch->body(w.launch->arg);
+    on_exit(*W().current);
+  } catch (const FiberAbort&) {
+  }
   switch_to_scheduler(/*final=*/true);
   __builtin_trap();  // never resumed
 }
@@ -319,8 +325,7 @@ void fiber_entry() {
   Worker& w = W();
   record_error(*w.launch, msg);
   w.aborted = true;
-  switch_to_scheduler(/*final=*/true);
-  __builtin_trap();
+  throw FiberAbort{};
 }
 
 // ---- barriers -------------------------------------------------------------------------------

@@ -169,12 +169,16 @@ std::vector<std::string> selftest_names() {
 std::string run_selftest(const std::string& name) {
   const auto it = cases().find(name);
   if (it == cases().end()) return "no self-test named '" + name + "'";
-  float out[64], in[64];
+  // Two buffers with a gap between them: a read just past one must not land in the other (the
+  // bounds check knows the buffers a launch was given, not which one a pointer came from).
+  std::vector<float> memory(256);
+  float* in = memory.data();
+  float* out = memory.data() + 128;
   for (int i = 0; i < 64; ++i) {
     in[i] = float(i + 1);
     out[i] = -1.f;
   }
-  Buffers scope({Buffer{out, sizeof(out), "out", true}, Buffer{in, sizeof(in), "in", false}});
+  Buffers scope({Buffer{out, 64 * sizeof(float), "out", true}, Buffer{in, 64 * sizeof(float), "in", false}});
   const Args args{out, in, name.c_str()};
   const cudaError_t e =
       rf::arch::launch(name.c_str(), it->second.kernel, dim3(1), dim3(it->second.threads), 256, nullptr, args);

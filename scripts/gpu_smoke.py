@@ -1,0 +1,48 @@
+"""A few launches of every CUDA kernel we wrote, small enough for compute-sanitizer (memcheck,
+racecheck, synccheck, initcheck are 10-100x slower than a plain run). Exit code 1 on a wrong answer.
+
+    compute-sanitizer --tool racecheck python scripts/gpu_smoke.py
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+
+CL = torch.channels_last
+
+
+def main():
+    torch.manual_seed(0)
+    bad = 0
+    cases = [  # n, c, k, kernel, stride, h, residual: every tile, split-K (batch 1, layer4), the stem
+        (2, 64, 256, 1, 1, 14, True), (1, 512, 512, 3, 1, 7, False), (2, 3, 64, 7, 2, 32, False),
+        (4, 256, 512, 1, 2, 14, False), (8, 128, 128, 3, 1, 28, True),
+    ]
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, c, k, ksz, stride, h, residual in cases:
+            x = torch.randn(n, c, h, h, device="cuda").to(dtype).contiguous(memory_format=CL)
+            w = (torch.randn(k, c, ksz, ksz, device="cuda") / (c * ksz * ksz) ** 0.5).to(dtype)
+            b = torch.randn(k, device="cuda")
+            ho = (h + 2 * (ksz // 2) - ksz) // stride + 1
+            r = torch.randn(n, k, ho, ho, device="cuda").to(dtype).contiguous(memory_format=CL) if residual else None
+            out = resnet_fused.ops.conv2d_bias_act(x, w, b, r, stride=stride, padding=ksz // 2, relu=True)
+            ref = F.conv2d(x.float(), w.float(), b, stride, ksz // 2)
+            ref = (ref + r.float() if residual else ref).relu()
+            err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+            ok = err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+            bad += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} conv {dtype} n{n} c{c} k{k} {ksz}x{ksz}/s{stride} {h}x{h}: rel err {err:.2e}")
+    a = torch.randn(2, 64, 9, 9, device="cuda", dtype=torch.float16)
+    ok = torch.equal(resnet_fused.ops.add_relu(a, a), (a + a).relu())
+    bad += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} epilogue (add_relu)")
+    torch.cuda.synchronize()
+    print(f"{bad} failed")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

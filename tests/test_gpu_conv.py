@@ -1,0 +1,71 @@
+"""Our fused convolution kernel on a GPU, at full size: every ResNet-50 conv against cuDNN (eager)
+and float64 under the accuracy rule, the split-K and stem paths, in place, the cuDNN fallback
+switch. The same kernels run under the emulator in CI (tests/test_emu.py); these need a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from conftest import assert_accuracy_rule, needs_cuda
+from test_ops import RESNET50_CONVS
+
+pytestmark = [needs_cuda, pytest.mark.cuda]
+CL = torch.channels_last
+
+
+def case(n, c, k, ksz, stride, h, dtype, residual, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    pad = ksz // 2
+    x = torch.randn(n, c, h, h, device="cuda", generator=g).to(dtype).contiguous(memory_format=CL)
+    w = (torch.randn(k, c, ksz, ksz, device="cuda", generator=g) / (c * ksz * ksz) ** 0.5).to(dtype)
+    b = torch.randn(k, device="cuda", generator=g) * 0.5
+    ho = (h + 2 * pad - ksz) // stride + 1
+    r = torch.randn(n, k, ho, ho, device="cuda", generator=g).to(dtype).contiguous(memory_format=CL) if residual else None
+    return x, w, b, r, dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[1, 1], groups=1)
+
+
+def eager(x, w, b, r, kw, dtype, fmt=CL):
+    y = F.conv2d(x.to(dtype).contiguous(memory_format=fmt), w.to(dtype).contiguous(memory_format=fmt), b.to(dtype), **kw)
+    y = y + r.to(dtype) if r is not None else y
+    return y.relu()
+
+
+def check(x, w, b, r, kw, what):
+    out = resnet_fused.ops.conv2d_bias_act(x, w, b, r, relu=True, **kw)
+    ref = eager(x.cpu(), w.cpu(), b.cpu(), None if r is None else r.cpu(), kw, torch.float64)
+    eagers = [eager(x, w, b, r, kw, x.dtype, f).cpu() for f in (torch.contiguous_format, CL)]
+    mag = F.conv2d(x.cpu().double().abs(), w.cpu().double().abs(), b.cpu().double().abs(), **kw)
+    mag = mag + r.cpu().double().abs() if r is not None else mag
+    assert_accuracy_rule(out.cpu(), eagers, ref, what=what, magnitude=mag)
+    return out
+
+
+@pytest.mark.parametrize("shape", RESNET50_CONVS, ids=lambda s: "C{}K{}k{}s{}H{}{}".format(*s[:5], "r" if s[5] else ""))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("n", [1, 8])
+def test_resnet50_shapes_full_size(shape, dtype, n):
+    c, k, ksz, stride, h, residual = shape
+    x, w, b, r, kw = case(n, c, k, ksz, stride, h, dtype, residual)
+    check(x, w, b, r, kw, f"{shape} batch {n}")
+
+
+def test_in_place_matches_out_of_place():
+    x, w, b, r, kw = case(4, 256, 1024, 1, 1, 14, torch.float16, True)
+    expected = resnet_fused.ops.conv2d_bias_act(x, w, b, r, relu=True, **kw)
+    buf = r.clone()
+    resnet_fused.ops.conv2d_bias_act_(buf, x, w, b, relu=True, **kw)
+    torch.testing.assert_close(buf, expected, rtol=0, atol=0)
+
+
+def test_cudnn_switch_gives_the_same_answers():
+    x, w, b, r, kw = case(2, 64, 256, 1, 1, 56, torch.float16, True)
+    ours = resnet_fused.ops.conv2d_bias_act(x, w, b, r, relu=True, **kw)
+    previous = resnet_fused.set_cuda_conv("cudnn")
+    try:
+        theirs = resnet_fused.ops.conv2d_bias_act(x, w, b, r, relu=True, **kw)
+    finally:
+        resnet_fused.set_cuda_conv(previous)
+    torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="must be 'ours' or 'cudnn'"):
+        resnet_fused.set_cuda_conv("tensorrt")
