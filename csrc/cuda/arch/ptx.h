@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <utility>
 
 #define RF_DEVICE __device__ __forceinline__
@@ -12,13 +14,28 @@
 
 namespace rf::arch {
 
-// Launches kernel<<<grid, block, smem, stream>>>(args...) and returns the launch's error. Over
-// 48 KiB of dynamic shared memory needs the kernel's limit raised first.
+// Over 48 KiB of dynamic shared memory needs the kernel's limit raised first: once per kernel and
+// device (not on every launch, nor inside a CUDA graph capture after the first call).
+inline cudaError_t raise_smem_limit(const void* kernel, size_t smem) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> raised;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  if (raised.count({kernel, device})) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (e == cudaSuccess) raised.insert({kernel, device});
+  return e;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) and returns the launch's error.
 template <class... Params, class... Args>
 inline cudaError_t launch(const char* /*name*/, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                           cudaStream_t stream, Args&&... args) {
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // (each of our kernels asks for the same amount on every launch)
+    const cudaError_t e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem);
     if (e != cudaSuccess) return e;
   }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);

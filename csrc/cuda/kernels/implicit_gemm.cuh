@@ -136,11 +136,30 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
     }
   };
 
-  auto load_tile = [&](int stage, int kt) {
-    const int kk = kt * kBK + cc * kVec;
+  // This thread's position in the reduction, (r, s, c) of element kk: divided out once, then
+  // stepped by kBK per tile (tiles are loaded in increasing order), no division in the loop.
+  int kk = kt_begin * kBK + cc * kVec;
+  int r, s, c;
+  {
+    const int rs = kk / p.C;
+    c = kk - rs * p.C;
+    r = rs / p.S;
+    s = rs - r * p.S;
+  }
+  auto advance = [&]() {
+    kk += kBK;
+    c += kBK;
+    while (c >= p.C) {  // once per step when C >= 32; several times for 4 or 8 channels
+      c -= p.C;
+      if (++s == p.S) {
+        s = 0;
+        ++r;
+      }
+    }
+  };
+
+  auto load_tile = [&](int stage) {
     const bool k_ok = kk < RSC;
-    const int rs = kk / p.C, c = kk - rs * p.C;
-    const int r = rs / p.S, s = rs - r * p.S;
     char* sa = smem + stage * kStageBytes;
     char* sb = sa + BM * kRowBytes;
 #pragma unroll
@@ -155,6 +174,7 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
       const int row = r0 + i * kRowsPerPass;
       copy(sb + swizzle(row, unit) + unit_byte, w + b_base[i] + kk, b_ok[i] && k_ok);
     }
+    advance();
   };
 
   const int warp = tid / 32, lane = tid % 32;
@@ -205,8 +225,8 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
 
   // Prologue: the first kStages - 1 steps in flight (one commit group each, empty past the end).
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nkt) load_tile(s, kt_begin + s);
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < nkt) load_tile(stage);
     rf::arch::cp_async_commit();
   }
   for (int it = 0; it < nkt; ++it) {
@@ -215,7 +235,7 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
     rf::arch::cp_async_wait<kStages - 2>();
     rf::arch::syncthreads();
     const int next = it + kStages - 1;
-    if (next < nkt) load_tile(next % kStages, kt_begin + next);
+    if (next < nkt) load_tile(next % kStages);
     rf::arch::cp_async_commit();
     compute_stage(it % kStages);
   }
