@@ -36,7 +36,10 @@ from torch import nn
 import resnet_fused
 
 CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_max", "fused"]
+# The CPU engines a user would pick instead (pip install .[peers]); in the default CPU list when installed.
+PEER_VARIANTS = ["onnxruntime", "openvino"]
 GPU_VARIANTS = CPU_VARIANTS + ["fused_cudnn", "compile_ro", "eager_graph", "fused_graph"]
+ALL_VARIANTS = GPU_VARIANTS + PEER_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Results go to the checkout's benchmarks/results when run from an in-place (editable) install,
@@ -115,6 +118,52 @@ def cuda_graphed(model: nn.Module) -> Callable:
     return resnet_fused.cuda_graph(model, copy_outputs=True)
 
 
+def installed_peers() -> list:
+    import importlib.util
+
+    return [v for v in PEER_VARIANTS if importlib.util.find_spec(v) is not None]
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor) -> str:
+    """The float32 model as ONNX (dynamic batch), in a temporary folder, for the CPU peers."""
+    import tempfile
+    import warnings
+
+    path = os.path.join(tempfile.mkdtemp(prefix="resnet_fused_onnx_"), "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), path, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+    return path
+
+
+def build_peer(name: str, model: nn.Module, example: torch.Tensor) -> Callable:
+    """ONNX Runtime (every graph optimisation) or OpenVINO (f32, latency hint) on the CPU, each with
+    torch's thread count; both fold BN and fuse bias, residual and ReLU into their convolutions."""
+    threads = torch.get_num_threads()
+    path = export_onnx(copy.deepcopy(model).float().eval(), example.float())
+    if name == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                     "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+    request = compiled.create_infer_request()
+
+    def run(x):
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
 def on_cudnn(fn: Callable) -> Callable:
     """fn run with resnet_fused's CUDA convolutions on cuDNN + epilogue (resnet_fused.set_cuda_conv)."""
     def run(*args, **kwargs):
@@ -131,6 +180,10 @@ def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, 
     m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     cl = torch.channels_last
     nchw = torch.contiguous_format
+    if name in PEER_VARIANTS:
+        if device != "cpu" or dtype != torch.float32:
+            raise ValueError(f"{name} runs here on the CPU in float32 only")
+        return build_peer(name, model, example), nchw
     if name == "eager":
         return m, nchw
     if name == "eager_cl":
@@ -191,7 +244,8 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_model_benchmark(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
-    variants = args.variants or (GPU_VARIANTS if device == "cuda" else CPU_VARIANTS)
+    variants = args.variants or (GPU_VARIANTS if device == "cuda" else CPU_VARIANTS + (
+        installed_peers() if dtype == torch.float32 else []))
     model = make_model(args.model)
     records = []
     builds = {}
@@ -543,7 +597,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--variants", nargs="+", default=None, help=f"default: all of {GPU_VARIANTS} that run on the device")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"default: all of {GPU_VARIANTS} that run on the device, and on CPU in float32 the "
+                        f"installed peers of {PEER_VARIANTS}")
     p.add_argument("--runs", type=int, default=None, help="timed steady-state runs per variant (default: by batch)")
     p.add_argument("--block", type=int, default=3,
                    help="calls of one variant in a row per round (at least 2); the first of each block is "
@@ -567,9 +623,9 @@ def main(argv: Optional[list] = None) -> dict:
         p.error("--device cuda: no CUDA device, or resnet_fused was built without CUDA kernels")
     if args.block < 2:
         p.error("--block must be at least 2: the first call of a block is the cold one")
-    bad = set(args.variants or []) - set(GPU_VARIANTS)
+    bad = set(args.variants or []) - set(ALL_VARIANTS)
     if bad:
-        p.error(f"unknown variants {sorted(bad)}; choose from {GPU_VARIANTS}")
+        p.error(f"unknown variants {sorted(bad)}; choose from {ALL_VARIANTS}")
 
     result = {
         "device": device_name(args.device),
