@@ -180,7 +180,8 @@ def _emu_extension(opt):
 setup(
     name="resnet_fused",
     version="0.1.0",
-    packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    packages=find_packages("src", include=["resnet_fused", "resnet_fused.*"]),
+    package_dir={"": "src"},
     ext_modules=get_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
