@@ -45,12 +45,13 @@ install_here() {
   echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda)"
   local log
   log=$(mktemp)
-  if ! RESNET_FUSED_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install --no-build-isolation \
+  if ! RESNET_FUSED_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install \
       --disable-pip-version-check -v . >"$log" 2>&1; then
     tail -n 80 "$log"
     echo "== install FAILED (full log: $log)"
     return 1
   fi
   grep -E "resnet_fused build settings|^ +[A-Z_]+ {2,}" "$log" || true
-  (cd / && "$venv/bin/python" -c "import resnet_fused as rf; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available())")
+  # (from the checkout's root: the src/ layout means this imports the installed package)
+  ("$venv/bin/python" -c "import resnet_fused as rf; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available())")
 }
