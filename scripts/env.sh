@@ -37,16 +37,18 @@ make_venv() {
   "$venv/bin/python" -m pip install -q --disable-pip-version-check setuptools wheel $TEST_DEPS
 }
 
-# install_here VENV [RESNET_FUSED_CUDA]: the README's install command, in VENV.
+# install_here VENV [RESNET_FUSED_CUDA] [EXTRAS]: the README's install command, in VENV
+# (`pip install .`, or `pip install .[EXTRAS]`).
 install_here() {
-  local venv cuda=${2:-auto}
+  local venv cuda=${2:-auto} target=.
+  [ -n "${3:-}" ] && target=".[$3]"
   venv=$(cd "$1" && pwd)
   rm -rf build
-  echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda)"
+  echo "== pip install $target into $venv (RESNET_FUSED_CUDA=$cuda)"
   local log
   log=$(mktemp)
   if ! RESNET_FUSED_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install \
-      --disable-pip-version-check -v . >"$log" 2>&1; then
+      --disable-pip-version-check -v "$target" >"$log" 2>&1; then
     tail -n 80 "$log"
     echo "== install FAILED (full log: $log)"
     return 1

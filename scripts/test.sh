@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (the same as CI): builds resnet_fused against the CUDA build of torch (the
 # CUDA kernels compile even with no GPU here; their tests skip) and runs the whole suite, then
-# against the CPU-only torch and runs it again (torchvision-dependent tests skip there).
+# against the CPU-only torch, with Ray Serve (pip install .[serve]), and runs it again
+# (torchvision-dependent tests skip there, the Ray Serve test in the first run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -16,8 +17,9 @@ echo "== tests (CUDA build of torch) after $((SECONDS - start)) s"
 
 if [ "${SKIP_CPU_BUILD:-0}" != 1 ]; then
   make_venv "$VENV_CPU" cpu
-  install_here "$VENV_CPU" 0
+  # with the [serve] extra (Ray Serve, ~250 MB): its test runs here and skips in the CUDA venv
+  install_here "$VENV_CPU" 0 serve
   echo "== tests (CPU-only torch) after $((SECONDS - start)) s"
-  "$VENV_CPU/bin/pytest" tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning
+  "$VENV_CPU/bin/pytest" tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -rs --durations=10
 fi
 echo "== done in $((SECONDS - start)) s"
