@@ -9,7 +9,8 @@ runs it on its own cores) behind one HTTP endpoint, requests batched dynamically
 
 ``fused.pt`` is a fused model saved with ``torch.save`` (or an exported program saved with
 ``torch.export.save``, named ``*.pt2``). ``--address`` joins a running Ray cluster (several
-machines: replicas go wherever the cluster has CPUs) instead of starting one here. Ctrl-C (or
+machines: replicas go wherever the cluster has CPUs; each machine needs resnet_fused installed and
+the model file at the same path) instead of starting one here. Ctrl-C (or
 SIGTERM) shuts Serve and the local cluster down.
 """
 
