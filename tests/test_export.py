@@ -2,7 +2,12 @@
 TorchScript give eager's predictions, and hold plain tensors only."""
 
 import copy
+import glob
+import os
+import shutil
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +87,39 @@ def test_torchscript_digits(digits, tmp_path):
     ts.save(str(path))
     loaded = torch.jit.load(str(path))
     check_predictions(loaded, digits, "TorchScript, saved and loaded")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler to build the LibTorch loader")
+@pytest.mark.skipif(torch.version.cuda is not None,
+                    reason="the LibTorch loader is compiled (about a minute) in the CPU-only torch's run only")
+def test_torchscript_in_libtorch(digits, tmp_path):
+    """The TorchScript model runs in a C++ LibTorch process (tests/libtorch_load.cpp) that loads
+    resnet_fused's library for the ops: eager's predictions and accuracy."""
+    _, fused, x, eager, ref = digits
+    resnet_fused.trace(fused, x[:8]).save(str(tmp_path / "digits.ts"))
+    torch_dir = os.path.dirname(torch.__file__)
+    exe = tmp_path / "libtorch_load"
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libtorch_load.cpp")
+    inc = os.path.join(torch_dir, "include")
+    lib = os.path.join(torch_dir, "lib")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    build = subprocess.run(
+        ["g++", "-std=c++17", "-O1", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", src, "-o", str(exe), "-I", inc,
+         "-I", os.path.join(inc, "torch", "csrc", "api", "include"), "-L", lib, f"-Wl,-rpath,{lib}",
+         "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    so = glob.glob(os.path.join(os.path.dirname(resnet_fused.__file__), "_C*.so"))
+    assert len(so) == 1, so
+    x.contiguous().numpy().astype(np.float32).tofile(tmp_path / "in.f32")
+    run = subprocess.run([str(exe), so[0], str(tmp_path / "digits.ts"), str(tmp_path / "in.f32"), *map(str, x.shape),
+                          str(tmp_path / "out.f32")], capture_output=True, text=True, timeout=300, env={
+                              k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.f32", dtype=np.float32)).reshape(eager.shape)
+    assert torch.equal(out.argmax(1), eager.argmax(1)), "LibTorch: predictions differ from eager's"
+    assert_accuracy_rule(out, [eager], ref, what="TorchScript in LibTorch")
 
 
 def test_direct_export_and_trace(digits):

@@ -59,8 +59,8 @@ def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool 
 
 def trace(model: nn.Module, example: Union[Tensor, tuple]) -> torch.jit.ScriptModule:
     """TorchScript of a fused model for LibTorch servers (``torch.jit.trace``; any batch size runs).
-    Save it with ``.save(path)``; a C++ server loads it with ``torch::jit::load`` after loading
-    the resnet_fused library (the ``_C`` shared object) for the ops."""
+    Save it with ``.save(path)``; a C++ server loads it with ``torch::jit::load`` after
+    ``dlopen``ing resnet_fused's ``_C*.so`` for the ops (tests/libtorch_load.cpp does)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() takes an nn.Module, got {type(model).__name__}")
     args = _example_args(example)
