@@ -66,4 +66,7 @@ def trace(model: nn.Module, example: Union[Tensor, tuple]) -> torch.jit.ScriptMo
     args = _example_args(example)
     unpack_weights(model)
     with torch.no_grad():
-        return torch.jit.trace(model, args if len(args) > 1 else args[0])
+        # check_trace=False: its check reruns the model eagerly, where layers take other kernels
+        # (Winograd, matrix products) than the traced graph's, and compares at 1e-5: rounding
+        # differences read as a broken trace. The tests hold traces to eager's accuracy rule instead.
+        return torch.jit.trace(model, args if len(args) > 1 else args[0], check_trace=False)
