@@ -140,6 +140,9 @@ def test_direct_export_and_trace(digits):
         torch.export.export(fresh, (x[:4],))
     with pytest.raises(RuntimeError, match="unpack_weights"):
         torch.jit.trace(fresh, x[:4])
+    # A copy (deepcopy, pickling, torch.save/load) holds plain weights: it exports directly.
+    check_predictions(torch.export.export(copy.deepcopy(fresh), (x[:4],), dynamic_shapes=({0: batch},)).module(),
+                      digits, "torch.export.export of a copy")
     resnet_fused.unpack_weights(fresh)
     assert not any(p.is_mkldnn for p in fresh.parameters())
     check_predictions(torch.export.export(fresh, (x[:4],), dynamic_shapes=({0: batch},)).module(), digits,

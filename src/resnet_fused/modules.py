@@ -262,6 +262,7 @@ class FusedConv2d(nn.Module):
             params = dict(self._parameters)
             params["weight"] = self._plain_master()
             state["_parameters"] = params
+            state["_packed_for"] = None  # (the copy's master is plain)
         state.pop("_lock", None)
         return state
 
