@@ -1,8 +1,6 @@
 """A network trained for real (scikit-learn's digits, shipped with the package) keeps its
 predictions and its accuracy once fused."""
 
-import functools
-
 import pytest
 import torch
 
@@ -13,7 +11,6 @@ import models
 datasets = pytest.importorskip("sklearn.datasets")
 
 
-@functools.lru_cache(maxsize=None)  # trained once per run: test_export uses it too (nothing mutates it)
 def train_digits_resnet(seed=0, epochs=12):
     torch.manual_seed(seed)
     digits = datasets.load_digits()
