@@ -100,7 +100,7 @@ def test_torchscript_digits(digits, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler to build the LibTorch loader")
 @pytest.mark.skipif(torch.version.cuda is not None,
-                    reason="the LibTorch loader is compiled (about a minute) in the CPU-only torch's run only")
+                    reason="the LibTorch loader is built and run in the CPU-only torch's run (once is enough)")
 def test_torchscript_in_libtorch(digits, tmp_path):
     """The TorchScript model runs in a C++ LibTorch process (tests/libtorch_load.cpp) that loads
     resnet_fused's library for the ops: eager's predictions and accuracy."""
