@@ -78,6 +78,18 @@ def test_export_digits(digits, tmp_path):
     check_predictions(fused, digits, "fused after export")
 
 
+def test_export_static_batch(digits):
+    """dynamic_batch=False: the batch size traced is the only one the program takes."""
+    _, fused, x, _, _ = digits
+    run = resnet_fused.export(fused, x[:4], dynamic_batch=False).module()
+    with torch.inference_mode():
+        out = run(x[4:8].clone())
+        with pytest.raises(AssertionError, match=r"size\(\)\[0\] == 4"):
+            run(x[:5].clone())
+    model, _, _, eager, ref = digits
+    assert_accuracy_rule(out, [eager[4:8]], ref[4:8], what="static export")
+
+
 def test_aoti_package_digits(digits, tmp_path):
     """AOTInductor: the exported program compiled to a package (C++, our ops called by name) runs."""
     _, fused, x, _, _ = digits
