@@ -1,6 +1,6 @@
 """Builds resnet_fused's kernels against the torch that is installed.
 
-    pip install --no-build-isolation .
+    pip install .            (the build backend, _build/backend.py, finds the target's torch)
 
 Build settings (environment variables, printed at build time):
   RESNET_FUSED_CUDA      auto (default): CUDA kernels when torch is a CUDA build and nvcc is found;
@@ -24,7 +24,13 @@ from setuptools import find_packages, setup
 
 import shutil
 
-import torch
+try:
+    import torch
+except ImportError:
+    # (the same line as _build/backend.py's, for `python setup.py ...` run by hand)
+    sys.exit("resnet_fused builds against the torch installed in the target environment, and there is none: "
+             "install torch first (`pip install torch`, or the CUDA build: https://pytorch.org/get-started/locally/), "
+             "then install resnet_fused again")
 
 
 def _find_cuda_home():
@@ -180,7 +186,11 @@ def _emu_extension(opt):
 setup(
     name="resnet_fused",
     version="0.1.0",
-    packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    packages=find_packages("src", include=["resnet_fused", "resnet_fused.*"]),
+    package_dir={"": "src"},
+    # The kernels are compiled against this torch's C++ ABI: pip must not swap it for another
+    # release under them (any local build, +cpu or +cuXXX, of the same release matches).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
     ext_modules=get_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -7,9 +7,8 @@ source scripts/env.sh
 VENV=${VENV_CUDA:-.venv}
 make_venv "$VENV" cuda
 VENV=$(cd "$VENV" && pwd)
-if ! (cd / && "$VENV/bin/python" -c "import resnet_fused") 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import resnet_fused" 2>/dev/null; then
   install_here "$VENV"
 fi
-# Run from outside the checkout, so that Python imports the installed package (with its
-# compiled kernels), not the source folder of the same name.
-cd / && exec "$VENV/bin/python" -m resnet_fused "$@"
+# (the package lives under src/: the checkout's root never shadows the installed one)
+exec "$VENV/bin/python" -m resnet_fused "$@"

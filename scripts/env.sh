@@ -37,20 +37,24 @@ make_venv() {
   "$venv/bin/python" -m pip install -q --disable-pip-version-check setuptools wheel $TEST_DEPS
 }
 
-# install_here VENV [RESNET_FUSED_CUDA] [RESNET_FUSED_EMU]: the README's install command, in VENV.
+# install_here VENV [RESNET_FUSED_CUDA] [EXTRAS]: the README's install command, in VENV
+# (`pip install .`, or `pip install .[EXTRAS]`); RESNET_FUSED_EMU=1 in the environment adds the
+# emulator build of the CUDA kernels (resnet_fused._emu).
 install_here() {
-  local venv cuda=${2:-auto} emu=${3:-0}
+  local venv cuda=${2:-auto} target=. emu=${RESNET_FUSED_EMU:-0}
+  [ -n "${3:-}" ] && target=".[$3]"
   venv=$(cd "$1" && pwd)
   rm -rf build
-  echo "== installing resnet_fused into $venv (RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu)"
+  echo "== pip install $target into $venv (RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu)"
   local log
   log=$(mktemp)
-  if ! RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install --no-build-isolation \
-      --disable-pip-version-check -v . >"$log" 2>&1; then
+  if ! RESNET_FUSED_CUDA=$cuda RESNET_FUSED_EMU=$emu MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" -m pip install \
+      --disable-pip-version-check -v "$target" >"$log" 2>&1; then
     tail -n 80 "$log"
     echo "== install FAILED (full log: $log)"
     return 1
   fi
   grep -E "resnet_fused build settings|^ +[A-Z_]+ {2,}" "$log" || true
-  (cd / && "$venv/bin/python" -c "import resnet_fused as rf, importlib.util as u; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available(), '| emulator build:', u.find_spec('resnet_fused._emu') is not None)")
+  # (from the checkout's root: the src/ layout means this imports the installed package)
+  ("$venv/bin/python" -c "import resnet_fused as rf, importlib.util as u; print('== resnet_fused', rf.__version__, 'from', rf.__file__, '| CUDA kernels compiled:', rf.cuda_compiled(), '| GPU usable:', rf.cuda_available(), '| emulator build:', u.find_spec('resnet_fused._emu') is not None)")
 }

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
 [[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test sanitize layers)
 [[ ${stages[0]} == bench && ${#stages[@]} -eq 1 ]] && stages=(build bench)
@@ -42,7 +42,7 @@ build() {
   # Kept between calls while the machine is warm: rebuild only for another commit or tree.
   local stamp
   stamp=$(git rev-parse HEAD 2>/dev/null)-$(git status --porcelain 2>/dev/null | md5sum | cut -c1-8)
-  if [[ -f build/.gpu_stamp && $(cat build/.gpu_stamp) == "$stamp" ]] && ls resnet_fused/_C*.so >/dev/null 2>&1; then
+  if [[ -f build/.gpu_stamp && $(cat build/.gpu_stamp) == "$stamp" ]] && ls src/resnet_fused/_C*.so >/dev/null 2>&1; then
     echo "already built for $stamp"
     return 0
   fi

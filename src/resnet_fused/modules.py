@@ -65,13 +65,23 @@ def to_channels_last(x):
     return x
 
 
+def capturing_for_serving() -> bool:
+    """Whether torch.export or torch.jit.trace is capturing the model into a graph to serve
+    elsewhere (AOTInductor, LibTorch). Then the fused layers call one op on their plain master
+    weight, whatever the input's size: nothing prepacked (an opaque oneDNN tensor) or chosen per
+    batch size may end up in the graph. torch.compile keeps the eager paths (its graph stays in
+    this process)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def inputs_finite(*xs) -> bool:
     """Whether a fused graph's CPU inputs are free of NaN and Inf: then its convs may run their
     ReLU as a oneDNN post-op (which maps NaN to 0); otherwise they keep torch.relu's NaN
     semantics. One sum per input (a finite sum means finite elements; a huge input whose sum
     overflows just takes the exact path). CUDA kernels are exact anyway: no check, no sync.
-    Compiled graphs (torch.compile) take the post-op path, as Inductor's own CPU fusions do."""
-    if torch.compiler.is_compiling():
+    Compiled, exported and traced graphs take the post-op path, as Inductor's own CPU fusions do
+    (a captured graph cannot branch on the data)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     for x in xs:
         if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == "cpu" and x.numel():
@@ -232,6 +242,13 @@ class FusedConv2d(nn.Module):
         if self.weight.is_mkldnn:
             self._parameters["weight"] = self._plain_master()
             self._cache = {}
+        self._packed_for = None
+
+    def unpack(self) -> None:
+        """Hold the master weight as a plain tensor again (it is repacked on the next eager CPU
+        float32 call). Before torch.export: an exported graph must not hold an oneDNN tensor."""
+        with self._lock:
+            self._unpack_master()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -245,6 +262,7 @@ class FusedConv2d(nn.Module):
             params = dict(self._parameters)
             params["weight"] = self._plain_master()
             state["_parameters"] = params
+            state["_packed_for"] = None  # (the copy's master is plain)
         state.pop("_lock", None)
         return state
 
@@ -419,6 +437,8 @@ class FusedConv2d(nn.Module):
                 f"FusedConv2d was fused {'with' if self.residual else 'without'} a residual input, "
                 f"got {'one' if residual is not None else 'none'}"
             )
+        if capturing_for_serving():
+            return self._forward_plain(x, residual, assume_finite)
         if torch.compiler.is_compiling():
             self._check_input(x)
             w = self.weight if self.weight.is_mkldnn else self.weight.to(self.dtype)
@@ -449,6 +469,26 @@ class FusedConv2d(nn.Module):
                 residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
             )
             return residual
+        return torch.ops.resnet_fused.conv2d_bias_act.default(
+            x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
+        )
+
+    def _forward_plain(self, x: Tensor, residual: Optional[Tensor], assume_finite: bool) -> Tensor:
+        """One conv2d_bias_act on the plain master for any input (see capturing_for_serving):
+        out of place (a graph captured for serving owns its buffers). A fused graph passes
+        assume_finite=True here: it cannot check its input for NaN (see inputs_finite)."""
+        # (under torch.export the weight is a fake tensor that looks plain: _packed_for says
+        # whether the real one is an oneDNN tensor, which would land in the exported program)
+        if self.weight.is_mkldnn or self._packed_for is not None:
+            raise RuntimeError(
+                "FusedConv2d holds its weight prepacked for oneDNN (the model has run on CPU in float32), "
+                "and an exported or traced graph must hold plain tensors: use resnet_fused.export(model, example) "
+                "/ resnet_fused.trace(model, example), or call resnet_fused.unpack_weights(model) before "
+                "torch.export.export / torch.jit.trace"
+            )
+        self._check_input(x)
+        w = self.weight if self.weight.dtype == self.dtype else self.weight.to(self.dtype)
+        b = self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32)
         return torch.ops.resnet_fused.conv2d_bias_act.default(
             x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite
         )

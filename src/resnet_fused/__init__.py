@@ -8,6 +8,7 @@ import torch
 from . import _C  # noqa: F401  (loads the kernels: registers torch.ops.resnet_fused.*)
 from . import ops
 from .cuda_graph import CUDAGraphModule, cuda_graph
+from .export import export, trace, unpack_weights
 from .fold import fold_conv_bn
 from .fuse import FuseReport, fuse
 from .modules import FusedAddReLU, FusedConv2d
@@ -39,6 +40,7 @@ def set_cuda_conv(backend: str) -> str:
 __all__ = [
     "CUDAGraphModule",
     "cuda_graph",
+    "export",
     "FuseReport",
     "FusedAddReLU",
     "FusedConv2d",
@@ -51,4 +53,6 @@ __all__ = [
     "fuse",
     "ops",
     "prepack_conv2d_weight",
+    "trace",
+    "unpack_weights",
 ]

@@ -41,10 +41,11 @@ PEER_VARIANTS = ["onnxruntime", "openvino"]
 GPU_VARIANTS = CPU_VARIANTS + ["fused_cudnn", "compile_ro", "eager_graph", "fused_graph"]
 ALL_VARIANTS = GPU_VARIANTS + PEER_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout's root when this file is src/resnet_fused/bench.py of an editable install.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Results go to the checkout's benchmarks/results when run from an in-place (editable) install,
 # else to ./resnet_fused_results.
-DEFAULT_OUT = (os.path.join(ROOT, "benchmarks", "results") if os.path.isdir(os.path.join(ROOT, ".git"))
+DEFAULT_OUT = (os.path.join(ROOT, "benchmarks", "results") if os.path.exists(os.path.join(ROOT, ".git"))
                else os.path.join(os.getcwd(), "resnet_fused_results"))
 
 

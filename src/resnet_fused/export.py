@@ -1,0 +1,72 @@
+"""Exporting a fused model for serving: torch.export (and from it AOTInductor) and TorchScript.
+
+A fused model captured by torch.export or torch.jit.trace calls one resnet_fused op per fused
+layer on its plain master weight (see ``modules.capturing_for_serving``), so the graph holds
+plain tensors only and runs wherever ``import resnet_fused`` has loaded the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .modules import FusedConv2d
+
+
+def unpack_weights(model: nn.Module) -> nn.Module:
+    """Every fused layer of ``model`` holds its master weight as a plain tensor again (CPU float32
+    layers hold it prepacked for oneDNN once they have run; they repack on their next eager call).
+    Needed before calling ``torch.export.export`` on such a model yourself; :func:`export` does it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpack_weights() takes an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, FusedConv2d):
+            m.unpack()
+    return model
+
+
+def _example_args(example) -> tuple:
+    args = (example,) if isinstance(example, Tensor) else tuple(example) if isinstance(example, (tuple, list)) else None
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError(f"example must be a tensor or a tuple of tensors (the model's inputs), got {type(example).__name__}")
+    return args
+
+
+def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of a fused model with its weights unpacked, and (``dynamic_batch``)
+    dim 0 of every input dynamic, from 1 up. An example of batch 1 is repeated to batch 2 for
+    tracing (export would otherwise take 1 as a constant).
+
+    The result runs (``ep.module()(x)``), saves and loads (``torch.export.save`` / ``load``; load
+    it after ``import resnet_fused``), and packages with AOTInductor
+    (``torch._inductor.aoti_compile_and_package(ep)``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export() takes an nn.Module, got {type(model).__name__}")
+    args = _example_args(example)
+    if dynamic_batch and any(a.dim() == 0 for a in args):
+        raise ValueError("dynamic_batch=True needs every input to have a batch dimension (dim 0)")
+    unpack_weights(model)
+    dynamic_shapes = None
+    if dynamic_batch:
+        args = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    with torch.no_grad():
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+
+
+def trace(model: nn.Module, example: Union[Tensor, tuple]) -> torch.jit.ScriptModule:
+    """TorchScript of a fused model for LibTorch servers (``torch.jit.trace``; any batch size runs).
+    Save it with ``.save(path)``; a C++ server loads it with ``torch::jit::load`` after
+    ``dlopen``ing resnet_fused's ``_C*.so`` for the ops (tests/libtorch_load.cpp does)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace() takes an nn.Module, got {type(model).__name__}")
+    args = _example_args(example)
+    unpack_weights(model)
+    with torch.no_grad():
+        # check_trace=False: its check reruns the model eagerly, where layers take other kernels
+        # (Winograd, matrix products) than the traced graph's, and compares at 1e-5: rounding
+        # differences read as a broken trace. The tests hold traces to eager's accuracy rule instead.
+        return torch.jit.trace(model, args if len(args) > 1 else args[0], check_trace=False)
