@@ -355,3 +355,20 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
     assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert_accuracy_rule(out, eagers, ref, what=f"{name} {dtype} on the emulated kernel")
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_views_that_start_off_alignment():
+    """A sliced input (its data 2 bytes past a 16-byte boundary) runs, copied to aligned storage; a
+    misaligned residual is refused with the reason (the GPU op then takes the cuDNN path)."""
+    x, wt, b, r, kw = make_case(1, 16, 32, 3, 1, 5, 6, torch.float16, residual=True)
+    xs = torch.randn(x.numel() + 1).half()[1:].view(1, 5, 6, 16).permute(0, 3, 1, 2)
+    xs.copy_(x)
+    assert xs.is_contiguous(memory_format=CL) and xs.data_ptr() % 16 == 2
+    out = check_emulated_conv(xs, wt, b, r, True, kw, what="a sliced input")
+    torch.testing.assert_close(out, E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True,
+                                                      H100_SMS, -1, -1), rtol=0, atol=0)
+    rs = torch.randn(r.numel() + 1).half()[1:].view(1, 5, 6, 32).permute(0, 3, 1, 2)
+    rs.copy_(r)
+    assert rs.is_contiguous(memory_format=CL) and rs.data_ptr() % 4 == 2
+    with pytest.raises(ValueError, match="residual not 4-byte aligned"):
+        E.conv2d_bias_act_(rs, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1)

@@ -65,6 +65,14 @@ DType to_dtype(at::ScalarType t) {
 
 bool is_channels_last(const Tensor& t) { return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
+bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0; }
+
+// The kernel loads 16 bytes (8 for 4-channel inputs) at a time: a view that starts elsewhere (a
+// slice) is copied to fresh, aligned storage first.
+Tensor aligned_channels_last(const Tensor& t, int bytes) {
+  return aligned(t, bytes) ? t : t.clone(at::MemoryFormat::ChannelsLast);
+}
+
 // A channels-last [N, C, H, W] tensor with its channels zero-padded to `c` (the 3-channel stem
 // runs with 4, so that every pixel is an 8-byte load).
 Tensor pad_channels(const Tensor& t, int64_t c) {
@@ -141,6 +149,8 @@ const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, co
   if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
   if (input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
   if (residual.has_value() && residual->scalar_type() != input.scalar_type()) return "residual of another dtype";
+  // (rare: a view 2 bytes into its storage; the CUDA op then takes the cuDNN path)
+  if (residual.has_value() && residual->numel() && !aligned(*residual, 4)) return "residual not 4-byte aligned";
   return nullptr;
 }
 
@@ -178,6 +188,9 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
     x = pad_channels(x, 4);
     w = pad_channels(w, 4);
   }
+  const int load_bytes = x.size(1) % 8 == 0 ? 16 : 8;
+  x = aligned_channels_last(x, load_bytes);
+  w = aligned_channels_last(w, load_bytes);
   const Tensor b = bias.has_value() ? aligned_float_bias(*bias) : Tensor();
   Tensor r;
   if (residual.has_value()) r = inplace ? out : residual->contiguous(cl);
