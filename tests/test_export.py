@@ -78,6 +78,27 @@ def test_export_digits(digits, tmp_path):
     check_predictions(fused, digits, "fused after export")
 
 
+def test_nan_inf_like_eager(digits):
+    """NaN and Inf inputs: exported and traced graphs give eager's NaN/Inf pattern (the ReLU keeps
+    NaN; oneDNN's post-op ReLU would map it to 0) and eager's values elsewhere."""
+    model, fused, x, _, _ = digits
+    bad = x[:6].clone()
+    bad[0, 0, 3, 3] = float("nan")
+    bad[1, 0, 0, 0] = float("inf")
+    bad[2, 0, 5, 5] = float("-inf")
+    with torch.inference_mode():
+        eager = model(bad)
+        ref = copy.deepcopy(model).double()(bad.double())
+    assert eager[:3].isnan().any(), "the reference lost its NaN: the test would prove nothing"
+    for name, run in (("exported", resnet_fused.export(fused, bad).module()), ("TorchScript", resnet_fused.trace(fused, bad))):
+        with torch.inference_mode():
+            out = run(bad)
+        assert torch.equal(out.isnan(), eager.isnan()), f"{name}: NaN where eager has none, or none where it has"
+        assert torch.equal(out.isinf(), eager.isinf()), f"{name}: Inf pattern differs from eager's"
+        ok = eager.isfinite().all(1)
+        assert_accuracy_rule(out[ok], [eager[ok]], ref[ok], what=f"{name}, finite rows")
+
+
 def test_export_static_batch(digits):
     """dynamic_batch=False: the batch size traced is the only one the program takes."""
     _, fused, x, _, _ = digits

@@ -79,9 +79,13 @@ def inputs_finite(*xs) -> bool:
     ReLU as a oneDNN post-op (which maps NaN to 0); otherwise they keep torch.relu's NaN
     semantics. One sum per input (a finite sum means finite elements; a huge input whose sum
     overflows just takes the exact path). CUDA kernels are exact anyway: no check, no sync.
-    Compiled, exported and traced graphs take the post-op path, as Inductor's own CPU fusions do
-    (a captured graph cannot branch on the data)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    A graph captured for serving (torch.export, torch.jit.trace) cannot branch on the data: it
+    keeps the exact semantics (measured no slower there: its layers run oneDNN's convolution on
+    plain weights either way). torch.compile's graphs take the post-op path, as Inductor's own
+    CPU fusions do."""
+    if capturing_for_serving():
+        return False
+    if torch.compiler.is_compiling():
         return True
     for x in xs:
         if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == "cpu" and x.numel():
@@ -476,7 +480,7 @@ class FusedConv2d(nn.Module):
     def _forward_plain(self, x: Tensor, residual: Optional[Tensor], assume_finite: bool) -> Tensor:
         """One conv2d_bias_act on the plain master for any input (see capturing_for_serving):
         out of place (a graph captured for serving owns its buffers). A fused graph passes
-        assume_finite=True here: it cannot check its input for NaN (see inputs_finite)."""
+        assume_finite=False here: exact NaN semantics (see inputs_finite)."""
         # (under torch.export the weight is a fake tensor that looks plain: _packed_for says
         # whether the real one is an oneDNN tensor, which would land in the exported program)
         if self.weight.is_mkldnn or self._packed_for is not None:
