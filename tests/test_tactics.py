@@ -260,3 +260,16 @@ def test_pickled_model_chooses_again():
     again = torch.load(buf, weights_only=False)
     assert all(m._tuned == {} and m.tune for m in convs(again))
     assert torch.equal(run(again, x_for()), run(fused, x_for()))
+
+
+def test_rejected_candidates_and_near_ties():
+    """Rejected never wins; within TIE of the fastest the rules' choice stays (noise)."""
+    rec = {"times_ms": {"onednn": 10.0, "gemm": 10.0 / (1 + tactics.TIE / 2), "winograd": 1.0},
+           "rejected": {"winograd": "error too large"}}
+    names = ["onednn", "gemm", "winograd"]
+    assert tactics._pick(rec, names, prefer="onednn") == "onednn"
+    assert tactics._pick(rec, names) == "gemm"
+    rec["times_ms"]["gemm"] = 5.0
+    assert tactics._pick(rec, names, prefer="onednn") == "gemm"
+    assert tactics._pick(rec, ["onednn"], prefer="gemm") == "onednn"
+    assert tactics._pick({"times_ms": {"gemm": 1.0}, "rejected": {"gemm": "x"}}, ["gemm"]) is None

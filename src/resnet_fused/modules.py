@@ -17,6 +17,9 @@ Winograd F(2x2, 3x3) instead (our kernel, csrc/cpu/winograd.cpp): their cached w
 Winograd transform, made once, and the plain master stays as it is. The 1x1 layers where it
 measured faster (see ``_gemm_fits``) run as blocked matrix products with the epilogue in cache
 (csrc/cpu/gemm_conv.cpp) on the plain master itself: nothing is packed or copied for them.
+Those are the rules; with ``tune`` (``fuse(tune=True)``, the default there) each layer measures
+the three kernels on the first input of each shape instead and runs the fastest that meets the
+accuracy rule (resnet_fused.tactics).
 """
 
 from __future__ import annotations

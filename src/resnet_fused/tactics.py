@@ -13,7 +13,8 @@ keeps the rule of thumb that picked it before anything was measured (:meth:`Cand
 2. otherwise, when tuning is on, every applicable candidate is timed on the real input shape,
    side by side (a warm-up call, then a few interleaved calls each with the caches flushed before
    every call, median); candidates whose output breaks the accuracy rule against a float64
-   reference of the layer are dropped; the fastest of the rest wins; the times are cached;
+   reference of the layer are dropped; the fastest of the rest wins (the rules' choice where it
+   is within TIE of the fastest: closer than that is noise); the times are cached;
 3. otherwise the rules decide (:func:`rule_choice`).
 
 The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidates at selection
@@ -26,6 +27,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +44,10 @@ ONEDNN, WINOGRAD, GEMM = "onednn", "winograd", "gemm"
 
 #: Timing: one warm-up call per candidate, then this many interleaved timed calls each (median).
 TIMED_CALLS = 3
+
+#: Within this fraction of the fastest, the rules' choice is kept: closer than that, a 2-core
+#: shared machine's noise decides, and a choice that flips from run to run helps nobody.
+TIE = 0.03
 
 #: Winograd keeps its transformed weight (16/9 the direct one) beside the plain master. Over this
 #: size the memory it adds is judged not worth it, whatever the timing says: a memory limit,
@@ -219,14 +225,21 @@ def machine_key() -> dict:
     """What a measurement holds for: the CPU (model name, ISA flags), torch and oneDNN versions,
     and the thread count."""
     model, isa = _cpu_identity()
-    onednn = "none"
-    if torch.backends.mkldnn.is_available():
-        try:
-            onednn = str(torch._C._get_mkldnn_version())
-        except AttributeError:
-            onednn = "unknown"
-    return {"cpu": model, "isa": isa, "torch": torch.__version__, "onednn": onednn,
+    return {"cpu": model, "isa": isa, "torch": torch.__version__, "onednn": _onednn_version(),
             "threads": torch.get_num_threads()}
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_version() -> str:
+    """oneDNN's version as torch's build configuration names it ("v3.12.0 (Git Hash ...)")."""
+    if not torch.backends.mkldnn.is_available():
+        return "none"
+    for line in torch.__config__.show().splitlines():
+        if "MKL-DNN" in line or "oneDNN" in line:
+            m = re.search(r"v\d+(\.\d+)*( \(Git Hash \w+\))?", line)
+            if m:
+                return m.group(0)
+    return "unknown"
 
 
 def machine_id(key: Optional[dict] = None) -> str:
@@ -363,7 +376,8 @@ def _reference(layer, x: Tensor, residual: Optional[Tensor], rows) -> tuple[Tens
 def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None) -> dict:
     """Time every applicable candidate on x's shape and check its output. Returns a record:
     {"times_ms": {name: median ms}, "errors": {name: max abs error on the checked images},
-    "rejected": {name: why}, "choice": the fastest accepted of all (the switches filter later)}.
+    "rejected": {name: why}, "fastest": the fastest accepted of all (choose() applies the
+    switches and the TIE margin)}.
 
     x is used as it is when finite (the layer's real input), else replaced by random numbers of
     its shape; likewise the residual."""
@@ -404,13 +418,21 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
         "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
         "rejected": rejected,
     }
-    record["choice"] = _pick(record, [c.name for c in cands])
+    record["fastest"] = _pick(record, [c.name for c in cands])
     return record
 
 
-def _pick(record: dict, allowed) -> Optional[str]:
+def _pick(record: dict, allowed, prefer: Optional[str] = None) -> Optional[str]:
+    """The fastest allowed candidate that met the accuracy rule; ``prefer`` (the rules' choice)
+    instead when it is within TIE of it."""
     ok = [n for n in allowed if n in record["times_ms"] and n not in record["rejected"]]
-    return min(ok, key=lambda n: record["times_ms"][n]) if ok else None
+    if not ok:
+        return None
+    t = record["times_ms"]
+    best = min(ok, key=lambda n: t[n])
+    if prefer in ok and t[prefer] <= t[best] * (1 + TIE):
+        return prefer
+    return best
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -441,11 +463,12 @@ class _Progress:
             self.bar.close()
 
 
-def _say(line: str) -> None:
+def _say(line: str, quiet: bool = False) -> None:
+    """A layer decided: a step of tune()'s bar, else a line on stderr (none for a cache hit)."""
     p = getattr(_progress, "bar", None)
     if p is not None:
         p.step(line)
-    else:
+    elif not quiet:
         print(line, file=sys.stderr, flush=True)
 
 
@@ -464,6 +487,9 @@ def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     with _lock:
         entries = _entries(path, mid)
         record = entries.get(problem)
+    if not (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
+            and isinstance(record.get("rejected", {}), dict)):
+        record = None  # (a record this version cannot read is measured again)
     source = "cache"
     if record is None or not all(n in record.get("times_ms", {}) or n in record.get("rejected", {})
                                  for n in allowed):
@@ -476,12 +502,12 @@ def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     else:
         with _lock:
             _stats["cache_hits"] += 1
-    choice = _pick(record, allowed) or ONEDNN
+    choice = _pick(record, allowed, prefer=rule_choice(layer, x)) or ONEDNN
     out = {"source": source, "times_ms": dict(record.get("times_ms", {})),
            "rejected": dict(record.get("rejected", {})), "problem": problem}
-    if source == "measured":
-        times = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
-        _say(f"resnet_fused: tuned {getattr(layer, 'tune_name', '') or problem}: {choice} ({times} ms)")
+    times = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
+    _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} "
+         f"{getattr(layer, 'tune_name', '') or problem}: {choice} ({times} ms)", quiet=source != "measured")
     return choice, out
 
 
