@@ -113,8 +113,12 @@ def main():
         compare = {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
         print(f"forward, median of {args.compare} interleaved calls (ms):", compare)
     if args.json:
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         with open(args.json, "w") as f:
-            json.dump({"machine": tactics.machine_key(), "batch": args.batch, "size": args.size,
+            json.dump({"machine": tactics.machine_key(), "commit": commit or None, "batch": args.batch, "size": args.size,
                        "tuning_s": round(tuning, 2), "forward_ms": compare, "layers": rows}, f, indent=1)
     return 0
 

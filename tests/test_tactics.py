@@ -123,7 +123,7 @@ def test_each_measured_choice_meets_the_rule_layer_by_layer(cache):
     fused = resnet_fused.fuse(model())
     x = x_for().contiguous(memory_format=torch.channels_last)
     layer = convs(fused)[0]  # conv1: all three candidates apply
-    name, record = tactics.choose(layer, x)
+    name, record = tactics.decide(layer, x)
     cand = tactics.candidate(name)
     with torch.no_grad():
         out = cand.run(layer, x, cand.prepare(layer, x), layer.bias.float(), None)
@@ -165,8 +165,9 @@ def test_a_slow_candidate_is_not_chosen(cache, monkeypatch):
 def test_a_wrong_candidate_is_rejected_however_fast(cache, monkeypatch):
     monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd(), FastWrong(), tactics.OneDNN()])
     layer = convs(resnet_fused.fuse(model()))[1]
-    name, record = tactics.choose(layer, x_for().contiguous(memory_format=torch.channels_last))
+    name, record = tactics.decide(layer, x_for().contiguous(memory_format=torch.channels_last))
     assert "gemm" in record["rejected"] and name == "onednn"
+    assert tactics.choose(layer, x_for().contiguous(memory_format=torch.channels_last)) == "onednn"  # cached
 
 
 def test_the_disk_cache_round_trips_and_a_second_fuse_measures_nothing(cache):

@@ -354,7 +354,7 @@ class FusedConv2d(nn.Module):
         """Make the tuned choice for x's shape (under the lock, on a cache miss)."""
         key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
         try:
-            name, record = tactics.choose(self, x, residual, tune=True)
+            name, record = tactics.decide(self, x, residual, tune=True)
         except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the forward
             import warnings
 

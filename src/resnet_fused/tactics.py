@@ -480,10 +480,16 @@ def _say(line: str, quiet: bool = False) -> None:
 
 
 # --- the chooser ------------------------------------------------------------------------------
-def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> tuple[str, dict]:
-    """The kernel for ``layer`` on input ``x``: ("onednn" | "winograd" | "gemm", record). The
-    record says where the choice came from ("source": "cache", "measured" or "rule") and, when
-    measured, the times. Measures only with ``tune``; reads or writes no cache without it."""
+def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> str:
+    """The kernel for ``layer`` on input ``x``: "onednn", "winograd" or "gemm" (see :func:`decide`)."""
+    return decide(layer, x, residual, tune)[0]
+
+
+def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> tuple[str, dict]:
+    """The kernel for ``layer`` on input ``x`` and the record behind it: ("onednn" | "winograd" |
+    "gemm", record). The record says where the choice came from ("source": "cache", "measured" or
+    "rule") and the times measured. Measures only with ``tune``; reads or writes no cache
+    without it."""
     if not cpu_float32_prepacked(layer, x):
         return ONEDNN, {"source": "not applicable"}
     allowed = [c.name for c in CANDIDATES if c.enabled(layer) and c.applies(layer, x)]
