@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +11,12 @@ from hypothesis import settings
 import resnet_fused
 
 torch.manual_seed(0)
+
+# Tuned kernel choices (resnet_fused.tactics) go to a temporary cache for the whole test session,
+# never to the user's: tests that fuse the same shapes share one measurement.
+_TACTICS_DIR = tempfile.mkdtemp(prefix="resnet_fused_tactics_")
+os.environ["RESNET_FUSED_CACHE_DIR"] = _TACTICS_DIR
+atexit.register(shutil.rmtree, _TACTICS_DIR, ignore_errors=True)
 
 # CI replays a fixed set of property-test examples (the suite must not turn red on a new random
 # draw); set RF_HYPOTHESIS_RANDOM=1 to explore, as a developer session does.

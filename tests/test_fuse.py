@@ -244,8 +244,9 @@ def test_prepacked_weight_replaces_the_plain_master():
     Everything that needs the plain tensor gets back exactly the folded values."""
     torch.manual_seed(0)
     model = randomize_bn(models.CifarResNet()).eval()
-    # (every layer direct: a Winograd layer keeps its plain master, see test_winograd.py)
-    fused = resnet_fused.fuse(model, winograd=False)
+    # (every layer direct, by the rules: a Winograd or gemm layer keeps its plain master, see
+    # test_winograd.py and test_gemm_conv.py)
+    fused = resnet_fused.fuse(model, winograd=False, tune=False)
     plain = {k: v.clone() for k, v in fused.state_dict().items()}
     x8, x1 = torch.randn(8, 3, 32, 32), torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
@@ -264,7 +265,7 @@ def test_prepacked_weight_replaces_the_plain_master():
         torch.save(fused, buf)
         buf.seek(0)
         assert torch.equal(torch.load(buf, weights_only=False)(x1), expected1)
-        fresh = resnet_fused.fuse(model, winograd=False)
+        fresh = resnet_fused.fuse(model, winograd=False, tune=False)
         fresh.load_state_dict(after)
         assert torch.equal(fresh(x8), expected8)
         compiled = torch.compile(fused, fullgraph=True)  # traced with packed masters
@@ -283,7 +284,7 @@ def test_prepacked_weight_replaces_the_plain_master():
 def test_new_image_size_gets_its_own_packed_weights(capfd):
     """oneDNN packs a weight for the input size it will meet; a weight packed for another size
     still works but is reordered on every call. After one call at a new size, none is."""
-    fused = resnet_fused.fuse(torchvision_model("resnet50"))
+    fused = resnet_fused.fuse(torchvision_model("resnet50"), tune=False)  # the rules
     with torch.inference_mode():
         for size in (224, 160, 160):
             x = torch.randn(2, 3, size, size)

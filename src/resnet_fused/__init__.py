@@ -13,6 +13,8 @@ from .fold import fold_conv_bn
 from .fuse import FuseReport, fuse
 from .modules import FusedAddReLU, FusedConv2d
 from .ops import add_relu, conv2d_bias_act, prepack_conv2d_weight
+from . import tactics
+from .tactics import tune
 
 __version__ = "0.1.0"
 
@@ -53,6 +55,8 @@ __all__ = [
     "fuse",
     "ops",
     "prepack_conv2d_weight",
+    "tactics",
     "trace",
+    "tune",
     "unpack_weights",
 ]

@@ -42,6 +42,19 @@ class FuseReport:
     fused: list = dataclasses.field(default_factory=list)  # (name, pattern)
     left: list = dataclasses.field(default_factory=list)  # (name, reason)
     untraced: list = dataclasses.field(default_factory=list)  # (module path, error)
+    # CPU kernel choices, one dict per layer and input regime, as fuse(tune=True) makes them:
+    # {"layer", "input", "threads", "choice", "source" ("measured" | "cache" | ...), "times_ms", "rejected"}
+    tactics: list = dataclasses.field(default_factory=list)
+
+    def tactics_table(self) -> str:
+        """The kernel choices as a table: layer, input, choice, where it came from, times (ms)."""
+        lines = []
+        for t in self.tactics:
+            times = ", ".join(f"{n} {ms:.3f}" for n, ms in sorted(t["times_ms"].items(), key=lambda kv: kv[1]))
+            rej = "".join(f"; {n} rejected: {why}" for n, why in t.get("rejected", {}).items())
+            lines.append(f"    {t['layer']} [{t['input']}, {t['threads']} threads]: {t['choice']} "
+                         f"({t['source']}{': ' + times + ' ms' if times else ''}{rej})")
+        return "\n".join(lines)
 
     def counts(self) -> dict:
         out: dict = {}
@@ -60,6 +73,9 @@ class FuseReport:
             lines.append(f"    {name}: {reason}")
         for path, err in self.untraced:
             lines.append(f"  not traceable as a whole, submodules fused one by one: {path or '<root>'} ({err})")
+        if self.tactics:
+            lines.append(f"  CPU kernels chosen: {len(self.tactics)}")
+            lines.append(self.tactics_table())
         return "\n".join(lines)
 
 
@@ -369,6 +385,7 @@ def fuse(
     prepack: bool = True,
     winograd: bool = True,
     gemm: bool = True,
+    tune: bool = True,
 ) -> nn.Module:
     """Returns a module that computes what ``model`` computes in eval mode, with BatchNorm folded
     into the convolutions and each conv(+BN)(+add)(+ReLU) chain run as one fused op.
@@ -390,6 +407,12 @@ def fuse(
             (``FusedConv2d._gemm_fits``: 128-512 input channels, at least 784 output pixels) as
             blocked matrix products with the epilogue applied in cache, instead of oneDNN's
             convolution. ``False`` leaves them to oneDNN.
+        tune: on CPU in float32 (with ``prepack``), pick each layer's kernel (oneDNN, Winograd,
+            matrix products; ``winograd``/``gemm`` still turn theirs off) by measuring them on the
+            first input of each regime (batch size, image size, thread count) and keeping the
+            fastest that meets the accuracy rule; cached in memory and on disk per machine
+            (:mod:`resnet_fused.tactics`). ``False``: the rules above choose, and nothing is
+            measured, read or written.
 
     The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
     """
@@ -411,10 +434,14 @@ def fuse(
         report = FuseReport()
         fused = _fuse_module(model, report, "", prepack, memory_format == torch.channels_last)
     fused.eval()
-    for m in fused.modules():
+    for name, m in fused.named_modules():
         if isinstance(m, FusedConv2d):
             m.winograd = winograd
             m.gemm = gemm
+            m.tune = tune
+            m.tune_name = name
+            m._tuned = {}
+            m._tactics_log = report.tactics
     for p in fused.parameters():
         p.requires_grad_(False)  # inference-only: nothing of it is trained
     fused.fuse_report = report

@@ -17,6 +17,9 @@ Winograd F(2x2, 3x3) instead (our kernel, csrc/cpu/winograd.cpp): their cached w
 Winograd transform, made once, and the plain master stays as it is. The 1x1 layers where it
 measured faster (see ``_gemm_fits``) run as blocked matrix products with the epilogue in cache
 (csrc/cpu/gemm_conv.cpp) on the plain master itself: nothing is packed or copied for them.
+Those are the rules; with ``tune`` (``fuse(tune=True)``, the default there) each layer measures
+the three kernels on the first input of each shape instead and runs the fastest that meets the
+accuracy rule (resnet_fused.tactics).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import tactics
 from .fold import master_dtype
 from .ops import conv_output_size
 
@@ -156,6 +160,13 @@ class FusedConv2d(nn.Module):
         self.winograd = True
         # CPU float32, prepacked: run the 1x1 layers that fit (_gemm_fits) as blocked matrix products.
         self.gemm = True
+        # CPU float32, prepacked: measure the candidate kernels on the first input of each regime
+        # and run the fastest that meets the accuracy rule (tactics.choose; fuse(tune=True) sets
+        # it). Off: the rules (_winograd_fits, _gemm_fits) pick.
+        self.tune = False
+        self.tune_name = ""  # the layer's name in the model, for progress lines and the report
+        self._tuned: dict = {}  # (input shape, threads, switches) -> kernel ("" for oneDNN)
+        self._tactics_log: Optional[list] = None  # the fuse report's list of choices, if any
         if weight is None:
             weight = torch.zeros(out_channels, in_channels // groups, *self.kernel_size)
         if bias is None:
@@ -268,6 +279,7 @@ class FusedConv2d(nn.Module):
             state["_parameters"] = params
             state["_packed_for"] = None  # (the copy's master is plain)
         state.pop("_lock", None)
+        state["_tuned"] = {}  # choices hold for this machine: a copy loaded elsewhere chooses again
         return state
 
     def __setstate__(self, state):
@@ -275,6 +287,10 @@ class FusedConv2d(nn.Module):
         state.setdefault("_packed_for", None)
         state.setdefault("winograd", True)
         state.setdefault("gemm", True)
+        state.setdefault("tune", False)
+        state.setdefault("tune_name", "")
+        state.setdefault("_tuned", {})
+        state.setdefault("_tactics_log", None)
         self.__dict__.update(state)
         if "_master_cl" not in state:
             self._master_cl = _is_channels_last(self.weight)
@@ -316,11 +332,14 @@ class FusedConv2d(nn.Module):
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
     def _path(self, x: Tensor) -> str:
-        """The CPU float32 kernel this layer runs for input x: "winograd" (_winograd_fits), "gemm"
-        (_gemm_fits), or "" (the oneDNN convolution; every other device and dtype)."""
-        if not (self.prepack and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and self.groups == 1 and self.dilation == [1, 1] and _is_channels_last(x)):
+        """The CPU float32 kernel this layer runs for input x: "winograd", "gemm", or "" (the oneDNN
+        convolution; every other device and dtype). With ``tune`` the measured choice for x's
+        shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
+        without, the rules (_winograd_fits, then _gemm_fits)."""
+        if not tactics.cpu_float32_prepacked(self, x):
             return ""
+        if self.tune:
+            return self._tuned.get((tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm), "?")
         if self._winograd_fits(x):
             return "winograd"
         if self._gemm_fits(x):
@@ -328,59 +347,33 @@ class FusedConv2d(nn.Module):
         return ""
 
     def _gemm_fits(self, x: Tensor) -> bool:
-        """Whether this 1x1 layer runs as matrix products (csrc/cpu/gemm_conv.cpp: blocks of output
-        pixels times the weight, one sgemm per block on one thread, the epilogue applied to the
-        block while it is in cache) rather than oneDNN's convolution, for input x (float32, CPU,
-        channels-last: checked by _path). Chosen where it beat oneDNN when measured side by side
-        (2 cores, weights evicted before each call as in a whole model; tests/ and bench.py
-        --layers show it): ResNet-50's 1x1s with 128-512 input channels, 1.05-1.3x at batch 8 and
-        1.05-1.35x at batch 1. Not:
-
-        - under 128 input channels (64 -> 256 at 56x56: 0.8x; a product that short does not
-          keep the multiply units busy between loads);
-        - over 512 input channels (1024 -> 256 at 14x14: 0.96x; 1024 -> 512: 0.97x);
-        - under 784 output pixels (28x28 at batch 1): too few blocks of at least 256 pixels for
-          the threads (512 -> 2048 at 7x7, batch 8: 0.94x; 2048 -> 512: 0.95x).
-
-        The stem (7x7, 3 channels: 0.83x) and the stride-2 3x3s (0.79-1.07x) stay with oneDNN."""
-        if not (self.gemm and self.kernel_size == (1, 1) and self.padding == [0, 0]
-                and 128 <= self.in_channels <= 512):
-            return False
-        oh = (x.shape[2] - 1) // self.stride[0] + 1
-        ow = (x.shape[3] - 1) // self.stride[1] + 1
-        return x.shape[0] * oh * ow >= 784
+        """Whether the rule runs this layer as blocked matrix products (tactics.Gemm.rule)."""
+        return bool(self.gemm) and tactics.candidate(tactics.GEMM).rule(self, x)
 
     def _winograd_fits(self, x: Tensor) -> bool:
-        """Whether this layer runs Winograd F(2x2, 3x3) for input x: a 3x3, stride-1, padding-1
-        float32 conv on CPU in channels-last, where it beat oneDNN's direct convolution when measured
-        side by side (2 cores), each call finding its weights evicted from the caches as they are
-        in a whole model. ResNet-50's stride-1 3x3s: 1.25-1.75x at batch 1-8 (64 channels at 56x56:
-        1.4x; 128 at 28: 1.3-1.75x; 256 at 14: 1.25-1.6x; 512 at 7: 1.3-1.75x from batch 2). Not:
+        """Whether the rule runs this layer as Winograd F(2x2, 3x3) (tactics.Winograd.rule)."""
+        return bool(self.winograd) and tactics.candidate(tactics.WINOGRAD).rule(self, x)
 
-        - too few tiles (2x2 outputs) to pay for reading the transformed weight (16 C K floats,
-          16/9 the direct one's): 512 channels at 7x7, batch 1 (16 tiles, 1 MiB of weight per
-          tile): 0.8x; 1024 at 7x7: 0.64x; 256 at 5x5 (9 tiles): 0.82x. Hence at least 16 tiles
-          and at most 512 KiB of weight per tile (512 at 7x7 from batch 2: 1.34x);
-        - tiny channel counts, where the transforms cost as much as the products: 16 channels at
-          batch 8 ran 0.96x, 32 channels 1.09x. Hence at least 32 input and output channels;
-        - a transformed weight over 4 MiB (over 256 x 256 channels): it is kept beside the plain
-          master, and for ResNet-50's two 512-channel layers that is 32 MB more, which took the fused
-          model's peak memory at batch 8 above eager's (with glibc's mmap threshold fixed, so that
-          heap fragmentation does not blur it: 378 MB against eager's 359; 345 without them) for 2%
-          of its time. The op itself runs such weights well (three passes, the weight read once):
-          1.3-1.75x from batch 2 in the same measurement.
+    def _choose(self, x: Tensor, residual: Optional[Tensor]) -> None:
+        """Make the tuned choice for x's shape (under the lock, on a cache miss)."""
+        key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
+        try:
+            name, record = tactics.decide(self, x, residual, tune=True)
+        except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the forward
+            import warnings
 
-        Part of the cache key, through _path (cheap: layers that are not 3x3 stride 1 answer at the
-        first test; _path has checked dtype, device, layout, groups and dilation)."""
-        if not (self.winograd and self.kernel_size == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]):
-            return False
-        c, k = self.in_channels, self.out_channels
-        if min(c, k) < 32 or 16 * c * k * 4 > 4 << 20:
-            return False
-        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
-        return tiles >= max(16, c * k // 8192)
+            warnings.warn(f"resnet_fused: measuring {self.tune_name or self} failed ({type(err).__name__}: "
+                          f"{err}); the rules choose", RuntimeWarning, stacklevel=4)
+            name, record = tactics.rule_choice(self, x), {"source": "rule (measuring failed)"}
+        self._tuned = {**self._tuned, key: "" if name == tactics.ONEDNN else name}
+        if self._tactics_log is not None:
+            self._tactics_log.append({
+                "layer": self.tune_name, "input": "x".join(map(str, x.shape)), "threads": key[1],
+                "choice": name, "source": record.get("source", ""), "times_ms": record.get("times_ms", {}),
+                "rejected": record.get("rejected", {}),
+            })
 
-    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor, str]:
+    def _weights(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor, str]:
         """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached, and the
         kernel they are for (see _path). The key holds everything a hit relies on, so the input
         checks run on a miss only."""
@@ -395,6 +388,9 @@ class FusedConv2d(nn.Module):
         cl = _is_channels_last(x)
         with self._lock, torch.no_grad():
             key = self._cache_key(x)  # again: another thread may have changed the master meanwhile
+            if key[0][-1] == "?":  # tuning, and no choice yet for this shape
+                self._choose(x, residual)
+                key = self._cache_key(x)
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
@@ -449,7 +445,7 @@ class FusedConv2d(nn.Module):
             b = self.bias.to(torch.float32)
             path = ""
         else:
-            w, b, path = self._weights(x)
+            w, b, path = self._weights(x, residual)
         if path == "gemm":
             # (exact NaN semantics whatever assume_finite says: the epilogue is ours)
             if residual is not None and self.inplace_residual:

@@ -1,0 +1,542 @@
+"""Measured per-layer kernel choice ("tactics") for the CPU.
+
+On CPU in float32 a fused layer can run one of three kernels: oneDNN's convolution with post-ops
+on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd", csrc/cpu/winograd.cpp)
+or our blocked matrix products ("gemm", csrc/cpu/gemm_conv.cpp). Each is a :class:`Candidate`:
+it says whether it can run a layer for an input, how to prepare the weight, how to run, and
+keeps the rule of thumb that picked it before anything was measured (:meth:`Candidate.rule`).
+
+:func:`choose` picks one for a layer and an input:
+
+1. a choice cached for (machine, problem) is used as it is (memory, then the JSON file in
+   :func:`cache_dir`);
+2. otherwise, when tuning is on, every applicable candidate is timed on the real input shape,
+   side by side (a warm-up call, then a few interleaved calls each with the caches flushed before
+   every call, median); candidates whose output breaks the accuracy rule against a float64
+   reference of the layer are dropped; the fastest of the rest wins (the rules' choice where it
+   is within TIE of the fastest: closer than that is noise); the times are cached;
+3. otherwise the rules decide (:func:`rule_choice`).
+
+The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidates at selection
+time, so one cached measurement serves a model fused with ``winograd=False`` as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ONEDNN, WINOGRAD, GEMM = "onednn", "winograd", "gemm"
+
+#: Timing: one warm-up call per candidate, then at least this many interleaved timed calls each
+#: (median); small layers get more rounds (up to MAX_TIMED_CALLS, while a round of all candidates
+#: takes under SMALL_ROUND_S), so that one preemption of a shared machine's scheduler (several
+#: ms) cannot decide for a layer that runs in tens of microseconds.
+TIMED_CALLS = 3
+MAX_TIMED_CALLS = 15
+SMALL_ROUND_S = 0.002
+
+#: Within this fraction of the fastest, the rules' choice is kept: closer than that, a 2-core
+#: shared machine's noise decides, and a choice that flips from run to run helps nobody.
+TIE = 0.03
+
+#: Winograd keeps its transformed weight (16/9 the direct one) beside the plain master. Over this
+#: size the memory it adds is judged not worth it, whatever the timing says: a memory limit,
+#: which timing cannot see, not a speed rule.
+WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
+
+_CACHE_VERSION = 1
+
+
+# --- candidates -------------------------------------------------------------------------------
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def cpu_float32_prepacked(layer, x: Tensor) -> bool:
+    """What every CPU candidate needs: a prepacked layer (``prepack=True``), a float32 channels-
+    last 4-D CPU input, groups 1, dilation 1. Anything else runs the one native path."""
+    return bool(layer.prepack and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and layer.groups == 1 and list(layer.dilation) == [1, 1] and _is_channels_last(x))
+
+
+def _bias(layer) -> Tensor:
+    return layer.bias.to(torch.float32)
+
+
+class Candidate:
+    """One CPU kernel for a fused layer. ``switch`` names the FusedConv2d attribute that turns it
+    off (``fuse(winograd=False)``); None: it cannot be turned off (the oneDNN fallback)."""
+
+    name = ""
+    switch: Optional[str] = None
+
+    def applies(self, layer, x: Tensor) -> bool:
+        """Whether the kernel can run this layer for input x (structure only, nothing measured)."""
+        return cpu_float32_prepacked(layer, x)
+
+    def enabled(self, layer) -> bool:
+        return self.switch is None or bool(getattr(layer, self.switch, True))
+
+    def rule(self, layer, x: Tensor) -> bool:
+        """The rule of thumb: whether it is expected to be the fastest (used when not tuning)."""
+        return False
+
+    def prepare(self, layer, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def run(self, layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<candidate {self.name}>"
+
+
+class OneDNN(Candidate):
+    """oneDNN's direct convolution with bias/residual/ReLU post-ops, on a weight prepacked for
+    the input's shape. Runs every layer the CPU candidates run: the fallback and the yardstick."""
+
+    name = ONEDNN
+
+    def rule(self, layer, x):
+        return True
+
+    def prepare(self, layer, x):
+        w = layer.dense_weight().to(torch.float32).contiguous(memory_format=torch.channels_last)
+        return torch.ops.resnet_fused.prepack_conv2d_weight.default(
+            w, layer.stride, layer.padding, layer.dilation, layer.groups, list(x.shape))
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused.conv2d_bias_act.default(
+            x, w, b, residual, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu, True)
+
+
+class Winograd(Candidate):
+    """Winograd F(2x2, 3x3): 3x3, stride 1, padding 1, and a transformed weight of at most
+    WINOGRAD_MAX_WEIGHT_BYTES."""
+
+    name = WINOGRAD
+    switch = "winograd"
+
+    def applies(self, layer, x):
+        return (super().applies(layer, x) and tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1]
+                and list(layer.padding) == [1, 1]
+                and 16 * layer.in_channels * layer.out_channels * 4 <= WINOGRAD_MAX_WEIGHT_BYTES)
+
+    def rule(self, layer, x):
+        """Where it beat oneDNN on the machine it was first measured on (2 Intel cores, weights
+        evicted before each call): at least 32 input and output channels (the transforms cost as
+        much as the products below that), and at least 16 tiles and at most 512 KiB of
+        transformed weight per tile (too few tiles do not pay for reading the weight)."""
+        if not (tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1] and list(layer.padding) == [1, 1]):
+            return False
+        c, k = layer.in_channels, layer.out_channels
+        if min(c, k) < 32 or 16 * c * k * 4 > WINOGRAD_MAX_WEIGHT_BYTES:
+            return False
+        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+        return tiles >= max(16, c * k // 8192)
+
+    def prepare(self, layer, x):
+        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight())
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu)
+
+
+class Gemm(Candidate):
+    """Blocked matrix products with the epilogue applied in cache (any kernel, stride and
+    padding; kernels over 1x1 build im2col rows), on the plain channels-last weight."""
+
+    name = GEMM
+    switch = "gemm"
+
+    def rule(self, layer, x):
+        """Where it beat oneDNN on the machine it was first measured on: 1x1s, no padding, with
+        128-512 input channels (shorter products leave the multiply units idle between loads;
+        longer ones oneDNN runs better) and at least 784 output pixels (enough blocks for the
+        threads)."""
+        if not (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
+                and 128 <= layer.in_channels <= 512):
+            return False
+        oh = (x.shape[2] - 1) // layer.stride[0] + 1
+        ow = (x.shape[3] - 1) // layer.stride[1] + 1
+        return x.shape[0] * oh * ow >= 784
+
+    def prepare(self, layer, x):
+        return layer.dense_weight().to(torch.float32).contiguous(memory_format=torch.channels_last)
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, layer.stride, layer.padding,
+                                                                   layer.relu)
+
+
+#: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.
+CANDIDATES: list = [Winograd(), Gemm(), OneDNN()]
+
+
+def candidate(name: str) -> Candidate:
+    for c in CANDIDATES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+def rule_choice(layer, x: Tensor) -> str:
+    """Today's rules: the first enabled candidate whose rule says yes ("onednn" at the latest).
+    The caller has checked :func:`cpu_float32_prepacked`."""
+    for c in CANDIDATES:
+        if c.enabled(layer) and c.applies(layer, x) and c.rule(layer, x):
+            return c.name
+    return ONEDNN
+
+
+# --- keys -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cpu_identity() -> tuple:
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.processor() or platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = value.strip()
+                if model and flags and key == "":
+                    break
+    except OSError:
+        pass
+    # the ISA extensions that decide which code oneDNN and the BLAS run
+    isa = sorted(f for f in flags.split() if f.startswith(("avx", "amx", "fma", "sse4", "f16c", "asimd", "sve")))
+    return model, " ".join(isa)
+
+
+def machine_key() -> dict:
+    """What a measurement holds for: the CPU (model name, ISA flags), torch and oneDNN versions,
+    and the thread count."""
+    model, isa = _cpu_identity()
+    return {"cpu": model, "isa": isa, "torch": torch.__version__, "onednn": _onednn_version(),
+            "threads": torch.get_num_threads()}
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_version() -> str:
+    """oneDNN's version as torch's build configuration names it ("v3.12.0 (Git Hash ...)")."""
+    if not torch.backends.mkldnn.is_available():
+        return "none"
+    for line in torch.__config__.show().splitlines():
+        if "MKL-DNN" in line or "oneDNN" in line:
+            m = re.search(r"v\d+(\.\d+)*( \(Git Hash \w+\))?", line)
+            if m:
+                return m.group(0)
+    return "unknown"
+
+
+def machine_id(key: Optional[dict] = None) -> str:
+    key = key or machine_key()
+    return " | ".join(f"{k}={key[k]}" for k in sorted(key))
+
+
+def problem_key(layer, x: Tensor) -> str:
+    """The layer's problem: channels, kernel, stride, padding, dilation, groups, dtype, epilogue,
+    the input's N/H/W and the thread count (the weights' values do not matter)."""
+    n, _, h, w = x.shape
+    return (f"C{layer.in_channels} K{layer.out_channels} k{'x'.join(map(str, layer.kernel_size))} "
+            f"s{'x'.join(map(str, layer.stride))} p{'x'.join(map(str, layer.padding))} "
+            f"d{'x'.join(map(str, layer.dilation))} g{layer.groups} {str(x.dtype).replace('torch.', '')} "
+            f"relu={int(bool(layer.relu))} res={int(bool(layer.residual))} N{n} H{h} W{w} "
+            f"t{torch.get_num_threads()}")
+
+
+# --- the cache: memory and a JSON file --------------------------------------------------------
+def cache_dir() -> str:
+    """$RESNET_FUSED_CACHE_DIR, else $XDG_CACHE_HOME/resnet_fused, else ~/.cache/resnet_fused."""
+    d = os.environ.get("RESNET_FUSED_CACHE_DIR")
+    if d:
+        return d
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "resnet_fused")
+
+
+def cache_path() -> str:
+    return os.path.join(cache_dir(), "tactics.json")
+
+
+_lock = threading.RLock()
+_memory: dict = {}  # cache file path -> {machine id -> {problem key -> record}}
+_stats = {"measured": 0, "cache_hits": 0}  # layers measured / answered from the cache (for tests)
+
+
+def stats() -> dict:
+    return dict(_stats)
+
+
+def clear_memory_cache() -> None:
+    """Forget what was read or measured in this process (the file stays): the next choice reads
+    the file again."""
+    with _lock:
+        _memory.clear()
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(
+                data.get("machines"), dict):
+            raise ValueError(f"not a version-{_CACHE_VERSION} resnet_fused tactics cache")
+        return data
+    except FileNotFoundError:
+        return {"version": _CACHE_VERSION, "machines": {}}
+    except (OSError, ValueError) as err:
+        warnings.warn(f"resnet_fused: ignoring the tactics cache {path} ({type(err).__name__}: {err}); "
+                      "layers will be measured again", RuntimeWarning, stacklevel=3)
+        return {"version": _CACHE_VERSION, "machines": {}}
+
+
+def _entries(path: str, mid: str) -> dict:
+    with _lock:
+        if path not in _memory:
+            data = _read_file(path)
+            _memory[path] = {m: dict(v.get("choices", {})) for m, v in data["machines"].items()
+                             if isinstance(v, dict)}
+        return _memory[path].setdefault(mid, {})
+
+
+def _write(path: str, mkey: dict, mid: str, problem: str, record: dict) -> None:
+    """Merge one record into the file: read it again (another process may have written), add,
+    write a temporary file beside it and rename it over (atomic)."""
+    with _lock:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            data = _read_file(path) if os.path.exists(path) else {"version": _CACHE_VERSION, "machines": {}}
+            m = data["machines"].setdefault(mid, {"machine": mkey, "choices": {}})
+            m.setdefault("choices", {})[problem] = record
+            fd, tmp = tempfile.mkstemp(prefix=".tactics-", suffix=".json", dir=os.path.dirname(path))
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as err:
+            warnings.warn(f"resnet_fused: could not write the tactics cache {path} ({err})", RuntimeWarning,
+                          stacklevel=3)
+
+
+# --- measuring --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _flush_buffer() -> Tensor:
+    """A buffer larger than the L2 cache (4x, at least 8 MiB): touching it before a timed call
+    evicts the layer's weight and input as the other layers of a whole model do."""
+    l2 = 1 << 20
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            s = f.read().strip().upper()
+        l2 = int(s[:-1]) << (10 if s.endswith("K") else 20) if s[-1] in "KM" else int(s)
+    except (OSError, ValueError, IndexError):
+        pass
+    with torch.inference_mode(False):  # (a normal tensor: it is written in and out of inference mode)
+        return torch.zeros(max(4 * l2, 8 << 20) // 4, dtype=torch.float32)
+
+
+def _flush() -> None:
+    _flush_buffer().add_(1.0)
+
+
+def _reference(layer, x: Tensor, residual: Optional[Tensor], rows) -> tuple[Tensor, float]:
+    """The layer in float64 on images `rows` of the batch, and the scale of its terms
+    (conv2d(|x|, |w|) + |b| + |residual|, as tests/conftest.py's accuracy rule takes it)."""
+    xd = x[rows].double().contiguous()
+    w = layer.dense_weight().double().contiguous()
+    b = layer.bias.double()
+    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    ref = F.conv2d(xd, w, b, *args)
+    mag = F.conv2d(xd.abs(), w.abs(), b.abs(), *args)
+    if residual is not None:
+        r = residual[rows].double()
+        ref = ref + r
+        mag = mag + r.abs()
+    if layer.relu:
+        ref = ref.relu()
+    return ref, max(ref.abs().max().item(), mag.max().item()) if ref.numel() else 0.0
+
+
+def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None) -> dict:
+    """Time every applicable candidate on x's shape and check its output. Returns a record:
+    {"times_ms": {name: median ms}, "errors": {name: max abs error on the checked images},
+    "rejected": {name: why}, "fastest": the fastest accepted of all (choose() applies the
+    switches and the TIE margin)}.
+
+    x is used as it is when finite (the layer's real input), else replaced by random numbers of
+    its shape; likewise the residual."""
+    cands = [c for c in (candidates if candidates is not None else CANDIDATES) if c.applies(layer, x)]
+    with torch.no_grad():
+        if not bool(torch.isfinite(x.sum())):
+            x = torch.randn_like(x).relu_()
+        if residual is not None and not bool(torch.isfinite(residual.sum())):
+            residual = torch.randn_like(residual)
+        b = _bias(layer)
+        prepared = {c.name: c.prepare(layer, x) for c in cands}
+        outs = {}
+        for c in cands:  # warm-up (and the output checked below)
+            outs[c.name] = c.run(layer, x, prepared[c.name], b, residual)
+        times: dict = {c.name: [] for c in cands}
+        for i in range(MAX_TIMED_CALLS):
+            for c in cands:
+                _flush()
+                t0 = time.perf_counter()
+                c.run(layer, x, prepared[c.name], b, residual)
+                times[c.name].append(time.perf_counter() - t0)
+            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
+                break
+        # the accuracy rule on the first and the last image (float64 on the whole batch would
+        # cost more than the timing)
+        rows = sorted({0, x.shape[0] - 1})
+        ref, scale = _reference(layer, x, residual, rows)
+        ulp = torch.finfo(torch.float32).eps * max(scale, 1e-30)
+        errors = {}
+        for name, out in outs.items():
+            o = out[rows].double()
+            errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
+    yard = errors.get(ONEDNN)
+    rejected = {}
+    for name, e in errors.items():
+        if yard is not None and not e <= 2.0 * yard + ulp:
+            rejected[name] = f"error {e:.3g} > 2 x oneDNN's {yard:.3g} + ulp {ulp:.3g}"
+    record = {
+        "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
+        "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
+        "rejected": rejected,
+    }
+    record["fastest"] = _pick(record, [c.name for c in cands])
+    return record
+
+
+def _pick(record: dict, allowed, prefer: Optional[str] = None) -> Optional[str]:
+    """The fastest allowed candidate that met the accuracy rule; ``prefer`` (the rules' choice)
+    instead when it is within TIE of it."""
+    ok = [n for n in allowed if n in record["times_ms"] and n not in record["rejected"]]
+    if not ok:
+        return None
+    t = record["times_ms"]
+    best = min(ok, key=lambda n: t[n])
+    if prefer in ok and t[prefer] <= t[best] * (1 + TIE):
+        return prefer
+    return best
+
+
+# --- progress -----------------------------------------------------------------------------------
+_progress = threading.local()
+
+
+class _Progress:
+    """A progress bar over the layers of one explicit :func:`tune` call (tqdm if importable)."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        try:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="resnet_fused: tuning", unit="layer", file=sys.stderr, leave=False)
+        except ImportError:
+            pass
+
+    def step(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(line[-60:], refresh=False)
+            self.bar.update(1)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(line: str, quiet: bool = False) -> None:
+    """A layer decided: a step of tune()'s bar, else a line on stderr (none for a cache hit)."""
+    p = getattr(_progress, "bar", None)
+    if p is not None:
+        p.step(line)
+    elif not quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+# --- the chooser ------------------------------------------------------------------------------
+def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> str:
+    """The kernel for ``layer`` on input ``x``: "onednn", "winograd" or "gemm" (see :func:`decide`)."""
+    return decide(layer, x, residual, tune)[0]
+
+
+def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> tuple[str, dict]:
+    """The kernel for ``layer`` on input ``x`` and the record behind it: ("onednn" | "winograd" |
+    "gemm", record). The record says where the choice came from ("source": "cache", "measured" or
+    "rule") and the times measured. Measures only with ``tune``; reads or writes no cache
+    without it."""
+    if not cpu_float32_prepacked(layer, x):
+        return ONEDNN, {"source": "not applicable"}
+    allowed = [c.name for c in CANDIDATES if c.enabled(layer) and c.applies(layer, x)]
+    if not tune:
+        return rule_choice(layer, x), {"source": "rule"}
+    mkey = machine_key()
+    mid, problem, path = machine_id(mkey), problem_key(layer, x), cache_path()
+    with _lock:
+        entries = _entries(path, mid)
+        record = entries.get(problem)
+    if not (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
+            and isinstance(record.get("rejected", {}), dict)):
+        record = None  # (a record this version cannot read is measured again)
+    source = "cache"
+    if record is None or not all(n in record.get("times_ms", {}) or n in record.get("rejected", {})
+                                 for n in allowed):
+        record = measure(layer, x, residual)
+        source = "measured"
+        with _lock:
+            _stats["measured"] += 1
+            entries[problem] = record
+            _write(path, mkey, mid, problem, record)
+    else:
+        with _lock:
+            _stats["cache_hits"] += 1
+    choice = _pick(record, allowed, prefer=rule_choice(layer, x)) or ONEDNN
+    out = {"source": source, "times_ms": dict(record.get("times_ms", {})),
+           "rejected": dict(record.get("rejected", {})), "problem": problem}
+    times = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
+    _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} "
+         f"{getattr(layer, 'tune_name', '') or problem}: {choice} ({times} ms)", quiet=source != "measured")
+    return choice, out
+
+
+def tune(model, *example_inputs, **example_kwargs):
+    """Run ``model`` once on the example input under inference mode, so that every fused layer it
+    meets picks its kernel for that input regime (measuring what the cache does not hold), with a
+    progress bar on stderr. Returns the model's output."""
+    from .modules import FusedConv2d
+
+    layers = [m for m in model.modules() if isinstance(m, FusedConv2d) and m.tune]
+    bar = _Progress(len(layers))
+    prev = getattr(_progress, "bar", None)
+    _progress.bar = bar
+    try:
+        with torch.inference_mode():
+            return model(*example_inputs, **example_kwargs)
+    finally:
+        _progress.bar = prev
+        bar.close()

@@ -1,0 +1,276 @@
+"""Measured per-layer kernel choice on the CPU (resnet_fused.tactics): the chooser keeps only
+candidates that meet the accuracy rule and picks the fastest, the cache round-trips on disk, and
+tune=False is today's rules with nothing measured, read or written. No timing is asserted: the
+slow candidate is slow by construction."""
+
+import copy
+import json
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused
+from resnet_fused import tactics
+from resnet_fused.modules import FusedConv2d
+
+from conftest import assert_accuracy_rule, randomize_bn
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+class Net(nn.Module):
+    """A 3x3 (Winograd applies), a 1x1 pair with a residual (gemm applies), a stride-2 3x3."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, 2 * c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * c)
+        self.conv3 = nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv4 = nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = torch.relu(self.bn2(self.conv2(y)))
+        y = torch.relu(self.bn3(self.conv3(z)) + y)
+        return torch.relu(self.bn4(self.conv4(y)))
+
+
+def model():
+    torch.manual_seed(0)
+    return randomize_bn(Net()).eval()
+
+
+def x_for(n=2, h=20):
+    return torch.randn(n, 64, h, h, generator=torch.Generator().manual_seed(1))
+
+
+def convs(fused):
+    return [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+
+
+def kernels(fused):
+    """The kernel each layer ran last ("" is oneDNN), by name."""
+    return {m.tune_name: [v[2] for v in m._cache.values()][-1] for m in convs(fused)}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh, empty cache directory, and nothing remembered in memory."""
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    yield tmp_path
+    tactics.clear_memory_cache()
+
+
+def run(fused, x):
+    with torch.inference_mode():
+        return fused(x)
+
+
+def test_cache_dir_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path / "here"))
+    assert tactics.cache_path() == str(tmp_path / "here" / "tactics.json")
+    monkeypatch.delenv("RESNET_FUSED_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tactics.cache_dir() == str(tmp_path / "xdg" / "resnet_fused")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tactics.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "resnet_fused")
+
+
+def test_the_session_cache_is_not_the_home_cache():
+    assert os.environ["RESNET_FUSED_CACHE_DIR"] != os.path.join(os.path.expanduser("~"), ".cache", "resnet_fused")
+
+
+def test_tuned_choices_meet_the_accuracy_rule_and_the_report_lists_them(cache):
+    m, x = model(), x_for()
+    fused = resnet_fused.fuse(m)
+    before = tactics.stats()["measured"]
+    out = run(fused, x)
+    assert tactics.stats()["measured"] - before == 4
+    with torch.inference_mode():
+        eager = [m(x), copy.deepcopy(m).to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))]
+    ref = copy.deepcopy(m).double()(x.double())
+    assert_accuracy_rule(out, eager, ref, what="tuned model")
+    report = fused.fuse_report
+    assert [t["layer"] for t in report.tactics] == ["conv1", "conv2", "conv3", "conv4"]
+    ran = kernels(fused)
+    for t in report.tactics:
+        assert t["source"] == "measured" and t["input"] in ("2x64x20x20", "2x128x20x20")
+        assert t["choice"] not in t["rejected"]
+        assert "onednn" in t["times_ms"] and "gemm" in t["times_ms"]  # gemm runs any kernel
+        assert ("winograd" in t["times_ms"]) == (t["layer"] == "conv1")
+        assert all(ms > 0 for ms in t["times_ms"].values())
+        assert ran[t["layer"]] == ("" if t["choice"] == "onednn" else t["choice"])
+    text = str(report)
+    assert "CPU kernels chosen: 4" in text and "conv1 [2x64x20x20, " in text and " ms" in text
+    # the cache file holds the same records, under this machine's key
+    data = json.loads((cache / "tactics.json").read_text())
+    (mid, entry), = data["machines"].items()
+    assert mid == tactics.machine_id() and entry["machine"]["cpu"] and len(entry["choices"]) == 4
+
+
+def test_each_measured_choice_meets_the_rule_layer_by_layer(cache):
+    """The chosen kernel's output, layer by layer, against float64 with conftest's rule (eager
+    in both layouts as the yardstick)."""
+    fused = resnet_fused.fuse(model())
+    x = x_for().contiguous(memory_format=torch.channels_last)
+    layer = convs(fused)[0]  # conv1: all three candidates apply
+    name, record = tactics.decide(layer, x)
+    cand = tactics.candidate(name)
+    with torch.no_grad():
+        out = cand.run(layer, x, cand.prepare(layer, x), layer.bias.float(), None)
+        w, b = layer.dense_weight(), layer.bias
+        eager = [torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)),
+                 torch.relu(torch.nn.functional.conv2d(x.contiguous(), w.contiguous(), b, padding=1))]
+        ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
+        mag = torch.nn.functional.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), padding=1)
+    assert record["source"] == "measured" and set(record["times_ms"]) == {"onednn", "winograd", "gemm"}
+    assert_accuracy_rule(out, eager, ref, what=f"chosen {name}", magnitude=mag)
+
+
+class SlowGemm(tactics.Gemm):
+    """Right answers, 20 ms late."""
+
+    def run(self, layer, x, w, b, residual):
+        time.sleep(0.02)
+        return super().run(layer, x, w, b, residual)
+
+
+class FastWrong(tactics.Gemm):
+    """Instant and wrong."""
+
+    def run(self, layer, x, w, b, residual):
+        return torch.zeros(x.shape[0], layer.out_channels, *x.shape[2:]).contiguous(
+            memory_format=torch.channels_last)
+
+
+def test_a_slow_candidate_is_not_chosen(cache, monkeypatch):
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd(), SlowGemm(), tactics.OneDNN()])
+    fused = resnet_fused.fuse(model(), winograd=False)
+    run(fused, x_for())
+    for t in fused.fuse_report.tactics:
+        assert t["source"] == "measured" and "gemm" in t["times_ms"]
+        assert t["choice"] == "onednn", t  # (winograd is switched off)
+    assert all(k == "" for k in kernels(fused).values())
+
+
+def test_a_wrong_candidate_is_rejected_however_fast(cache, monkeypatch):
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd(), FastWrong(), tactics.OneDNN()])
+    layer = convs(resnet_fused.fuse(model()))[1]
+    name, record = tactics.decide(layer, x_for().contiguous(memory_format=torch.channels_last))
+    assert "gemm" in record["rejected"] and name == "onednn"
+    assert tactics.choose(layer, x_for().contiguous(memory_format=torch.channels_last)) == "onednn"  # cached
+
+
+def test_the_disk_cache_round_trips_and_a_second_fuse_measures_nothing(cache):
+    x = x_for()
+    first = resnet_fused.fuse(model())
+    out1 = run(first, x)
+    measured = tactics.stats()["measured"]
+    choices = {t["layer"]: t["choice"] for t in first.fuse_report.tactics}
+    assert (cache / "tactics.json").exists() and len(choices) == 4
+    tactics.clear_memory_cache()  # as a new process would start: only the file knows
+    second = resnet_fused.fuse(model())
+    out2 = run(second, x)
+    assert tactics.stats()["measured"] == measured
+    assert {t["layer"]: t["choice"] for t in second.fuse_report.tactics} == choices
+    assert all(t["source"] == "cache" for t in second.fuse_report.tactics)
+    assert kernels(second) == kernels(first)
+    assert torch.equal(out1, out2)
+    # the switches filter the cached measurements: no new measurement for winograd=False
+    third = resnet_fused.fuse(model(), winograd=False, gemm=False)
+    run(third, x)
+    assert tactics.stats()["measured"] == measured
+    assert all(t["choice"] == "onednn" for t in third.fuse_report.tactics)
+    # a new input regime is measured (once)
+    run(second, x_for(n=1))
+    assert tactics.stats()["measured"] == measured + 4
+    run(second, x_for(n=1))
+    assert tactics.stats()["measured"] == measured + 4
+
+
+def test_tune_false_is_the_rules_and_touches_nothing(cache):
+    x = x_for()
+    fused = resnet_fused.fuse(model(), tune=False)
+    before = tactics.stats()
+    run(fused, x)
+    assert tactics.stats() == before
+    assert not any(cache.iterdir())
+    assert fused.fuse_report.tactics == []
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    inputs = {"conv1": xcl, "conv2": xcl, "conv3": torch.empty(2, 128, 20, 20).contiguous(
+        memory_format=torch.channels_last), "conv4": xcl}
+    for m in convs(fused):
+        rule = tactics.rule_choice(m, inputs[m.tune_name])
+        assert kernels(fused)[m.tune_name] == ("" if rule == "onednn" else rule)
+    # (the rules at this size: Winograd for the 3x3, gemm for the 128 -> 64 1x1, oneDNN else)
+    assert kernels(fused) == {"conv1": "winograd", "conv2": "", "conv3": "gemm", "conv4": ""}
+
+
+def test_a_corrupt_cache_file_is_ignored_with_a_warning(cache):
+    (cache / "tactics.json").write_text("{not json")
+    fused = resnet_fused.fuse(model())
+    with pytest.warns(RuntimeWarning, match="ignoring the tactics cache"):
+        run(fused, x_for())
+    assert all(t["source"] == "measured" for t in fused.fuse_report.tactics)
+    data = json.loads((cache / "tactics.json").read_text())  # rewritten, whole
+    assert len(data["machines"][tactics.machine_id()]["choices"]) == 4
+    (cache / "tactics.json").write_text(json.dumps({"version": 0}))
+    tactics.clear_memory_cache()
+    with pytest.warns(RuntimeWarning, match="ignoring the tactics cache"):
+        run(resnet_fused.fuse(model()), x_for())
+
+
+def test_tune_runs_the_forward_and_shows_progress(cache, capsys):
+    fused = resnet_fused.fuse(model())
+    out = resnet_fused.tune(fused, x_for())
+    assert out.shape == (2, 64, 10, 10)
+    assert len(fused.fuse_report.tactics) == 4
+    err = capsys.readouterr().err
+    assert "tuning" in err or "tuned" in err
+
+
+def test_keys_name_the_problem_and_the_machine():
+    layer = convs(resnet_fused.fuse(model()))[0]
+    x = x_for().contiguous(memory_format=torch.channels_last)
+    key = tactics.problem_key(layer, x)
+    for part in ("C64", "K64", "k3x3", "s1x1", "p1x1", "d1x1", "g1", "float32", "relu=1", "res=0", "N2", "H20",
+                 "W20", f"t{torch.get_num_threads()}"):
+        assert part in key.split(), (part, key)
+    assert tactics.problem_key(layer, x_for(n=1).contiguous(memory_format=torch.channels_last)) != key
+    mk = tactics.machine_key()
+    assert set(mk) == {"cpu", "isa", "torch", "onednn", "threads"} and mk["torch"] == torch.__version__
+
+
+def test_pickled_model_chooses_again():
+    import io
+
+    fused = resnet_fused.fuse(model())
+    run(fused, x_for())
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert all(m._tuned == {} and m.tune for m in convs(again))
+    assert torch.equal(run(again, x_for()), run(fused, x_for()))
+
+
+def test_rejected_candidates_and_near_ties():
+    """Rejected never wins; within TIE of the fastest the rules' choice stays (noise)."""
+    rec = {"times_ms": {"onednn": 10.0, "gemm": 10.0 / (1 + tactics.TIE / 2), "winograd": 1.0},
+           "rejected": {"winograd": "error too large"}}
+    names = ["onednn", "gemm", "winograd"]
+    assert tactics._pick(rec, names, prefer="onednn") == "onednn"
+    assert tactics._pick(rec, names) == "gemm"
+    rec["times_ms"]["gemm"] = 5.0
+    assert tactics._pick(rec, names, prefer="onednn") == "gemm"
+    assert tactics._pick(rec, ["onednn"], prefer="gemm") == "onednn"
+    assert tactics._pick({"times_ms": {"gemm": 1.0}, "rejected": {"gemm": "x"}}, ["gemm"]) is None
