@@ -28,7 +28,8 @@ run_stage() {  # name budget_seconds command...
   shift 2
   local start=$SECONDS
   echo "== $name (budget ${budget}s)"
-  timeout --kill-after=10 "$budget" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  # (timeout runs programs, not shell functions: the stages are exported and run by a child bash)
+  timeout --kill-after=10 "$budget" bash -c "$*" 2>&1 | tee "$OUT/$name.log" | tail -n 25
   local rc=${PIPESTATUS[0]}
   SECONDS_TAKEN[$name]=$((SECONDS - start))
   case $rc in
@@ -90,6 +91,8 @@ bench() {
     --variants eager eager_cl jit_opt fused_cudnn fused fused_graph eager_graph compile_max
 }
 
+export OUT PY
+export -f build gpu_tests sanitize layers bench
 environment
 for s in "${stages[@]}"; do
   case $s in
