@@ -166,7 +166,6 @@ std::tuple<int64_t, int64_t, bool, int64_t> fused_conv_plan(at::IntArrayRef inpu
 Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                   const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation, bool relu, bool inplace, int64_t num_sms, int64_t tile, int64_t splits) {
-  const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
   if (const char* why = fused_conv_unsupported(input, weight, residual, 1)) {
     TORCH_CHECK_VALUE(false, "resnet_fused: the fused convolution kernel cannot run this call: ", why);
   }
@@ -180,7 +179,9 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
     TORCH_CHECK_VALUE(is_channels_last(*residual), "resnet_fused: in place needs a dense channels-last residual");
     out = *residual;
   } else {
-    out = at::empty(out_shape, input.options().memory_format(cl));
+    out = at::empty({input.size(0), weight.size(0), conv_out(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]),
+                     conv_out(input.size(3), weight.size(3), stride[1], padding[1], dilation[1])},
+                    input.options().memory_format(cl));
   }
   if (out.numel() == 0) return out;
   Tensor x = input, w = weight.contiguous(cl);

@@ -21,7 +21,8 @@ void run_epilogue(const at::Tensor& src, const at::Tensor& dst, const at::Tensor
 const char* fused_conv_unsupported(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& residual, int64_t groups);
 
-// act(conv2d(input, weight) + bias [+ residual]) by our implicit-GEMM kernel, NHWC out. With
+// act(conv2d(input, weight) + bias [+ residual]) by our implicit-GEMM kernel, NHWC out. The
+// arguments must have passed check_conv2d_bias_act (checks.h) at the op boundary. With
 // `inplace`, the result is written into `residual` (channels-last, dense) and returned.
 // num_sms sizes the grid decisions (split-K); tile / splits >= 0 force a configuration.
 at::Tensor fused_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -53,6 +53,7 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool relu, int64_t num_sms, int64_t tile, int64_t splits) {
   check_cpu(input, "input");
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
   return cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, false, num_sms, tile, splits);
 }
 
@@ -60,6 +61,7 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                       int64_t num_sms, int64_t tile, int64_t splits) {
   check_cpu(input, "input");
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
   cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, true, num_sms, tile, splits);
 }
 

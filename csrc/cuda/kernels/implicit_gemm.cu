@@ -1,13 +1,11 @@
 // The fused convolution's dispatch: what it supports, which tile and split-K a shape gets, and
 // the split-K reduction kernel. The conv kernels themselves are instantiated one per .cu
 // (implicit_gemm_<tile>_<dtype>.cu, device code in implicit_gemm.cuh).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "../arch/arch.h"
+#include "epilogue_math.cuh"
 #include "implicit_gemm.h"
 
 namespace resnet_fused::cuda {
@@ -20,7 +18,8 @@ int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 // out = act(sum over splits of the partials + bias [+ residual]), two channels per step.
 template <DType kDType>
 RF_KERNEL void splitk_reduce_kernel(ConvParams p, int splits) {
-  using T2 = std::conditional_t<kDType == DType::kHalf, __half2, __nv_bfloat162>;
+  using Tr = igemm::Traits<kDType>;
+  using T2 = typename Tr::T2;
   const int64_t MK = int64_t(p.N) * p.P * p.Q * p.K;
   const int64_t pairs = MK / 2;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
@@ -32,35 +31,21 @@ RF_KERNEL void splitk_reduce_kernel(ConvParams p, int splits) {
       v0 += s.x;
       v1 += s.y;
     }
-    const int col = int(off % p.K);
     if (p.bias) {
-      const float2 b = rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + col));
+      const float2 b = rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + off % p.K));
       v0 += b.x;
       v1 += b.y;
     }
     if (p.residual) {
-      const T2 r = rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + i);
-      if constexpr (kDType == DType::kHalf) {
-        const float2 f = __half22float2(r);
-        v0 += f.x;
-        v1 += f.y;
-      } else {
-        const float2 f = __bfloat1622float2(r);
-        v0 += f.x;
-        v1 += f.y;
-      }
+      const float2 r = Tr::unpack(rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + i));
+      v0 += r.x;
+      v1 += r.y;
     }
     if (p.relu) {
-      v0 = v0 < 0.f ? 0.f : v0;  // NaN stays NaN, as torch.relu keeps it
-      v1 = v1 < 0.f ? 0.f : v1;
+      v0 = igemm::relu_keep_nan(v0);
+      v1 = igemm::relu_keep_nan(v1);
     }
-    T2 o;
-    if constexpr (kDType == DType::kHalf) {
-      o = __floats2half2_rn(v0, v1);
-    } else {
-      o = __floats2bfloat162_rn(v0, v1);
-    }
-    rf::arch::stg(reinterpret_cast<T2*>(p.output) + i, o);
+    rf::arch::stg(reinterpret_cast<T2*>(p.output) + i, Tr::pack(v0, v1));
   }
 }
 

@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include "../arch/arch.h"
+#include "epilogue_math.cuh"
 #include "implicit_gemm.h"
 
 namespace resnet_fused::cuda {
@@ -51,27 +52,8 @@ constexpr size_t smem_bytes() {
   return size_t(kStages) * (Shape<kTile>::BM + Shape<kTile>::BN) * kRowBytes;
 }
 
-template <DType kDType>
-struct Traits;
-template <>
-struct Traits<DType::kHalf> {
-  using T = __half;
-  using T2 = __half2;
-  static RF_DEVICE T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
-  static RF_DEVICE float2 unpack(T2 v) { return __half22float2(v); }
-};
-template <>
-struct Traits<DType::kBFloat16> {
-  using T = __nv_bfloat16;
-  using T2 = __nv_bfloat162;
-  static RF_DEVICE T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static RF_DEVICE float2 unpack(T2 v) { return __bfloat1622float2(v); }
-};
-
 // Byte offset of 16-byte unit `u` (0..3) of row `row` in a swizzled tile.
 RF_DEVICE int swizzle(int row, int u) { return row * kRowBytes + ((u ^ ((row >> 1) & 3)) << 4); }
-
-RF_DEVICE float relu_keep_nan(float x) { return x < 0.f ? 0.f : x; }
 
 template <Tile kTile, DType kDType, bool kNarrow>
 RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits) {
