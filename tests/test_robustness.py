@@ -236,6 +236,22 @@ def test_random_conv_configs(cfg):
         assert_accuracy_rule(inplace, eager, ref, what="in place " + str(cfg), magnitude=mag)
 
 
+def test_single_output_channel_batch_channels_last():
+    """One output channel, batch 2, channels-last, a 7x7 kernel over a 7x7 image: PyTorch's oneDNN
+    convolution op returns wrong values here (found by the test above); the op takes eager's path."""
+    torch.manual_seed(0)
+    for residual in (False, True):
+        x, w, b, r, kw = make_inputs(2, 2, 1, 7, 1, 7, 7, residual=residual, channels_last=True)
+        out = ops.conv2d_bias_act(x, w, b, r, relu=False, **kw)
+        ref = reference(x, w, b, r, False, dtype=torch.float64, **kw)
+        mag = magnitude(x, w, b, r, **kw)
+        assert_accuracy_rule(out, eager_results(x, w, b, r, False, kw), ref, what="single channel", magnitude=mag)
+        if r is not None:
+            inplace = r.clone()
+            ops.conv2d_bias_act_(inplace, x, w, b, relu=False, **kw)
+            assert_accuracy_rule(inplace, eager_results(x, w, b, r, False, kw), ref, what="in place", magnitude=mag)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory and concurrency
 # ---------------------------------------------------------------------------------------------

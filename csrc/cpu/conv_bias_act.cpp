@@ -123,6 +123,12 @@ bool reduced_strided_single_row(const Tensor& input, at::IntArrayRef out_shape, 
          (out_shape[2] == 1 || out_shape[3] == 1);
 }
 
+bool single_channel_batch(at::IntArrayRef out_shape) {
+  // mkldnn::_convolution_pointwise returns wrong values for one output channel, a batch over 1
+  // and a channels-last input (seen with 7x7 kernels on 7x7 images); eager's conv2d is right
+  return out_shape[1] == 1 && out_shape[0] > 1;
+}
+
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, bool relu, bool assume_finite) {
@@ -156,6 +162,9 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
         relu);
   }
   const auto dtype = input.scalar_type();
+  if (single_channel_batch(out_shape)) {
+    return native_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+  }
   if (onednn_enabled(dtype)) {
     auto* state = onednn_state(dtype);
     if (state == nullptr || state->load() == 1) {
@@ -182,7 +191,8 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
   if (input.numel() == 0) return;
   const bool nhwc_res = residual.is_contiguous(at::MemoryFormat::ChannelsLast);
   const bool avoid_onednn = dilated_and_strided(stride, dilation) ||
-                            reduced_strided_single_row(input, residual.sizes(), stride);
+                            reduced_strided_single_row(input, residual.sizes(), stride) ||
+                            single_channel_batch(residual.sizes());
   if (!avoid_onednn && onednn_enabled(input.scalar_type()) && onednn_runs_nhwc(input, weight) && nhwc_res &&
       groups == 1 &&
       (input.scalar_type() == at::kFloat || onednn_state(input.scalar_type())->load() == 1)) {
