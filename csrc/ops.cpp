@@ -51,13 +51,19 @@ TORCH_LIBRARY(resnet_fused, m) {
       "winograd_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
       "bool relu) -> ()");
   // A convolution as matrix products (im2col rows times the weight), CPU float32, dilation 1,
-  // groups 1, with the epilogue applied per block in cache: out of place, and into the residual.
+  // groups 1, with the epilogue applied in registers: out of place, and into the residual. The
+  // weight is a plain [K, C, kh, kw] one, or gemm_prepack's panels (then out_channels = K).
   m.def(
       "gemm_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
-      "int[2] stride, int[2] padding, bool relu) -> Tensor");
+      "int[2] stride, int[2] padding, bool relu, int out_channels=-1) -> Tensor");
   m.def(
       "gemm_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
-      "int[2] stride, int[2] padding, bool relu) -> ()");
+      "int[2] stride, int[2] padding, bool relu, int out_channels=-1) -> ()");
+  // The weight packed once for it ([ceil(K / 32), kh, kw, C, 32]), and back.
+  m.def("gemm_prepack(Tensor weight) -> Tensor");
+  m.def("gemm_unpack(Tensor packed, int out_channels) -> Tensor");
+  // Which register-tile kernel the matrix products run on this CPU: "avx512", "avx2" or "generic".
+  m.def("gemm_isa() -> str");
   // CUDA only, for the GPU session's golden dumps: runs one arch-layer instruction on a warp
   // (csrc/cuda/kernels/conformance.h) and returns what every lane holds.
   m.def("_conformance(Tensor inputs, Tensor tile, int op) -> Tensor");

@@ -1,6 +1,6 @@
-"""The CPU matrix-product convolution kernel (csrc/cpu/gemm_conv.cpp): the op against float64
-and eager, in place, its edges and bad-input errors, the path without a BLAS, and where
-FusedConv2d uses it."""
+"""The CPU matrix-product convolution kernel (csrc/cpu/gemm_conv.cpp, gemm_kernels.cpp): the op
+against float64 and eager, on a plain and on a packed weight, on every register-tile kernel the
+CPU has, in place, its edges and bad-input errors, and where FusedConv2d uses it."""
 
 import copy
 import os
@@ -28,11 +28,16 @@ OTHER = [(3, 64, 23, 2, 7, 3), (32, 32, 9, 2, 3, 1), (1, 1, 1, 1, 1, 0), (5, 7, 
 
 
 def check(x, w, b, res, relu, kw, what):
+    """The op on the plain weight and on its packed panels: both within the accuracy rule, and
+    the same values (one kernel; the plain weight is packed on the call)."""
     out = ops.gemm_conv2d_bias_act(x, w, b, res, kw["stride"], kw["padding"], relu)
     ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
     assert_accuracy_rule(out, eager_results(x, w, b, res, relu, kw), ref, what=what,
                          magnitude=magnitude(x, w, b, res, **kw))
     assert out.is_contiguous(memory_format=torch.channels_last)
+    packed = ops.gemm_prepack(w)
+    again = ops.gemm_conv2d_bias_act(x, packed, b, res, kw["stride"], kw["padding"], relu, w.shape[0])
+    assert torch.equal(again, out), what
     return out
 
 
@@ -54,6 +59,53 @@ def test_other_kernels_against_float64(shape, residual):
     check(x, w, b, res, True, kw, what=f"{shape} res={residual}")
 
 
+def test_odd_sizes_and_long_reductions():
+    """Output channels that leave a partial panel (33, 100), rows that leave a partial register
+    tile, reductions cut in chunks (1152, 2304: the ReLU only after the last chunk, so partial
+    sums may be negative on the way), with and without a residual."""
+    for n, c, k, kernel, h in [(1, 40, 33, 1, 5), (1, 1152, 100, 1, 3), (2, 256, 70, 3, 4), (1, 2304, 64, 1, 2)]:
+        for residual in (False, True):
+            x, w, b, res, kw = make_inputs(n, c, k, kernel, 1, h, residual=residual, channels_last=True,
+                                           padding=kernel // 2)
+            check(x, w, b, res, True, kw, what=f"{(n, c, k, kernel, h)} res={residual}")
+
+
+def test_prepack_round_trip():
+    """gemm_unpack(gemm_prepack(w)) gives w back exactly, in channels-last; panels past the last
+    output channel hold zeros."""
+    w = torch.randn(40, 24, 3, 3)
+    packed = ops.gemm_prepack(w)
+    assert packed.shape == (2, 3, 3, 24, 32)
+    assert torch.equal(packed[1, ..., 8:], torch.zeros(3, 3, 24, 24))
+    back = ops.gemm_unpack(packed, 40)
+    assert torch.equal(back, w) and back.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_every_kernel_of_this_cpu():
+    """The narrower register-tile kernels (RESNET_FUSED_CPU_ISA) give answers within the rule too:
+    an AVX-512 machine checks its AVX2 and plain C++ kernels, which other CPUs run."""
+    isa = ops.gemm_isa()
+    narrower = {"avx512": ["avx2", "generic"], "avx2": ["generic"], "generic": []}[isa]
+    code = (
+        "import os, torch, resnet_fused;"
+        "from test_gemm_conv import check; from test_ops import make_inputs;"
+        "assert torch.ops.resnet_fused.gemm_isa() == os.environ['RESNET_FUSED_CPU_ISA'];"
+        "[check(*make_inputs(n, c, k, kk, s, h, residual=True, channels_last=True, padding=kk // 2)[:4], True,"
+        "       make_inputs(n, c, k, kk, s, h, residual=True, channels_last=True, padding=kk // 2)[4], 'isa')"
+        " for n, c, k, kk, s, h in [(2, 128, 96, 3, 2, 11), (1, 1024, 100, 1, 1, 5), (3, 16, 7, 1, 1, 3)]];"
+        "print('ok')"
+    )
+    # (run from tests/: resnet_fused is imported as this process imports it, installed or on
+    # PYTHONPATH, never the source folder without its compiled kernels)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in narrower:
+        env = dict(os.environ, RESNET_FUSED_CPU_ISA=name)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(os.path.dirname(resnet_fused.__file__))
+                                                        if resnet_fused.__file__ else None) if p)
+        done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "ok" in done.stdout, (name, done.stderr[-2000:])
+
+
 def test_many_blocks_and_split_channels():
     """Enough pixels for many blocks of rows (batch 8 at 28x28), and too few for the threads
     (batch 1 at 3x3: the output channels are split instead): both against float64."""
@@ -67,18 +119,23 @@ def test_nchw_and_rectangular_inputs():
     check(x, w, b, res, True, kw, what="nchw 9x14")
 
 
-def test_in_place_into_the_residual():
-    x, w, b, res, kw = make_inputs(2, 128, 256, 1, 1, 10, residual=True, channels_last=True)
+@pytest.mark.parametrize("c", [128, 1024])
+def test_in_place_into_the_residual(c):
+    x, w, b, res, kw = make_inputs(2, c, 256, 1, 1, 10, residual=True, channels_last=True)
     expect = ops.gemm_conv2d_bias_act(x, w, b, res, kw["stride"], kw["padding"], True)
     buf = res.clone()
     ptr = buf.data_ptr()
     ops.gemm_conv2d_bias_act_(buf, x, w, b, kw["stride"], kw["padding"], True)
     assert buf.data_ptr() == ptr
-    # (beta = 1 into the residual sums in another order than conv + bias + residual)
+    # (accumulating into the residual sums in another order than conv + bias + residual)
     torch.testing.assert_close(buf, expect, rtol=1e-6, atol=1e-6)
     ref = reference(x, w, b, res, True, dtype=torch.float64, **kw)
     assert_accuracy_rule(buf, eager_results(x, w, b, res, True, kw), ref, what="in place",
                          magnitude=magnitude(x, w, b, res, **kw))
+    buf = res.clone()
+    ops.gemm_conv2d_bias_act_(buf, x, ops.gemm_prepack(w), b, kw["stride"], kw["padding"], True, 256)
+    assert torch.equal(buf, expect.contiguous(memory_format=torch.channels_last)) or \
+        torch.testing.assert_close(buf, expect, rtol=1e-6, atol=1e-6) is None
 
 
 def test_in_place_when_the_residual_is_the_input():
@@ -127,6 +184,10 @@ def test_non_finite_values_as_eager(bad):
     ("3-d input", ValueError, "input must have 4 dimensions"),
     ("packed weight", ValueError, "mkldnn"),
     ("stride", ValueError, "stride"),
+    ("panels without out_channels", ValueError, "needs out_channels"),
+    ("panels for other channels", ValueError, "packed weight for 40 output channels"),
+    ("out_channels disagree", ValueError, "out_channels=5"),
+    ("isa env", ValueError, "RESNET_FUSED_CPU_ISA"),
 ])
 def test_bad_input(case, exc, match):
     x = torch.randn(1, 8, 6, 6)
@@ -148,32 +209,30 @@ def test_bad_input(case, exc, match):
         w = w.to_mkldnn()
     elif case == "stride":
         stride = [0, 1]
+    elif case == "isa env":
+        # (checked where the kernel is first chosen: in a fresh process)
+        env = dict(os.environ, RESNET_FUSED_CPU_ISA="sse9")
+        done = subprocess.run([sys.executable, "-c", "import torch, resnet_fused; torch.ops.resnet_fused.gemm_isa()"],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode != 0 and "RESNET_FUSED_CPU_ISA must be avx512, avx2 or generic" in done.stderr
+        return
+    out_channels = -1
+    if case.startswith("panels") or case == "out_channels disagree":
+        w = ops.gemm_prepack(w) if case.startswith("panels") else w
+        out_channels = {"panels without out_channels": -1, "panels for other channels": 40,
+                        "out_channels disagree": 5}[case]
     with pytest.raises(exc, match=match):
-        ops.gemm_conv2d_bias_act(x, w, b, r, stride, [0, 0], True)
+        ops.gemm_conv2d_bias_act(x, w, b, r, stride, [0, 0], True, out_channels)
 
 
 def test_opcheck():
     x, w, b, r, kw = make_inputs(2, 8, 6, 1, 2, 7, residual=True, channels_last=True)
     torch.library.opcheck(ops.gemm_conv2d_bias_act.default, (x, w, b, r, [2, 2], [0, 0], True))
     torch.library.opcheck(ops.gemm_conv2d_bias_act_.default, (r.clone(), x, w, b, [2, 2], [0, 0], True))
-
-
-def test_without_a_blas():
-    """Where torch has no Fortran sgemm to call, ATen's mm does the products: same answers."""
-    code = (
-        "import torch, resnet_fused;"
-        "from test_gemm_conv import check; from test_ops import make_inputs;"
-        "x, w, b, r, kw = make_inputs(8, 128, 96, 3, 2, 11, residual=True, channels_last=True);"
-        "check(x, w, b, r, True, kw, 'no blas'); print('ok')"
-    )
-    # (run from tests/: resnet_fused is imported as this process imports it, installed or on
-    # PYTHONPATH, never the source folder without its compiled kernels)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, RESNET_FUSED_NO_BLAS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(os.path.dirname(resnet_fused.__file__))
-                                                    if resnet_fused.__file__ else None) if p)
-    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    p = ops.gemm_prepack(w)
+    torch.library.opcheck(ops.gemm_conv2d_bias_act.default, (x, p, b, r, [2, 2], [0, 0], True, 6))
+    torch.library.opcheck(ops.gemm_prepack.default, (w,))
+    torch.library.opcheck(ops.gemm_unpack.default, (p, 6))
 
 
 # --- where FusedConv2d uses it ----------------------------------------------------------------
@@ -188,24 +247,20 @@ def path(m, x):
     return m._cache[m._cache_key(x)][2]
 
 
-@pytest.mark.parametrize("n,c,k,h,stride,expected", [
-    (1, 256, 64, 56, 1, True), (1, 128, 512, 28, 1, True), (1, 256, 512, 56, 2, True), (8, 256, 1024, 14, 1, True),
-    (1, 256, 1024, 14, 1, False),  # 196 pixels
-    (8, 512, 2048, 7, 1, False),  # 392 pixels
-    (8, 64, 256, 56, 1, False),  # 64 input channels
-    (8, 1024, 256, 14, 1, False),  # 1024 input channels
+@pytest.mark.parametrize("n,c,k,h,stride,kernel", [
+    (1, 256, 64, 56, 1, 1), (1, 128, 512, 28, 1, 1), (1, 256, 512, 56, 2, 1), (8, 256, 1024, 14, 1, 1),
+    (1, 1024, 2048, 14, 2, 1), (8, 64, 256, 56, 1, 1), (1, 3, 64, 32, 2, 7), (1, 128, 128, 28, 2, 3),
 ])
-def test_which_layers(n, c, k, h, stride, expected):
-    """Where it measured faster than oneDNN: 1x1s with 128-512 input channels and at least 784
-    output pixels. ResNet-50 at batch 8: layer1's 256 -> 64, layer2's 1x1s, layer3's but the
-    1024 -> 256s."""
+def test_which_layers(n, c, k, h, stride, kernel):
+    """The rule (tune=False): every 1x1 without padding, where the CPU has a vector kernel."""
     x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
-    assert (path(layer(c, k, stride=stride), x) == "gemm") == expected
+    expected = kernel == 1 and ops.gemm_isa() != "generic"
+    assert (path(layer(c, k, kernel, stride=stride), x) == "gemm") == expected
 
 
-@pytest.mark.parametrize("why", ["3x3 stride 2", "nchw input", "bf16", "switched off", "no prepack"])
+@pytest.mark.parametrize("why", ["nchw input", "bf16", "switched off", "no prepack"])
 def test_not_used(why):
-    m = layer(128, 128, kernel=3 if why == "3x3 stride 2" else 1, stride=2 if why == "3x3 stride 2" else 1)
+    m = layer(128, 128)
     x = torch.randn(1, 128, 32, 32)
     if why != "nchw input":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -218,20 +273,29 @@ def test_not_used(why):
     assert path(m, x) != "gemm"
 
 
-def test_keeps_the_plain_master_and_the_batch_decides():
-    """Its weight is the plain master itself (nothing packed or copied); a regime that runs
-    oneDNN packs it, and the gemm regime then gets a plain copy; both give the same answers."""
+def test_packed_master_and_another_regime():
+    """The packed panels replace the plain master (the model keeps one copy of its weights);
+    state_dict, deepcopy and .to() give the plain weight back exactly; a regime that runs oneDNN
+    (the rule switched off for it) gets its own packed copy, and both give the same answers."""
     m = layer(256, 64)
-    big = torch.randn(1, 256, 28, 28).contiguous(memory_format=torch.channels_last)  # 784 pixels
+    plain = m.weight.detach().clone()
+    big = torch.randn(1, 256, 28, 28).contiguous(memory_format=torch.channels_last)
     small = torch.randn(1, 256, 7, 7).contiguous(memory_format=torch.channels_last)
     assert path(m, big) == "gemm"
-    assert m._cache[m._cache_key(big)][0] is m.weight and not m.weight.is_mkldnn
+    assert m._cache[m._cache_key(big)][0] is m.weight and m.weight.dim() == 5
+    assert torch.equal(m.state_dict()["weight"], plain)
+    assert torch.equal(copy.deepcopy(m).weight, plain)
     with torch.inference_mode():
         y1 = m(big, assume_finite=True)
+        m.gemm = False
         assert path(m, small) == ""
+        assert m.weight.dim() == 5  # (the oneDNN regime packed a copy)
+        m.gemm = True
         y2 = m(big, assume_finite=True)
         assert path(m, big) == "gemm"
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y1, y2)
+    m.to(torch.float32)
+    assert m.weight.dim() == 4 and torch.equal(m.weight, plain)
 
 
 def test_float64_master_computing_in_float32():

@@ -1,5 +1,5 @@
 // Convolution as matrix products on CPU, float32, channels-last, with the whole epilogue (bias,
-// residual add, ReLU) applied while each block of the output is still in cache.
+// residual add, ReLU) applied in registers before each block of the output is stored.
 //
 // In channels-last a convolution is a matrix product: each output pixel's row of K channels is
 // its receptive field (kh x kw x C values, the "im2col" row) times the weight seen as a
@@ -7,68 +7,32 @@
 // convolution the im2col rows *are* the input's rows, so the input is read in place; strided 1x1s
 // gather their rows, larger kernels build them (ResNet's 7x7 stem: 147 values, 7 runs of 21).
 //
-// Blocking: the output pixels are cut into blocks whose im2col rows and output rows fit in about
-// half a core's L2 cache; where there are too few blocks for the threads (batch 1), the output
-// channels are split too. Each thread takes whole blocks (an atomic counter: a slowed core takes
-// fewer) and runs, on its own: build the rows (if needed), one sgemm (MKL's, through the BLAS
-// torch links; ATen's mm where there is none), and the epilogue on the block it just wrote. In
-// place (residual == output) the product accumulates into the residual (beta = 1). So the input,
-// the weight and the output (and the residual) each pass through memory once.
+// The weight is packed once (gemm_prepack) into panels of 32 output channels (gemm_kernels.h);
+// a plain weight passed instead is packed on each call. Blocking: the output pixels are cut into
+// blocks whose rows stay in L2 while every panel passes over them; where there are too few
+// blocks for the threads (batch 1, late layers), the panels are split into groups too. Each
+// thread takes whole (block, group) items from an atomic counter (a slowed core takes fewer) and
+// runs the register-tile kernel over them; in place (residual == output) the tiles accumulate
+// into the residual. So the input, the weight and the output (and the residual) each pass
+// through memory once, and nothing but the kernel's own registers holds partial sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "../checks.h"
-#include "epilogue.h"
+#include "gemm_kernels.h"
 
 namespace resnet_fused::cpu {
 namespace {
 
 using at::Tensor;
-
-// Fortran BLAS sgemm with 32-bit integers, as torch's own CPU BLAS calls it (MKL or OpenBLAS,
-// linked into libtorch_cpu). Looked up at run time: a torch built without a BLAS has none, and
-// then ATen's mm does the products.
-using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                          const int*, const float*, const int*, const float*, float*, const int*);
-
-sgemm_fn find_sgemm() {
-  static const sgemm_fn fn = [] {
-    const char* off = std::getenv("RESNET_FUSED_NO_BLAS");  // tests: the ATen path
-    if (off != nullptr && off[0] == '1') return sgemm_fn(nullptr);
-    return reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  }();
-  return fn;
-}
-
-// c[m, n] (row-major, ldc) = a[m, kd] (lda) @ b[n, kd]^T (ldb) + beta * c, on this thread.
-void gemm_nt(int64_t m, int64_t n, int64_t kd, const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-             float* c, int64_t ldc) {
-  if (const sgemm_fn sgemm = find_sgemm()) {
-    // Column-major view: c^T [n, m] = b [n, kd] (transposed) @ a^T [kd, m].
-    const int M = int(n), N = int(m), K = int(kd), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
-    const float one = 1.f;
-    sgemm("T", "N", &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const Tensor at_ = at::from_blob(const_cast<float*>(a), {m, kd}, {lda, 1}, opts);
-  const Tensor bt = at::from_blob(const_cast<float*>(b), {n, kd}, {ldb, 1}, opts);
-  Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == 0.f) {
-    at::mm_out(ct, at_, bt.t());
-  } else {
-    at::addmm_out(ct, ct, at_, bt.t(), beta, 1.f);
-  }
-}
 
 // The geometry of one convolution, NHWC input [N, H, W, C] -> output [N, OH, OW, K].
 struct Geometry {
@@ -81,11 +45,11 @@ struct Geometry {
         direct(kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) {}
 };
 
-// The im2col rows of output pixels [r0, r0 + rows) into a (row stride Kd); zeros outside the image.
-void im2col_rows(const Geometry& g, const float* x, int64_t r0, int64_t rows, float* a) {
+// The im2col rows of output pixels [r0, r0 + rows) into a (row stride lda); zeros outside the image.
+void im2col_rows(const Geometry& g, const float* x, int64_t r0, int64_t rows, float* a, int64_t lda) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = r0 + r, n = p / (g.OH * g.OW), oh = (p / g.OW) % g.OH, ow = p % g.OW;
-    float* row = a + r * g.Kd;
+    float* row = a + r * lda;
     const int64_t w0 = ow * g.sw - g.pw;
     // the kernel's columns that fall inside the image: [j0, j1)
     const int64_t j0 = std::max<int64_t>(0, -w0), j1 = std::min<int64_t>(g.kw, g.W - w0);
@@ -105,54 +69,107 @@ void im2col_rows(const Geometry& g, const float* x, int64_t r0, int64_t rows, fl
 
 // out (NHWC; may be the residual itself, then `residual` is null and `accumulate` true)
 //   = act(conv(x, w) + bias [+ residual] [+ out]).
-// w: [K, kh, kw, C] contiguous (the channels-last weight).
-void gemm_conv_run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual,
+// packed: the weight in panels (pack_panels of the channels-last [K, kh, kw, C] weight).
+void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const float* bias, const float* residual,
                    float* out, bool accumulate, bool relu) {
-  // Output pixels per block: its im2col rows and output rows in about 1 MiB (half this machine's
-  // L2), but at least 256: sgemm packs the weight on every call, and fewer rows do not pay for
-  // that (measured on ResNet-50's 1x1s: 256-1024 rows alike, 64-128 up to 25% slower).
   const int64_t threads = at::get_num_threads();
-  int64_t rows = std::clamp<int64_t>((int64_t(1) << 18) / (g.Kd + g.K), 256, 1024);
-  // Output channels per block: all of them, unless the pixels alone give the threads too few
-  // blocks (small batches, late layers): then split the channels, in multiples of 16.
-  int64_t kc = g.K;
-  const int64_t want = 2 * threads;
-  if ((g.M + rows - 1) / rows < want) {
-    rows = std::max<int64_t>(8, (g.M + want - 1) / want);
-    const int64_t row_blocks = (g.M + rows - 1) / rows;
-    if (row_blocks < want && g.K >= 32) {
-      const int64_t splits = std::min<int64_t>((want + row_blocks - 1) / row_blocks, g.K / 16);
-      kc = ((g.K + splits - 1) / splits + 15) / 16 * 16;
-    }
+  const int64_t mr = tile_rows();
+  const int64_t panels = (g.K + kPanel - 1) / kPanel;
+  const int64_t tiles = (g.M + mr - 1) / mr;
+  // Every item reads its rows' A block once (kept in L2 while its panels pass over it) and its
+  // panels once (each kept in L1/L2 while the block's tiles pass under it): the weight is read
+  // once per row block, the input once per panel group. Blocks: A rows in about 512 KiB of L2.
+  const int64_t budget = int64_t(512) << 10;
+  int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, (g.M * g.Kd * 4 + budget - 1) / budget));
+  int64_t groups = 1;
+  const int64_t want = 2 * threads;  // items enough for the threads to even out
+  if (row_blocks < want) {
+    // Too few for the threads: cut what costs less to read again. Weight-heavy layers (late
+    // layers, batch 1) split the panels; the others the rows, down to one tile a block.
+    const bool weight_heavy = panels * kPanel > g.M;
+    if (!weight_heavy) row_blocks = std::min(tiles, want);
+    groups = std::min(panels, (want + row_blocks - 1) / row_blocks);
   }
-  const int64_t row_blocks = (g.M + rows - 1) / rows, k_blocks = (g.K + kc - 1) / kc;
-  const int64_t blocks = row_blocks * k_blocks;
+  // Equal blocks of whole tiles.
+  const int64_t rows = (tiles + row_blocks - 1) / row_blocks * mr;
+  row_blocks = (g.M + rows - 1) / rows;
+  const int64_t per_group = (panels + groups - 1) / groups;
+  groups = (panels + per_group - 1) / per_group;
+  // Reduction chunks of at most 256 (a panel chunk of 32 KiB), equal.
+  const int64_t kchunks = (g.Kd + 255) / 256;
+  const int64_t kchunk = (g.Kd + kchunks - 1) / kchunks;
+  const int64_t items = row_blocks * groups;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(threads, blocks);
+  const int64_t workers = std::min<int64_t>(threads, items);
+  // Rows read in place are 4 KiB apart or more where Kd is a multiple of 1024: a tile's 12 rows
+  // then fall in one L1 set (8 ways) and evict each other at every step. Those, and the rows
+  // built for the other shapes, are copied to a buffer whose row stride is 64 bytes longer.
+  const bool in_place = g.direct && g.Kd % 512 != 0;
+  const int64_t lda = in_place ? g.Kd : g.Kd + 16;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buffer(g.direct ? 0 : rows * g.Kd);
-    for (int64_t blk = next++; blk < blocks; blk = next++) {
-      // (consecutive blocks share their pixels: the rows built for one serve the next)
-      const int64_t rb = blk / k_blocks, k0 = (blk % k_blocks) * kc;
-      const int64_t r0 = rb * rows, nr = std::min(rows, g.M - r0), nk = std::min(kc, g.K - k0);
+    std::vector<float> buffer(in_place ? 0 : rows * lda);
+    int64_t built = -1;  // the row block whose rows the buffer holds
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t rb = item / groups, p0 = (item % groups) * per_group;
+      const int64_t p1 = std::min(panels, p0 + per_group);
+      const int64_t r0 = rb * rows, nr = std::min(rows, g.M - r0);
       const float* a;
-      if (g.direct) {
+      if (in_place) {
         a = x + r0 * g.C;
       } else {
-        im2col_rows(g, x, r0, nr, buffer.data());
+        if (built != rb) im2col_rows(g, x, r0, nr, buffer.data(), lda);
+        built = rb;
         a = buffer.data();
       }
-      float* c = out + r0 * g.K + k0;
-      gemm_nt(nr, nk, g.Kd, a, g.Kd, w + k0 * g.Kd, g.Kd, accumulate ? 1.f : 0.f, c, g.K);
-      const float* b = bias ? bias + k0 : nullptr;
-      if (b != nullptr || residual != nullptr || relu) {
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t o = r * g.K;
-          bias_act_row_f32(c + o, c + o, residual ? residual + (r0 + r) * g.K + k0 : nullptr, b, nk, relu);
+      Tile t{};
+      t.lda = lda;
+      t.ldc = g.K;
+      t.ldr = g.K;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kPanel;
+        t.cols = std::min(kPanel, g.K - n0);
+        // The reduction in chunks whose panel rows (chunk x 32 floats) stay in L1 while the
+        // block's tiles pass; partial sums wait in the output (in L1/L2 meanwhile). The first
+        // chunk adds the bias and the residual, the last applies the ReLU.
+        for (int64_t k0 = 0; k0 < g.Kd; k0 += kchunk) {
+          const bool first = k0 == 0, last = k0 + kchunk >= g.Kd;
+          t.kd = std::min(kchunk, g.Kd - k0);
+          t.b = packed + p * g.Kd * kPanel + k0 * kPanel;
+          t.bias = first && bias ? bias + n0 : nullptr;
+          t.accumulate = accumulate || !first;
+          t.relu = relu && last;
+          for (int64_t i = 0; i < nr; i += mr) {
+            t.rows = std::min(mr, nr - i);
+            t.a = a + i * lda + k0;
+            t.c = out + (r0 + i) * g.K + n0;
+            t.residual = first && residual ? residual + (r0 + i) * g.K + n0 : nullptr;
+            run_tile(t);
+          }
         }
       }
     }
   });
+}
+
+// A packed weight: [ceil(K / 32), kh, kw, C, 32] float32, dense (gemm_prepack's output).
+bool is_packed(const Tensor& weight) { return weight.dim() == 5; }
+
+// The weight's [K, C, kh, kw] shape as a tensor for the shared checks: the plain weight itself, or
+// for a packed one a view of that shape with zero strides (nothing allocated).
+Tensor logical_weight(const Tensor& weight, int64_t out_channels) {
+  if (!is_packed(weight)) {
+    TORCH_CHECK_VALUE(out_channels < 0 || weight.dim() != 4 || out_channels == weight.size(0),
+                      "resnet_fused: out_channels=", out_channels, " but the weight has ", weight.size(0));
+    return weight;
+  }
+  TORCH_CHECK_VALUE(out_channels > 0, "resnet_fused: a packed weight (from gemm_prepack) needs out_channels, got ",
+                    out_channels);
+  TORCH_CHECK_VALUE(weight.size(4) == kPanel && weight.size(0) == (out_channels + kPanel - 1) / kPanel &&
+                        weight.is_contiguous(),
+                    "resnet_fused: a packed weight for ", out_channels, " output channels must be a contiguous [",
+                    (out_channels + kPanel - 1) / kPanel, ", kh, kw, C, ", kPanel, "] tensor from gemm_prepack, got ",
+                    shape_str(weight.sizes()));
+  return weight.as_strided({out_channels, weight.size(3), weight.size(1), weight.size(2)}, {0, 0, 0, 0});
 }
 
 std::vector<int64_t> check_gemm_conv_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -162,27 +179,39 @@ std::vector<int64_t> check_gemm_conv_args(const Tensor& input, const Tensor& wei
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2,
                     "resnet_fused: stride and padding must have 2 values each, got ", stride.size(), " and ",
                     padding.size());
+  TORCH_CHECK_VALUE(!input.is_mkldnn() && !weight.is_mkldnn(),
+                    "resnet_fused: gemm_conv2d_bias_act takes dense CPU tensors, got an mkldnn-layout ",
+                    input.is_mkldnn() ? "input" : "weight");
   const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "resnet_fused: gemm_conv2d_bias_act is float32 only, got a ",
                    input.scalar_type(), " input");
-  TORCH_CHECK_VALUE(input.device().is_cpu() && !input.is_mkldnn() && !weight.is_mkldnn(),
-                    "resnet_fused: gemm_conv2d_bias_act takes dense CPU tensors, got input on ", input.device(),
-                    input.is_mkldnn() || weight.is_mkldnn() ? " (mkldnn layout)" : "");
+  TORCH_CHECK_VALUE(input.device().is_cpu(), "resnet_fused: gemm_conv2d_bias_act takes CPU tensors, got input on ",
+                    input.device());
   return out_shape;
+}
+
+// The weight in panels: packed as it is, or a plain one packed now.
+Tensor panels_of(const Tensor& weight, const Tensor& logical) {
+  if (is_packed(weight)) return weight;
+  const Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t K = w.size(0), kd = w.numel() / std::max<int64_t>(K, 1);
+  Tensor packed = at::empty({(K + kPanel - 1) / kPanel, w.size(2), w.size(3), w.size(1), kPanel}, w.options());
+  if (packed.numel() > 0) pack_panels(w.data_ptr<float>(), K, kd, packed.data_ptr<float>());
+  return packed;
 }
 
 // act(conv2d(input, weight, stride, padding) + bias [+ residual]), dilation 1, groups 1.
 // Output channels-last.
 Tensor gemm_conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                             const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                            bool relu) {
-  const auto out_shape = check_gemm_conv_args(input, weight, bias, residual, stride, padding);
+                            bool relu, int64_t out_channels) {
+  const Tensor logical = logical_weight(weight, out_channels);
+  const auto out_shape = check_gemm_conv_args(input, logical, bias, residual, stride, padding);
   const auto cl = at::MemoryFormat::ChannelsLast;
   Tensor out = at::empty(out_shape, input.options().memory_format(cl));
   if (out.numel() == 0) return out;
   const Tensor x = input.contiguous(cl);
-  const Tensor w = weight.contiguous(cl);
-  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   const Tensor r = residual.has_value() ? residual->contiguous(cl) : Tensor();
   if (x.numel() == 0) {  // (an empty image with padding, or no input channels: the products are zero)
     out.zero_();
@@ -191,7 +220,8 @@ Tensor gemm_conv2d_bias_act(const Tensor& input, const Tensor& weight, const std
     if (relu) out.relu_();
     return out;
   }
-  gemm_conv_run(Geometry(x, w, stride, padding), x.data_ptr<float>(), w.data_ptr<float>(),
+  const Tensor w = panels_of(weight, logical);
+  gemm_conv_run(Geometry(x, logical, stride, padding), x.data_ptr<float>(), w.data_ptr<float>(),
                 b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
                 out.data_ptr<float>(), false, relu);
   return out;
@@ -200,26 +230,56 @@ Tensor gemm_conv2d_bias_act(const Tensor& input, const Tensor& weight, const std
 // The same into the residual: residual = act(conv2d(...) + bias + residual).
 void gemm_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
                            const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                           bool relu) {
-  check_gemm_conv_args(input, weight, bias, residual, stride, padding);
+                           bool relu, int64_t out_channels) {
+  const Tensor logical = logical_weight(weight, out_channels);
+  check_gemm_conv_args(input, logical, bias, residual, stride, padding);
   if (residual.numel() == 0) return;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   if (!residual.is_contiguous(cl) || x.numel() == 0 || x.data_ptr() == residual.data_ptr()) {
-    residual.copy_(gemm_conv2d_bias_act(input, weight, bias, residual, stride, padding, relu));
+    residual.copy_(gemm_conv2d_bias_act(input, weight, bias, residual, stride, padding, relu, out_channels));
     return;
   }
-  const Tensor w = weight.contiguous(cl);
-  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  gemm_conv_run(Geometry(x, w, stride, padding), x.data_ptr<float>(), w.data_ptr<float>(),
+  const Tensor w = panels_of(weight, logical);
+  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  gemm_conv_run(Geometry(x, logical, stride, padding), x.data_ptr<float>(), w.data_ptr<float>(),
                 b.defined() ? b.data_ptr<float>() : nullptr, nullptr, residual.data_ptr<float>(), true, relu);
+}
+
+// The weight [K, C, kh, kw] (float32, any layout) in panels: [ceil(K / 32), kh, kw, C, 32].
+Tensor gemm_prepack(const Tensor& weight) {
+  RF_CHECK_DIM(weight, 4, "weight");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "resnet_fused: gemm_prepack is float32 only, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && !weight.is_mkldnn(),
+                    "resnet_fused: gemm_prepack takes a dense CPU weight");
+  return panels_of(weight, weight);
+}
+
+// gemm_prepack's inverse: the channels-last [K, C, kh, kw] weight.
+Tensor gemm_unpack(const Tensor& packed, int64_t out_channels) {
+  const Tensor logical = logical_weight(packed, out_channels);
+  TORCH_CHECK_VALUE(is_packed(packed) && packed.scalar_type() == at::kFloat && packed.device().is_cpu(),
+                    "resnet_fused: gemm_unpack takes a float32 CPU weight from gemm_prepack");
+  Tensor w = at::empty(logical.sizes(), packed.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (w.numel() > 0) {
+    unpack_panels(packed.data_ptr<float>(), out_channels, w.numel() / out_channels, w.data_ptr<float>());
+  }
+  return w;
 }
 
 }  // namespace
 
+// (no tensor arguments: a CompositeExplicitAutograd kernel, callable with no dispatch key)
+TORCH_LIBRARY_IMPL(resnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("gemm_isa", [] { return std::string(tile_isa()); });
+}
+
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("gemm_conv2d_bias_act", &gemm_conv2d_bias_act);
   m.impl("gemm_conv2d_bias_act_", &gemm_conv2d_bias_act_);
+  m.impl("gemm_prepack", &gemm_prepack);
+  m.impl("gemm_unpack", &gemm_unpack);
 }
 
 // (an opaque oneDNN weight reaches the checks above, for a clear error rather than the
@@ -227,6 +287,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
 TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
   m.impl("gemm_conv2d_bias_act", &gemm_conv2d_bias_act);
   m.impl("gemm_conv2d_bias_act_", &gemm_conv2d_bias_act_);
+  m.impl("gemm_prepack", &gemm_prepack);
 }
 
 }  // namespace resnet_fused::cpu

@@ -56,6 +56,12 @@ def _return_freed_pages() -> None:
 _malloc_trim = None
 
 
+def _is_packed(w: Tensor) -> bool:
+    """Whether a master weight is held prepacked: an opaque oneDNN tensor, or the panels of our
+    matrix-product kernel (gemm_prepack: [ceil(K/32), kh, kw, C, 32])."""
+    return w.is_mkldnn or w.dim() == 5
+
+
 def _version(t: Tensor) -> int:
     # Inference tensors have no version counter; they cannot be changed in place either.
     return -1 if t.is_inference() else t._version
@@ -182,6 +188,7 @@ class FusedConv2d(nn.Module):
         self.compute_dtype: Optional[torch.dtype] = None
         self._cache: dict = {}
         self._packed_for: Optional[tuple] = None  # the regime a prepacked master was packed for
+        self._plain_strides: Optional[tuple] = None  # the plain master's, where panels replaced it
         self._lock = threading.Lock()
 
     @classmethod
@@ -247,6 +254,10 @@ class FusedConv2d(nn.Module):
         w = self.weight
         if w.is_mkldnn:
             return w.to_dense().contiguous(memory_format=self._master_format)
+        if w.dim() == 5:
+            # (the strides the plain master had: a 1x1 weight counts as contiguous in both formats)
+            plain = torch.ops.resnet_fused.gemm_unpack.default(w, self.out_channels)
+            return torch.empty_strided(plain.shape, self._plain_strides or plain.stride()).copy_(plain)
         return w
 
     def _plain_master(self) -> nn.Parameter:
@@ -254,7 +265,7 @@ class FusedConv2d(nn.Module):
 
     def _unpack_master(self) -> None:
         """Make the master a plain tensor again (before it is moved, saved or loaded into)."""
-        if self.weight.is_mkldnn:
+        if _is_packed(self.weight):
             self._parameters["weight"] = self._plain_master()
             self._cache = {}
         self._packed_for = None
@@ -267,13 +278,13 @@ class FusedConv2d(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight.is_mkldnn:
+        if _is_packed(self.weight):
             destination[prefix + "weight"] = self.dense_weight()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_cache"] = {}  # prepacked oneDNN tensors are not picklable, and are rebuilt on use
-        if self.weight.is_mkldnn:
+        if _is_packed(self.weight):
             params = dict(self._parameters)
             params["weight"] = self._plain_master()
             state["_parameters"] = params
@@ -285,6 +296,7 @@ class FusedConv2d(nn.Module):
     def __setstate__(self, state):
         state.setdefault("inplace_residual", False)
         state.setdefault("_packed_for", None)
+        state.setdefault("_plain_strides", None)
         state.setdefault("winograd", True)
         state.setdefault("gemm", True)
         state.setdefault("tune", False)
@@ -403,10 +415,20 @@ class FusedConv2d(nn.Module):
             elif key[0][-1] == "winograd":
                 w = torch.ops.resnet_fused.winograd_prepack.default(self.dense_weight())
             elif key[0][-1] == "gemm":
-                # the plain master itself (a 1x1 weight is channels-last and contiguous at once),
-                # or a plain copy where another regime holds it prepacked
-                # (cast: a float64 model's master is float64)
-                w = self.dense_weight().to(dtype).contiguous(memory_format=torch.channels_last)
+                # Packed in panels once (the same for every input regime); the panels replace a
+                # plain float32 master, as oneDNN's packed weight does below.
+                if master.dim() == 5:
+                    w = master
+                else:
+                    w = torch.ops.resnet_fused.gemm_prepack.default(self.dense_weight().to(dtype))
+                    if not _is_packed(master) and master.dtype == w.dtype:
+                        self._plain_strides = master.stride()
+                        self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
+                        self._packed_for = key[0]
+                        self._cache = {}
+                        key = self._cache_key(x)
+                        del master
+                        _return_freed_pages()
             else:
                 w = self.dense_weight().to(dtype)
                 w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -414,9 +436,9 @@ class FusedConv2d(nn.Module):
                     w = torch.ops.resnet_fused.prepack_conv2d_weight.default(
                         w, self.stride, self.padding, self.dilation, self.groups, list(x.shape)
                     )
-                if w.is_mkldnn and not master.is_mkldnn and w.dtype == master.dtype:
+                if w.is_mkldnn and not _is_packed(master) and w.dtype == master.dtype:
                     # Same values, reordered: the packed weight replaces the plain master.
-                    self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+                    self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
                     self._packed_for = key[0]
                     self._cache = {}
                     key = self._cache_key(x)
@@ -441,7 +463,7 @@ class FusedConv2d(nn.Module):
             return self._forward_plain(x, residual, assume_finite)
         if torch.compiler.is_compiling():
             self._check_input(x)
-            w = self.weight if self.weight.is_mkldnn else self.weight.to(self.dtype)
+            w = self.weight if self.weight.is_mkldnn else self.dense_weight().to(self.dtype)
             b = self.bias.to(torch.float32)
             path = ""
         else:
@@ -450,10 +472,10 @@ class FusedConv2d(nn.Module):
             # (exact NaN semantics whatever assume_finite says: the epilogue is ours)
             if residual is not None and self.inplace_residual:
                 torch.ops.resnet_fused.gemm_conv2d_bias_act_.default(residual, x, w, b, self.stride, self.padding,
-                                                                     self.relu)
+                                                                     self.relu, self.out_channels)
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
-                                                                       self.relu)
+                                                                       self.relu, self.out_channels)
         if path == "winograd":
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct
@@ -479,7 +501,7 @@ class FusedConv2d(nn.Module):
         assume_finite=False here: exact NaN semantics (see inputs_finite)."""
         # (under torch.export the weight is a fake tensor that looks plain: _packed_for says
         # whether the real one is an oneDNN tensor, which would land in the exported program)
-        if self.weight.is_mkldnn or self._packed_for is not None:
+        if _is_packed(self.weight) or self._packed_for is not None:
             raise RuntimeError(
                 "FusedConv2d holds its weight prepacked for oneDNN (the model has run on CPU in float32), "
                 "and an exported or traced graph must hold plain tensors: use resnet_fused.export(model, example) "

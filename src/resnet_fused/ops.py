@@ -152,12 +152,30 @@ def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu):
     return None
 
 
+def _gemm_logical_shape(weight, out_channels) -> tuple:
+    """[K, C, kh, kw] of a plain weight, or of gemm_prepack's [ceil(K/32), kh, kw, C, 32]."""
+    if weight.dim() == 5:
+        return (out_channels, weight.shape[3], weight.shape[1], weight.shape[2])
+    return tuple(weight.shape)
+
+
 @torch.library.register_fake("resnet_fused::gemm_conv2d_bias_act")
-def _gemm_conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, relu):
-    shape = conv_output_size(input.shape, weight.shape, stride, padding, [1, 1])
+def _gemm_conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, relu, out_channels=-1):
+    shape = conv_output_size(input.shape, _gemm_logical_shape(weight, out_channels), stride, padding, [1, 1])
     return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("resnet_fused::gemm_conv2d_bias_act_")
-def _gemm_conv2d_bias_act_inplace_fake(residual, input, weight, bias, stride, padding, relu):
+def _gemm_conv2d_bias_act_inplace_fake(residual, input, weight, bias, stride, padding, relu, out_channels=-1):
     return None
+
+
+@torch.library.register_fake("resnet_fused::gemm_prepack")
+def _gemm_prepack_fake(weight):
+    k, c, kh, kw = weight.shape
+    return weight.new_empty(((k + 31) // 32, kh, kw, c, 32))
+
+
+@torch.library.register_fake("resnet_fused::gemm_unpack")
+def _gemm_unpack_fake(packed, out_channels):
+    return packed.new_empty(_gemm_logical_shape(packed, out_channels)).contiguous(memory_format=torch.channels_last)

@@ -63,6 +63,11 @@ _CACHE_VERSION = 1
 
 
 # --- candidates -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _gemm_isa() -> str:
+    return torch.ops.resnet_fused.gemm_isa.default()
+
+
 def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -165,23 +170,21 @@ class Gemm(Candidate):
     switch = "gemm"
 
     def rule(self, layer, x):
-        """Where it beat oneDNN on the machine it was first measured on: 1x1s, no padding, with
-        128-512 input channels (shorter products leave the multiply units idle between loads;
-        longer ones oneDNN runs better) and at least 784 output pixels (enough blocks for the
-        threads)."""
-        if not (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
-                and 128 <= layer.in_channels <= 512):
-            return False
-        oh = (x.shape[2] - 1) // layer.stride[0] + 1
-        ow = (x.shape[3] - 1) // layer.stride[1] + 1
-        return x.shape[0] * oh * ow >= 784
+        """1x1s with no padding, where the CPU has a vector kernel for it (AVX2 or AVX-512): there
+        it matched oneDNN's 1x1 kernels' speed on an AMD Zen 4 (2 cores, batch 1 and 8) and
+        skips oneDNN's per-call cost (benchmarks/results/cpu_layers_peers_b1.md)."""
+        return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
+                and _gemm_isa() != "generic")
 
     def prepare(self, layer, x):
-        return layer.dense_weight().to(torch.float32).contiguous(memory_format=torch.channels_last)
+        w = layer.weight
+        if w.dim() == 5:  # the master, packed already
+            return w
+        return torch.ops.resnet_fused.gemm_prepack.default(layer.dense_weight().to(torch.float32))
 
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, layer.stride, layer.padding,
-                                                                   layer.relu)
+                                                                   layer.relu, layer.out_channels)
 
 
 #: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.

@@ -1,0 +1,260 @@
+// The register-tile kernels of gemm_kernels.h, one per ISA, and the choice between them.
+//
+// Each kernel keeps rows x (its panel width) accumulators in vector registers for the whole
+// reduction: one panel row loaded per step, one broadcast per A row, one FMA per accumulator;
+// nothing is written until the epilogue. Row counts below the full tile are separate template
+// instances (the accumulators must be named at compile time to stay in registers).
+#include "gemm_kernels.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RF_X86 1
+#else
+#define RF_X86 0
+#endif
+
+namespace resnet_fused::cpu {
+
+void pack_panels(const float* w, int64_t n, int64_t kd, float* packed) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = packed + p * kd * kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t col = p * kPanel + j;
+      if (col < n) {
+        const float* src = w + col * kd;
+        for (int64_t k = 0; k < kd; ++k) dst[k * kPanel + j] = src[k];
+      } else {
+        for (int64_t k = 0; k < kd; ++k) dst[k * kPanel + j] = 0.f;
+      }
+    }
+  }
+}
+
+void unpack_panels(const float* packed, int64_t n, int64_t kd, float* w) {
+  for (int64_t col = 0; col < n; ++col) {
+    const float* src = packed + (col / kPanel) * kd * kPanel + col % kPanel;
+    for (int64_t k = 0; k < kd; ++k) w[col * kd + k] = src[k * kPanel];
+  }
+}
+
+namespace {
+
+// Any CPU: plain loops the compiler vectorises for the baseline ISA.
+template <int MR>
+void tile_generic(const Tile& t) {
+  float acc[MR][kPanel] = {};
+  for (int64_t k = 0; k < t.kd; ++k) {
+    const float* b = t.b + k * kPanel;
+    for (int i = 0; i < MR; ++i) {
+      const float a = t.a[i * t.lda + k];
+      for (int j = 0; j < kPanel; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = t.c + i * t.ldc;
+    for (int64_t j = 0; j < t.cols; ++j) {
+      float v = acc[i][j];
+      if (t.bias) v += t.bias[j];
+      if (t.accumulate) v += c[j];
+      if (t.residual) v += t.residual[i * t.ldr + j];
+      c[j] = (t.relu && v < 0.f) ? 0.f : v;
+    }
+  }
+}
+
+constexpr int kGenericRows = 4;
+
+void run_generic(const Tile& t) {
+  switch (t.rows) {
+    case 1: return tile_generic<1>(t);
+    case 2: return tile_generic<2>(t);
+    case 3: return tile_generic<3>(t);
+    default: return tile_generic<4>(t);
+  }
+}
+
+#if RF_X86
+// AVX-512: 12 rows x 32 columns (two zmm per row): 24 accumulators, 2 panel loads and 12
+// broadcasts per step. _mm512_max_ps(0, v) returns v when v is NaN (the second operand).
+template <int MR>
+__attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  const float* a = t.a;
+  const int64_t lda = t.lda;
+  const float* b = t.b;
+  for (int64_t k = 0; k < t.kd; ++k, b += kPanel, ++a) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda]);
+      c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+  const int64_t cols = t.cols;
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 bias0 = t.bias ? _mm512_maskz_loadu_ps(m0, t.bias) : zero;
+  const __m512 bias1 = t.bias ? _mm512_maskz_loadu_ps(m1, t.bias + 16) : zero;
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    float* c = t.c + i * t.ldc;
+    __m512 v0 = _mm512_add_ps(c0[i], bias0), v1 = _mm512_add_ps(c1[i], bias1);
+    if (t.accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+    }
+    if (t.residual) {
+      const float* r = t.residual + i * t.ldr;
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, r));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, r + 16));
+    }
+    if (t.relu) {
+      v0 = _mm512_max_ps(zero, v0);
+      v1 = _mm512_max_ps(zero, v1);
+    }
+    _mm512_mask_storeu_ps(c, m0, v0);
+    _mm512_mask_storeu_ps(c + 16, m1, v1);
+  }
+}
+
+constexpr int kAvx512Rows = 12;
+
+__attribute__((target("avx512f"))) void run_avx512(const Tile& t) {
+  switch (t.rows) {
+    case 1: return tile_avx512<1>(t);
+    case 2: return tile_avx512<2>(t);
+    case 3: return tile_avx512<3>(t);
+    case 4: return tile_avx512<4>(t);
+    case 5: return tile_avx512<5>(t);
+    case 6: return tile_avx512<6>(t);
+    case 7: return tile_avx512<7>(t);
+    case 8: return tile_avx512<8>(t);
+    case 9: return tile_avx512<9>(t);
+    case 10: return tile_avx512<10>(t);
+    case 11: return tile_avx512<11>(t);
+    default: return tile_avx512<12>(t);
+  }
+}
+
+// AVX2 + FMA: 6 rows x 16 columns (two ymm per row): 12 accumulators of the 16 registers. A
+// 32-column panel is two calls, one per half (the panel row stride stays kPanel).
+// _mm256_max_ps(0, v) keeps NaN as above.
+template <int MR>
+__attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  const float* a = t.a;
+  const int64_t lda = t.lda;
+  const float* b = t.b + j0;
+  for (int64_t k = 0; k < t.kd; ++k, b += kPanel, ++a) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+  const int64_t cols = t.cols - j0;  // valid columns of this half, >= 1
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), lane);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols - 8)), lane);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 bias0 = t.bias ? _mm256_maskload_ps(t.bias + j0, m0) : zero;
+  const __m256 bias1 = t.bias ? _mm256_maskload_ps(t.bias + j0 + 8, m1) : zero;
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    float* c = t.c + i * t.ldc + j0;
+    __m256 v0 = _mm256_add_ps(c0[i], bias0), v1 = _mm256_add_ps(c1[i], bias1);
+    if (t.accumulate) {
+      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(c, m0));
+      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(c + 8, m1));
+    }
+    if (t.residual) {
+      const float* r = t.residual + i * t.ldr + j0;
+      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(r, m0));
+      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(r + 8, m1));
+    }
+    if (t.relu) {
+      v0 = _mm256_max_ps(zero, v0);
+      v1 = _mm256_max_ps(zero, v1);
+    }
+    _mm256_maskstore_ps(c, m0, v0);
+    _mm256_maskstore_ps(c + 8, m1, v1);
+  }
+}
+
+constexpr int kAvx2Rows = 6;
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Tile& t) {
+  half_avx2<MR>(t, 0);
+  if (t.cols > 16) half_avx2<MR>(t, 16);
+}
+
+__attribute__((target("avx2,fma"))) void run_avx2(const Tile& t) {
+  switch (t.rows) {
+    case 1: return tile_avx2<1>(t);
+    case 2: return tile_avx2<2>(t);
+    case 3: return tile_avx2<3>(t);
+    case 4: return tile_avx2<4>(t);
+    case 5: return tile_avx2<5>(t);
+    default: return tile_avx2<6>(t);
+  }
+}
+#endif
+
+struct Kernel {
+  void (*run)(const Tile&);
+  int64_t rows;
+  const char* isa;
+};
+
+// The widest kernel this CPU runs; RESNET_FUSED_CPU_ISA=avx2|generic asks for a narrower one
+// (tests run every kernel the machine can).
+Kernel pick() {
+  const char* env = std::getenv("RESNET_FUSED_CPU_ISA");
+  const std::string want = env ? env : "";
+  TORCH_CHECK_VALUE(want.empty() || want == "avx512" || want == "avx2" || want == "generic",
+                    "resnet_fused: RESNET_FUSED_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
+#if RF_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK_VALUE(!(want == "avx512" && !avx512) && !(want == "avx2" && !avx2),
+                    "resnet_fused: RESNET_FUSED_CPU_ISA=", want, " but this CPU does not have it");
+  if (avx512 && (want.empty() || want == "avx512")) return {run_avx512, kAvx512Rows, "avx512"};
+  if (avx2 && want != "generic") return {run_avx2, kAvx2Rows, "avx2"};
+#else
+  TORCH_CHECK_VALUE(want.empty() || want == "generic", "resnet_fused: RESNET_FUSED_CPU_ISA=", want,
+                    " but this CPU is not x86-64");
+#endif
+  return {run_generic, kGenericRows, "generic"};
+}
+
+const Kernel& kernel() {
+  static const Kernel k = pick();
+  return k;
+}
+
+}  // namespace
+
+int64_t tile_rows() { return kernel().rows; }
+
+void run_tile(const Tile& t) { kernel().run(t); }
+
+const char* tile_isa() { return kernel().isa; }
+
+}  // namespace resnet_fused::cpu

@@ -1,0 +1,49 @@
+// Register-blocked matrix-product kernels for the CPU convolutions, float32, with the epilogue
+// (bias, residual, accumulate, ReLU keeping NaN) applied in registers before the one store.
+//
+// B (the weight) is packed once into panels of kPanel output channels: panel p holds, for each
+// reduction index k, the kPanel weights of channels [p*kPanel, p*kPanel + kPanel) contiguous
+// (zeros past the last channel), so each step of the inner loop loads one panel row and
+// broadcasts one value of each A row (the activations, read in place: channels-last rows). This
+// is how oneDNN's brgemm and MLAS's SGEMM kernels run a 1x1 convolution; the kernel is built per
+// ISA (AVX-512: 12 rows x 32 columns in 24 accumulators; AVX2: 6 x 16 in 12; other CPUs: plain
+// C++) and the CPU picks one at first use.
+#pragma once
+
+#include <cstdint>
+
+namespace resnet_fused::cpu {
+
+constexpr int64_t kPanel = 32;
+
+// w: [n, kd] row-major (a channels-last conv weight [K, kh, kw, C]) -> packed
+// [ceil(n / kPanel), kd, kPanel].
+void pack_panels(const float* w, int64_t n, int64_t kd, float* packed);
+// The inverse: packed -> w [n, kd].
+void unpack_panels(const float* packed, int64_t n, int64_t kd, float* w);
+
+// Rows a kernel call computes at most (the ISA's register tile).
+int64_t tile_rows();
+
+// The arguments of one register tile: rows x cols of C (rows <= tile_rows(), cols <= kPanel).
+struct Tile {
+  int64_t rows, cols, kd;
+  const float* a;  // rows x kd, row stride lda
+  int64_t lda;
+  const float* b;  // one packed panel: kd x kPanel
+  float* c;        // rows x cols, row stride ldc
+  int64_t ldc;
+  const float* bias;      // cols values, or null
+  const float* residual;  // rows x cols, row stride ldr, or null
+  int64_t ldr;
+  bool accumulate;  // add what c holds
+  bool relu;        // x < 0 ? 0 : x (NaN stays NaN, as torch.relu)
+};
+
+// c = act(a @ panel + bias + residual [+ c]).
+void run_tile(const Tile& t);
+
+// Which kernel run_tile uses: "avx512", "avx2" or "generic".
+const char* tile_isa();
+
+}  // namespace resnet_fused::cpu
