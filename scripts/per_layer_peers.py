@@ -22,14 +22,6 @@ from resnet_fused import bench
 from resnet_fused.modules import FusedConv2d
 
 
-def _ov_name(node: str) -> str:
-    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'; '/conv1/Conv' -> 'conv1'."""
-    parts = [p for p in node.split("/") if p]
-    if len(parts) < 2:
-        return node
-    return parts[-2] if parts[-2].count(".") >= 1 or len(parts) == 2 else parts[-2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
@@ -90,7 +82,8 @@ def main() -> None:
     # OpenVINO node per fused layer: the Convolution node whose name carries the layer's path.
     ov_conv = {}
     for key, (ntype, etype) in ov_kind.items():
-        m = re.search(r"((?:layer\d\.\d+\.)?(?:conv\d|downsample\.0))", key.replace("/", "."))
+        path_ = key.replace("/", ".").replace("downsample.downsample.0", "downsample.0")
+        m = re.search(r"((?:layer\d\.\d+\.)?(?:conv\d|downsample\.0))", path_)
         if ntype == "Convolution" and m:
             ov_conv.setdefault(m.group(1), key)
     lines = [f"# resnet50 fp32 per layer, batch {args.batch}, {args.threads} threads", "",
@@ -110,7 +103,8 @@ def main() -> None:
                      f"{f / o:.2f} |")
     other = sum(med(v) for k, v in ov_t.items() if k not in ov_conv.values())
     lines += [f"| **all convs** | | {tf:.2f} | {to:.2f} | | {tf / to:.2f} |",
-              f"| OV other nodes (pool, fc, reorders) | | | {other:.2f} | | |"]
+              f"| everything else (fused: forward minus its convs; OV: its other nodes) | | "
+              f"{med(whole['fused']) - tf:.2f} | {other:.2f} | | |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

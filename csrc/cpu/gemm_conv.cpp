@@ -80,15 +80,20 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
   // panels once (each kept in L1/L2 while the block's tiles pass under it): the weight is read
   // once per row block, the input once per panel group. Blocks: A rows in about 512 KiB of L2.
   const int64_t budget = int64_t(512) << 10;
-  int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, (g.M * g.Kd * 4 + budget - 1) / budget));
-  int64_t groups = 1;
-  const int64_t want = 2 * threads;  // items enough for the threads to even out
-  if (row_blocks < want) {
-    // Too few for the threads: cut what costs less to read again. Weight-heavy layers (late
-    // layers, batch 1) split the panels; the others the rows, down to one tile a block.
-    const bool weight_heavy = panels * kPanel > g.M;
-    if (!weight_heavy) row_blocks = std::min(tiles, want);
-    groups = std::min(panels, (want + row_blocks - 1) / row_blocks);
+  const int64_t fit = std::min(tiles, std::max<int64_t>(1, (g.M * g.Kd * 4 + budget - 1) / budget));
+  // Items in a multiple of the threads where the blocks allow (equal items on a 2-core machine:
+  // 7 items would leave one core idle an eighth of the time).
+  int64_t row_blocks, groups = 1;
+  if (fit >= threads) {
+    row_blocks = std::min(tiles, (fit + threads - 1) / threads * threads);
+  } else if (panels * kPanel > g.M) {
+    // Too few blocks for the threads, and the weight outweighs the rows (late layers, batch
+    // 1): split the panels, each group reading its share of the weight once.
+    row_blocks = fit;
+    groups = std::min(panels, (threads + fit - 1) / fit);
+  } else {
+    row_blocks = std::min(tiles, threads);
+    groups = std::min(panels, (threads + row_blocks - 1) / row_blocks);
   }
   // Equal blocks of whole tiles.
   const int64_t rows = (tiles + row_blocks - 1) / row_blocks * mr;
@@ -101,13 +106,13 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
   const int64_t items = row_blocks * groups;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(threads, items);
-  // Rows read in place are 4 KiB apart or more where Kd is a multiple of 1024: a tile's 12 rows
-  // then fall in one L1 set (8 ways) and evict each other at every step. Those, and the rows
-  // built for the other shapes, are copied to a buffer whose row stride is 64 bytes longer.
-  const bool in_place = g.direct && g.Kd % 512 != 0;
+  // Rows read in place are a multiple of 4 KiB apart where Kd is a multiple of 1024: a tile's 12
+  // rows then fall in one L1 set (8 ways) and evict each other at every step. Those are copied
+  // to a buffer whose row stride is 64 bytes longer, as are the rows built for other shapes.
+  const bool in_place = g.direct && g.Kd % 1024 != 0;
   const int64_t lda = in_place ? g.Kd : g.Kd + 16;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buffer(in_place ? 0 : rows * lda);
+    float* buffer = in_place ? nullptr : scratch_floats(rows * lda);
     int64_t built = -1;  // the row block whose rows the buffer holds
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t rb = item / groups, p0 = (item % groups) * per_group;
@@ -117,12 +122,13 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
       if (in_place) {
         a = x + r0 * g.C;
       } else {
-        if (built != rb) im2col_rows(g, x, r0, nr, buffer.data(), lda);
+        if (built != rb) im2col_rows(g, x, r0, nr, buffer, lda);
         built = rb;
-        a = buffer.data();
+        a = buffer;
       }
       Tile t{};
       t.lda = lda;
+      t.ldb = kPanel;
       t.ldc = g.K;
       t.ldr = g.K;
       for (int64_t p = p0; p < p1; ++p) {

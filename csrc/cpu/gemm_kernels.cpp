@@ -51,7 +51,7 @@ template <int MR>
 void tile_generic(const Tile& t) {
   float acc[MR][kPanel] = {};
   for (int64_t k = 0; k < t.kd; ++k) {
-    const float* b = t.b + k * kPanel;
+    const float* b = t.b + k * t.ldb;
     for (int i = 0; i < MR; ++i) {
       const float a = t.a[i * t.lda + k];
       for (int j = 0; j < kPanel; ++j) acc[i][j] += a * b[j];
@@ -91,7 +91,7 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   const float* a = t.a;
   const int64_t lda = t.lda;
   const float* b = t.b;
-  for (int64_t k = 0; k < t.kd; ++k, b += kPanel, ++a) {
+  for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
@@ -148,7 +148,7 @@ __attribute__((target("avx512f"))) void run_avx512(const Tile& t) {
 }
 
 // AVX2 + FMA: 6 rows x 16 columns (two ymm per row): 12 accumulators of the 16 registers. A
-// 32-column panel is two calls, one per half (the panel row stride stays kPanel).
+// 32-column panel is two calls, one per half.
 // _mm256_max_ps(0, v) keeps NaN as above.
 template <int MR>
 __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
@@ -158,7 +158,7 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   const float* a = t.a;
   const int64_t lda = t.lda;
   const float* b = t.b + j0;
-  for (int64_t k = 0; k < t.kd; ++k, b += kPanel, ++a) {
+  for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
@@ -167,7 +167,7 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
       c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
     }
   }
-  const int64_t cols = t.cols - j0;  // valid columns of this half, >= 1
+  const int64_t cols = t.cols - j0;  // valid columns of this half, >= 1 (the panel row stride stays ldb)
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), lane);
   const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols - 8)), lane);
@@ -252,6 +252,23 @@ const Kernel& kernel() {
 }  // namespace
 
 int64_t tile_rows() { return kernel().rows; }
+
+float* scratch_floats(int64_t n) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buf;
+  if (n > buf.size) {
+    std::free(buf.data);
+    const int64_t bytes = (n * int64_t(sizeof(float)) + 63) / 64 * 64;
+    buf.data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(buf.data != nullptr, "resnet_fused: out of memory for ", bytes, " bytes of scratch");
+    buf.size = n;
+  }
+  return buf.data;
+}
 
 void run_tile(const Tile& t) { kernel().run(t); }
 

@@ -30,7 +30,8 @@ struct Tile {
   int64_t rows, cols, kd;
   const float* a;  // rows x kd, row stride lda
   int64_t lda;
-  const float* b;  // one packed panel: kd x kPanel
+  const float* b;  // one panel: kd rows of kPanel weights, row stride ldb (kPanel when packed)
+  int64_t ldb;
   float* c;        // rows x cols, row stride ldc
   int64_t ldc;
   const float* bias;      // cols values, or null
@@ -45,5 +46,11 @@ void run_tile(const Tile& t);
 
 // Which kernel run_tile uses: "avx512", "avx2" or "generic".
 const char* tile_isa();
+
+// This thread's scratch space for at least n floats (uninitialised, 64-byte aligned), kept
+// between calls and grown when asked for more: the kernels' per-call buffers (im2col rows,
+// Winograd chunks) cost no allocation, zeroing or page faults per call. Valid until this
+// thread's next call.
+float* scratch_floats(int64_t n);
 
 }  // namespace resnet_fused::cpu

@@ -13,9 +13,10 @@
 // Blocking: the tiles are cut into chunks small enough that a chunk's transformed input and
 // its 16 products stay in the core's L2 cache; each thread takes whole chunks (input
 // transform, products, output transform), so nothing but the input, the transformed weight
-// and the output travels through memory. The products are ATen's (MKL / oneDNN sgemm) on one
-// thread each; the transforms are plain loops over channels (contiguous in channels-last) that
-// the compiler vectorises, built per ISA with GCC's target_clones (clones.h).
+// and the output travels through memory. The products run on our register-tile kernels
+// (gemm_kernels.h) reading the transformed weight in place; the transforms are plain loops over
+// channels (contiguous in channels-last) that the compiler vectorises, built per ISA with GCC's
+// target_clones (clones.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +27,7 @@
 
 #include "../checks.h"
 #include "clones.h"
+#include "gemm_kernels.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -227,52 +229,115 @@ void tiles_out(const Tiling& g, const float* m, int64_t stride, int64_t t0, int6
   }
 }
 
-// A transformed weight above this is not re-read per chunk of tiles: the convolution runs in
-// three passes over all tiles instead, the products on every thread at once (each thread then
-// reads its own part of U once).
-constexpr int64_t kChunkedMaxWeightBytes = int64_t(4) << 20;
+// The 16 matrix products M[xi] = V[xi] U[xi] on the register-tile kernel (gemm_kernels.h),
+// reading U [16, C, K] in place as panels of 32 columns (row stride K); a last panel narrower
+// than 32 is read from a zero-padded copy (the kernel loads whole panel rows).
+struct Products {
+  const float* U;
+  int64_t C, K, panels;
+  std::vector<float> tail;  // [16, C, kPanel]: U's last, partial panel, zero-padded (if any)
+
+  Products(const float* u, int64_t c, int64_t k) : U(u), C(c), K(k), panels((k + kPanel - 1) / kPanel) {
+    const int64_t n0 = (panels - 1) * kPanel, cols = K - n0;
+    if (cols == kPanel) return;
+    tail.assign(16 * C * kPanel, 0.f);
+    for (int64_t xi = 0; xi < 16; ++xi) {
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(U + (xi * C + c) * K + n0, cols, tail.data() + (xi * C + c) * kPanel);
+      }
+    }
+  }
+
+  // M[xi] rows [0, rows) (row stride K), panels [p0, p1), from V[xi] (row stride C): this thread.
+  void run(int64_t xi, const float* v, int64_t rows, float* m, int64_t p0, int64_t p1) const {
+    const int64_t mr = tile_rows();
+    Tile t{};
+    t.lda = C;
+    t.ldc = K;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel;
+      t.cols = std::min(kPanel, K - n0);
+      const bool full = t.cols == kPanel;
+      const float* b = full ? U + xi * C * K + n0 : tail.data() + xi * C * kPanel;
+      t.ldb = full ? K : kPanel;
+      // (the reduction in chunks of at most 256: a panel chunk stays in L1 while the tiles pass)
+      const int64_t kchunks = (C + 255) / 256, kchunk = (C + kchunks - 1) / kchunks;
+      for (int64_t k0 = 0; k0 < C; k0 += kchunk) {
+        t.kd = std::min(kchunk, C - k0);
+        t.b = b + k0 * t.ldb;
+        t.accumulate = k0 > 0;
+        for (int64_t i = 0; i < rows; i += mr) {
+          t.rows = std::min(mr, rows - i);
+          t.a = v + i * C + k0;
+          t.c = m + i * K + n0;
+          run_tile(t);
+        }
+      }
+    }
+  }
+};
 
 // out (NHWC, may be the residual itself) = act(conv3x3_s1_p1(x) + bias [+ residual]).
+//
+// Two schedules. Chunked: each thread takes chunks of tiles and runs all three steps on them
+// (transformed input and products stay in its L2), reading all of U once per chunk. Three
+// passes: every input transform, then the products split over (position, panel group) items,
+// then every output transform (V and M go through memory once each, U is read once). The
+// chunked one unless U is past L2 and re-reading it per chunk would move more bytes than V
+// and M do (batch 1 in the late layers).
 void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
                   bool relu) {
   const Tiling g(x, U);
   const int64_t C = g.C, K = g.K, tiles = g.tiles;
   const float* xp = x.data_ptr<float>();
   const std::vector<float> zeros(std::max(C, K), 0.f);
-  if (16 * C * K * int64_t(sizeof(float)) > kChunkedMaxWeightBytes) {
-    Tensor V = at::empty({16, tiles, C}, x.options());
-    Tensor M = at::empty({16, tiles, K}, x.options());
-    float* vp = V.data_ptr<float>();
-    const float* mp = M.data_ptr<float>();
+  const Products products(U.data_ptr<float>(), C, K);
+  const int64_t T = chunk_tiles(C, K, tiles);
+  const int64_t chunks = (tiles + T - 1) / T;
+  const int64_t u_bytes = 16 * C * K * int64_t(sizeof(float));
+  const int64_t vm_bytes = 16 * tiles * (C + K) * int64_t(sizeof(float));
+  const int64_t threads = at::get_num_threads();
+  if (u_bytes > (int64_t(512) << 10) && chunks * u_bytes > 2 * vm_bytes) {
+    // (this thread's scratch, shared with the workers for the call)
+    float* vp = scratch_floats(16 * tiles * (C + K));
+    float* mp = vp + 16 * tiles * C;
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
       tiles_in(g, xp, zeros.data(), t0, t1 - t0, vp + t0 * C, tiles * C);
     });
-    at::bmm_out(M, V, U);
+    // (position, panel group) items: the groups as small as keeps every thread busy
+    const int64_t groups = std::min(products.panels, std::max<int64_t>(1, (4 * threads + 15) / 16));
+    const int64_t per_group = (products.panels + groups - 1) / groups;
+    const int64_t items = 16 * ((products.panels + per_group - 1) / per_group);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
+      for (int64_t item = next++; item < items; item = next++) {
+        const int64_t xi = item % 16, p0 = (item / 16) * per_group;
+        products.run(xi, vp + xi * tiles * C, tiles, mp + xi * tiles * K, p0,
+                     std::min(products.panels, p0 + per_group));
+      }
+    });
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
       std::vector<float> scratch(K);
       tiles_out(g, mp + t0 * K, tiles * K, t0, t1 - t0, bias, residual, out, zeros.data(), scratch.data(), relu);
     });
     return;
   }
-  const int64_t T = chunk_tiles(C, K, tiles);
-  const int64_t chunks = (tiles + T - 1) / T;
   // Chunks are handed out one at a time (an atomic counter), not split in equal ranges up front:
   // on a shared machine one core is often slowed, and a static split makes the other wait.
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t workers = std::min<int64_t>(threads, chunks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Tensor V = at::empty({16, T, C}, x.options());
-    Tensor M = at::empty({16, T, K}, x.options());
-    std::vector<float> scratch(K);
-    float* vp = V.data_ptr<float>();
-    float* mp = M.data_ptr<float>();
+    float* V = scratch_floats(16 * T * (C + K) + K);
+    float* M = V + 16 * T * C;
+    float* scratch = M + 16 * T * K;
     for (int64_t chunk = next++; chunk < chunks; chunk = next++) {
       const int64_t t0 = chunk * T, nt = std::min(T, tiles - t0);
-      tiles_in(g, xp, zeros.data(), t0, nt, vp, T * C);
+      tiles_in(g, xp, zeros.data(), t0, nt, V, T * C);
       // the 16 products of this chunk, on this thread: M[xi] = V[xi] U[xi]
-      Tensor m = M.narrow(1, 0, nt);
-      at::bmm_out(m, V.narrow(1, 0, nt), U);
-      tiles_out(g, mp, T * K, t0, nt, bias, residual, out, zeros.data(), scratch.data(), relu);
+      for (int64_t xi = 0; xi < 16; ++xi) {
+        products.run(xi, V + xi * T * C, nt, M + xi * T * K, 0, products.panels);
+      }
+      tiles_out(g, M, T * K, t0, nt, bias, residual, out, zeros.data(), scratch, relu);
     }
   });
 }

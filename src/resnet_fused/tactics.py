@@ -59,7 +59,7 @@ TIE = 0.03
 #: which timing cannot see, not a speed rule.
 WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the gemm candidate runs our own packed kernels
 
 
 # --- candidates -------------------------------------------------------------------------------
