@@ -282,9 +282,11 @@ struct Products {
 // Two schedules. Chunked: each thread takes chunks of tiles and runs all three steps on them
 // (transformed input and products stay in its L2), reading all of U once per chunk. Three
 // passes: every input transform, then the products split over (position, panel group) items,
-// then every output transform (V and M go through memory once each, U is read once). The
-// chunked one unless U is past L2 and re-reading it per chunk would move more bytes than V
-// and M do (batch 1 in the late layers).
+// then every output transform (V and M go through memory once each, U is read once). Three
+// passes where U is past L2 and either there are at most two chunks a thread (batch 1 from
+// layer2 on in ResNet-50: the threads' few chunks would each stream all of U for little work)
+// or re-reading U per chunk would move more than 8x the bytes of V and M (a 512-channel layer
+// on a 7x7 map at batch 8); chunked otherwise (measured on ResNet-50's shapes on a Zen 4).
 void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
                   bool relu) {
   const Tiling g(x, U);
@@ -295,9 +297,9 @@ void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const flo
   const int64_t T = chunk_tiles(C, K, tiles);
   const int64_t chunks = (tiles + T - 1) / T;
   const int64_t u_bytes = 16 * C * K * int64_t(sizeof(float));
-  const int64_t vm_bytes = 16 * tiles * (C + K) * int64_t(sizeof(float));
   const int64_t threads = at::get_num_threads();
-  if (u_bytes > (int64_t(512) << 10) && chunks * u_bytes > 2 * vm_bytes) {
+  const int64_t vm_bytes = 16 * tiles * (C + K) * int64_t(sizeof(float));
+  if (u_bytes > (int64_t(512) << 10) && (chunks <= 2 * threads || chunks * u_bytes > 8 * vm_bytes)) {
     // (this thread's scratch, shared with the workers for the call)
     float* vp = scratch_floats(16 * tiles * (C + K));
     float* mp = vp + 16 * tiles * C;
