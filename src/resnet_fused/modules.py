@@ -14,9 +14,10 @@ exactly with ``to_dense()``.
 
 On CPU in float32 the 3x3 stride-1 layers where it measured faster (see ``_winograd_fits``) run
 Winograd F(2x2, 3x3) instead (our kernel, csrc/cpu/winograd.cpp): their cached weight is the
-Winograd transform, made once, and the plain master stays as it is. The 1x1 layers where it
-measured faster (see ``_gemm_fits``) run as blocked matrix products with the epilogue in cache
-(csrc/cpu/gemm_conv.cpp) on the plain master itself: nothing is packed or copied for them.
+Winograd transform, made once, and the plain master stays as it is. The 1x1 layers the rule picks
+(see ``_gemm_fits``) run as matrix products on our register-tile kernel (csrc/cpu/gemm_conv.cpp)
+with the weight packed once into panels, which replace the plain master as oneDNN's packed weight
+does.
 Those are the rules; with ``tune`` (``fuse(tune=True)``, the default there) each layer measures
 the three kernels on the first input of each shape instead and runs the fastest that meets the
 accuracy rule (resnet_fused.tactics).

@@ -163,8 +163,8 @@ class Winograd(Candidate):
 
 
 class Gemm(Candidate):
-    """Blocked matrix products with the epilogue applied in cache (any kernel, stride and
-    padding; kernels over 1x1 build im2col rows), on the plain channels-last weight."""
+    """Matrix products on our register-tile kernel with the epilogue in registers (any kernel,
+    stride and padding; kernels over 1x1 build im2col rows), on the weight packed once in panels."""
 
     name = GEMM
     switch = "gemm"
