@@ -339,3 +339,49 @@ def test_fused_model_uses_it_in_place_and_keeps_the_rule():
     assert not any(v[2] == "gemm" for m in onednn.modules() if isinstance(m, FusedConv2d) for v in m._cache.values())
     assert_accuracy_rule(out, eager, ref, what="gemm block")
     assert_accuracy_rule(out_onednn, eager, ref, what="oneDNN block")
+
+
+def test_the_last_calls_answer_follows_every_change():
+    """A layer keeps its last call's weights and kernel apart (_memo_key) for speed: whatever that
+    answer depends on (the input's shape and layout, threads, the switches, an in-place edit of
+    the weight or bias, a new weight tensor or storage, a reload) gives a fresh answer."""
+    m = layer(64, 64)
+    x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    ref = lambda: torch.nn.functional.conv2d(x, m.dense_weight(), m.bias)  # noqa: E731
+
+    def run():
+        with torch.inference_mode():
+            out = m(x, assume_finite=True)
+        torch.testing.assert_close(out, ref(), rtol=1e-4, atol=1e-4)
+        return m._cache[m._cache_key(x)][2]
+
+    assert run() == ("gemm" if ops.gemm_isa() == "avx512" else "")
+    m.gemm = False
+    assert run() == ""
+    m.gemm = True
+    run()
+    with torch.no_grad():
+        m.bias.add_(1.0)  # in place: the version counter moves
+    run()
+    plain = m.dense_weight().clone()
+    m.load_state_dict({"weight": plain * 2, "bias": m.bias.detach().clone()})
+    run()
+    m.weight.data = m.dense_weight() * 0.5  # new storage under the same Parameter
+    run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run()
+    finally:
+        torch.set_num_threads(threads)
+    x = x.contiguous()  # NCHW: the same shape, other strides
+    run()
+    assert copy.deepcopy(m)._memo is None
+    # A Winograd layer runs a transform of its plain master: new storage under the master (its
+    # version counter unchanged) must reach it.
+    m = layer(64, 64, kernel=3)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ref = lambda: torch.nn.functional.conv2d(x, m.dense_weight(), m.bias, padding=1)  # noqa: E731
+    assert run() == "winograd"
+    m.weight.data = m.dense_weight() * 0.5
+    assert run() == "winograd"

@@ -64,8 +64,14 @@ def _is_packed(w: Tensor) -> bool:
 
 
 def _version(t: Tensor) -> int:
-    # Inference tensors have no version counter; they cannot be changed in place either.
-    return -1 if t.is_inference() else t._version
+    # Inference tensors have no version counter; they cannot be changed in place either. (A
+    # Parameter made in inference mode keeps having none after `.data =` gives it a normal tensor.)
+    if t.is_inference():
+        return -1
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def to_channels_last(x):
@@ -189,6 +195,7 @@ class FusedConv2d(nn.Module):
         self.compute_dtype: Optional[torch.dtype] = None
         self._cache: dict = {}
         self._packed_for: Optional[tuple] = None  # the regime a prepacked master was packed for
+        self._memo: Optional[tuple] = None  # the last call's answer of _weights (see _memo_key)
         self._plain_strides: Optional[tuple] = None  # the plain master's, where panels replaced it
         self._lock = threading.Lock()
 
@@ -292,6 +299,7 @@ class FusedConv2d(nn.Module):
             state["_packed_for"] = None  # (the copy's master is plain)
         state.pop("_lock", None)
         state["_tuned"] = {}  # choices hold for this machine: a copy loaded elsewhere chooses again
+        state["_memo"] = None
         return state
 
     def __setstate__(self, state):
@@ -304,6 +312,7 @@ class FusedConv2d(nn.Module):
         state.setdefault("tune_name", "")
         state.setdefault("_tuned", {})
         state.setdefault("_tactics_log", None)
+        state["_memo"] = None
         self.__dict__.update(state)
         if "_master_cl" not in state:
             self._master_cl = _is_channels_last(self.weight)
@@ -386,10 +395,30 @@ class FusedConv2d(nn.Module):
                 "rejected": record.get("rejected", {}),
             })
 
+    def _memo_key(self, x: Tensor) -> tuple:
+        """Everything _cache_key reads, in the few calls it takes to read them (a model calls each
+        layer again and again in one input regime: _cache_key's own work was a third of a small
+        layer's time on CPU). Objects by identity; the memo pins them, so no id is reused."""
+        p = self._parameters
+        w, b = p["weight"], p["bias"]
+        return (x.shape, x.stride(), x.dtype, x.device, torch.get_num_threads(), id(w), id(b),
+                0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b), id(self._cache), id(self._tuned),
+                self.winograd, self.gemm, self.tune, self.prepack, self.compute_dtype)
+
     def _weights(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor, str]:
         """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached, and the
         kernel they are for (see _path). The key holds everything a hit relies on, so the input
-        checks run on a miss only."""
+        checks run on a miss only; the last call's answer is kept apart (_memo_key)."""
+        memo = self._memo
+        if memo is not None and memo[0] == self._memo_key(x):
+            return memo[1]
+        found = self._weights_cached(x, residual)
+        if x.dim() == 4 and x.shape[1] == self.in_channels and x.dtype == self.dtype:
+            p = self._parameters
+            self._memo = (self._memo_key(x), found, (p["weight"], p["bias"], self._cache, self._tuned))
+        return found
+
+    def _weights_cached(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor, str]:
         hit = self._cache.get(self._cache_key(x))
         if hit is not None:
             return hit
