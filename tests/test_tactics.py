@@ -143,6 +143,10 @@ class SlowGemm(tactics.Gemm):
         time.sleep(0.02)
         return super().run(layer, x, w, b, residual)
 
+    def run_(self, layer, x, w, b, residual):
+        time.sleep(0.02)
+        super().run_(layer, x, w, b, residual)
+
 
 class FastWrong(tactics.Gemm):
     """Instant and wrong."""
@@ -150,6 +154,9 @@ class FastWrong(tactics.Gemm):
     def run(self, layer, x, w, b, residual):
         return torch.zeros(x.shape[0], layer.out_channels, *x.shape[2:]).contiguous(
             memory_format=torch.channels_last)
+
+    def run_(self, layer, x, w, b, residual):
+        residual.zero_()
 
 
 def test_a_slow_candidate_is_not_chosen(cache, monkeypatch):
@@ -160,6 +167,33 @@ def test_a_slow_candidate_is_not_chosen(cache, monkeypatch):
         assert t["source"] == "measured" and "gemm" in t["times_ms"]
         assert t["choice"] == "onednn", t  # (winograd is switched off)
     assert all(k == "" for k in kernels(fused).values())
+
+
+def test_a_layer_that_writes_into_its_residual_is_timed_so(cache, monkeypatch):
+    """A layer that writes into its residual (inplace_residual, as fuse() sets it for ResNet's
+    blocks): every candidate is timed and checked in place, into a copy, and the residual it was
+    given is left as it was."""
+    fused = resnet_fused.fuse(model())
+    layer = convs(fused)[2]
+    layer.inplace_residual = True
+    x = torch.randn(2, 128, 20, 20).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 64, 20, 20).contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+
+    class WrongInPlace(tactics.Gemm):
+        """Right out of place, wrong in place: only an in-place measurement sees it."""
+
+        def run_(self, layer, x, w, b, residual):
+            residual.zero_()
+
+    monkeypatch.setattr(tactics, "CANDIDATES", [WrongInPlace(), tactics.OneDNN()])
+    record = tactics.measure(layer, x, residual)
+    assert torch.equal(residual, before)
+    assert "gemm" in record["rejected"]
+    monkeypatch.setattr(tactics, "CANDIDATES", [SlowGemm(), tactics.OneDNN()])
+    record = tactics.measure(layer, x, residual)
+    assert torch.equal(residual, before) and not record["rejected"]
+    assert record["times_ms"]["gemm"] >= 20
 
 
 def test_a_wrong_candidate_is_rejected_however_fast(cache, monkeypatch):

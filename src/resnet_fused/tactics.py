@@ -59,7 +59,7 @@ TIE = 0.03
 #: which timing cannot see, not a speed rule.
 WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
-_CACHE_VERSION = 2  # 2: the gemm candidate runs our own packed kernels
+_CACHE_VERSION = 3  # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place
 
 
 # --- candidates -------------------------------------------------------------------------------
@@ -107,6 +107,10 @@ class Candidate:
     def run(self, layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def run_(self, layer, x: Tensor, w: Tensor, b: Tensor, residual: Tensor) -> None:
+        """The same written into the residual (how a layer with ``inplace_residual`` runs)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<candidate {self.name}>"
 
@@ -128,6 +132,10 @@ class OneDNN(Candidate):
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.conv2d_bias_act.default(
             x, w, b, residual, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu, True)
+
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused.conv2d_bias_act_.default(
+            residual, x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu, True)
 
 
 class Winograd(Candidate):
@@ -161,6 +169,9 @@ class Winograd(Candidate):
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu)
 
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu)
+
 
 class Gemm(Candidate):
     """Matrix products on our register-tile kernel with the epilogue in registers (any kernel,
@@ -186,6 +197,10 @@ class Gemm(Candidate):
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, layer.stride, layer.padding,
                                                                    layer.relu, layer.out_channels)
+
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused.gemm_conv2d_bias_act_.default(residual, x, w, b, layer.stride, layer.padding,
+                                                             layer.relu, layer.out_channels)
 
 
 #: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.
@@ -389,7 +404,9 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
     switches and the TIE margin)}.
 
     x is used as it is when finite (the layer's real input), else replaced by random numbers of
-    its shape; likewise the residual."""
+    its shape; likewise the residual. A layer that writes into its residual (``inplace_residual``)
+    is timed so, into a copy of the residual made before the caches are flushed: writing a fresh
+    output costs other kernels differently (page faults, write-allocate) than the model pays."""
     cands = [c for c in (candidates if candidates is not None else CANDIDATES) if c.applies(layer, x)]
     with torch.no_grad():
         if not bool(torch.isfinite(x.sum())):
@@ -398,15 +415,28 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
             residual = torch.randn_like(residual)
         b = _bias(layer)
         prepared = {c.name: c.prepare(layer, x) for c in cands}
+        inplace = residual is not None and bool(getattr(layer, "inplace_residual", False))
+        buf = torch.empty_like(residual) if inplace else None
+
+        def call(c):
+            if inplace:
+                c.run_(layer, x, prepared[c.name], b, buf)
+                return buf
+            return c.run(layer, x, prepared[c.name], b, residual)
+
         outs = {}
         for c in cands:  # warm-up (and the output checked below)
-            outs[c.name] = c.run(layer, x, prepared[c.name], b, residual)
+            if inplace:
+                buf.copy_(residual)
+            outs[c.name] = call(c).clone()
         times: dict = {c.name: [] for c in cands}
         for i in range(MAX_TIMED_CALLS):
             for c in cands:
+                if inplace:
+                    buf.copy_(residual)
                 _flush()
                 t0 = time.perf_counter()
-                c.run(layer, x, prepared[c.name], b, residual)
+                call(c)
                 times[c.name].append(time.perf_counter() - t0)
             if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
                 break
