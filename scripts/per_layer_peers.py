@@ -89,8 +89,10 @@ def main() -> None:
     lines = [f"# resnet50 fp32 per layer, batch {args.batch}, {args.threads} threads", "",
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
              f"{args.rounds} rounds interleaved, medians", "",
-             f"whole forward: fused {med(whole['fused']):.2f} ms, openvino {med(whole['openvino']):.2f} ms "
-             f"(openvino/fused {med(whole['openvino']) / med(whole['fused']):.2f})", "",
+             f"whole forward: fused {med(whole['fused']):.2f} ms (with the hooks), openvino "
+             f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on); the whole-model comparison without either "
+             "is the benchmark's (python -m resnet_fused.bench)", "",
+             "fused ms: the FusedConv2d module (its Python included); OV ms: the node's own time", "",
              "| layer | fused kernel | fused ms | OV ms | OV exec | fused/OV |", "|---|---|---:|---:|---|---:|"]
     tf = to = 0.0
     for name in sorted(fused_t, key=lambda n: list(names.values()).index(n)):
