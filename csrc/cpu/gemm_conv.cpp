@@ -21,9 +21,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <string>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../checks.h"

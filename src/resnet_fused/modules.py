@@ -265,7 +265,8 @@ class FusedConv2d(nn.Module):
         if w.dim() == 5:
             # (the strides the plain master had: a 1x1 weight counts as contiguous in both formats)
             plain = torch.ops.resnet_fused.gemm_unpack.default(w, self.out_channels)
-            return torch.empty_strided(plain.shape, self._plain_strides or plain.stride()).copy_(plain)
+            return torch.empty_strided(plain.shape, self._plain_strides or plain.stride(), dtype=plain.dtype,
+                                       device=plain.device).copy_(plain)
         return w
 
     def _plain_master(self) -> nn.Parameter:
