@@ -46,6 +46,15 @@ def test_against_float64(shape, residual, relu, bias):
     check(x, w, b, res, relu, what=f"{shape} res={residual} relu={relu} bias={bias}")
 
 
+@pytest.mark.parametrize("n,c,k,h", [(1, 300, 40, 9), (1, 512, 512, 24)], ids=["partial-panel", "large-V-and-M"])
+def test_three_pass_schedule(n, c, k, h):
+    """The three-pass schedule (a transformed weight past L2, few chunks a thread) with a partial
+    last panel (40 output channels: read from a zero-padded copy), and with V and M past the
+    per-thread scratch's 8 MiB (a tensor of the call's own)."""
+    x, w, b, res, _ = make_inputs(n, c, k, 3, 1, h, dtype=torch.float32, residual=True, channels_last=True)
+    check(x, w, b, res, True, what=f"n={n} c={c} k={k} h={h}")
+
+
 def test_nchw_and_rectangular_inputs():
     x, w, b, res, _ = make_inputs(3, 12, 10, 3, 1, 9, w=14, residual=True, channels_last=False)
     out = check(x, w, b, res, True, what="nchw 9x14")

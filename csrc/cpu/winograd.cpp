@@ -300,8 +300,17 @@ void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const flo
   const int64_t threads = at::get_num_threads();
   const int64_t vm_bytes = 16 * tiles * (C + K) * int64_t(sizeof(float));
   if (u_bytes > (int64_t(512) << 10) && (chunks <= 2 * threads || chunks * u_bytes > 8 * vm_bytes)) {
-    // (this thread's scratch, shared with the workers for the call)
-    float* vp = scratch_floats(16 * tiles * (C + K));
+    // V and M in this thread's scratch, shared with the workers for the call (past 8 MiB a
+    // tensor of the call's own: the scratch is kept between calls)
+    const int64_t vm_floats = 16 * tiles * (C + K);
+    Tensor vm;
+    float* vp;
+    if (vm_floats * int64_t(sizeof(float)) <= (int64_t(8) << 20)) {
+      vp = scratch_floats(vm_floats);
+    } else {
+      vm = at::empty({vm_floats}, x.options());
+      vp = vm.data_ptr<float>();
+    }
     float* mp = vp + 16 * tiles * C;
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
       tiles_in(g, xp, zeros.data(), t0, t1 - t0, vp + t0 * C, tiles * C);
