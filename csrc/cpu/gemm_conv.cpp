@@ -100,9 +100,6 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
   row_blocks = (g.M + rows - 1) / rows;
   const int64_t per_group = (panels + groups - 1) / groups;
   groups = (panels + per_group - 1) / per_group;
-  // Reduction chunks of at most 256 (a panel chunk of 32 KiB), equal.
-  const int64_t kchunks = (g.Kd + 255) / 256;
-  const int64_t kchunk = (g.Kd + kchunks - 1) / kchunks;
   const int64_t items = row_blocks * groups;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(threads, items);
@@ -134,24 +131,15 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * kPanel;
         t.cols = std::min(kPanel, g.K - n0);
-        // The reduction in chunks whose panel rows (chunk x 32 floats) stay in L1 while the
-        // block's tiles pass; partial sums wait in the output (in L1/L2 meanwhile). The first
-        // chunk adds the bias and the residual, the last applies the ReLU.
-        for (int64_t k0 = 0; k0 < g.Kd; k0 += kchunk) {
-          const bool first = k0 == 0, last = k0 + kchunk >= g.Kd;
-          t.kd = std::min(kchunk, g.Kd - k0);
-          t.b = packed + p * g.Kd * kPanel + k0 * kPanel;
-          t.bias = first && bias ? bias + n0 : nullptr;
-          t.accumulate = accumulate || !first;
-          t.relu = relu && last;
-          for (int64_t i = 0; i < nr; i += mr) {
-            t.rows = std::min(mr, nr - i);
-            t.a = a + i * lda + k0;
-            t.c = out + (r0 + i) * g.K + n0;
-            t.residual = first && residual ? residual + (r0 + i) * g.K + n0 : nullptr;
-            run_tile(t);
-          }
-        }
+        t.kd = g.Kd;
+        t.a = a;
+        t.b = packed + p * g.Kd * kPanel;
+        t.c = out + r0 * g.K + n0;
+        t.bias = bias ? bias + n0 : nullptr;
+        t.residual = residual ? residual + r0 * g.K + n0 : nullptr;
+        t.accumulate = accumulate;
+        t.relu = relu;
+        run_panel(t, nr);
       }
     }
   });

@@ -8,6 +8,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -271,6 +272,29 @@ float* scratch_floats(int64_t n) {
 }
 
 void run_tile(const Tile& t) { kernel().run(t); }
+
+void run_panel(Tile t, int64_t rows) {
+  const Kernel& k = kernel();
+  const int64_t kd = t.kd, chunks = (kd + 255) / 256, chunk = (kd + chunks - 1) / chunks;
+  const float *a = t.a, *b = t.b, *bias = t.bias, *residual = t.residual;
+  float* c = t.c;
+  const bool accumulate = t.accumulate, relu = t.relu;
+  for (int64_t k0 = 0; k0 < kd; k0 += chunk) {
+    const bool first = k0 == 0, last = k0 + chunk >= kd;
+    t.kd = std::min(chunk, kd - k0);
+    t.b = b + k0 * t.ldb;
+    t.bias = first ? bias : nullptr;
+    t.accumulate = accumulate || !first;
+    t.relu = relu && last;
+    for (int64_t i = 0; i < rows; i += k.rows) {
+      t.rows = std::min(k.rows, rows - i);
+      t.a = a + i * t.lda + k0;
+      t.c = c + i * t.ldc;
+      t.residual = first && residual ? residual + i * t.ldr : nullptr;
+      k.run(t);
+    }
+  }
+}
 
 const char* tile_isa() { return kernel().isa; }
 

@@ -250,29 +250,19 @@ struct Products {
 
   // M[xi] rows [0, rows) (row stride K), panels [p0, p1), from V[xi] (row stride C): this thread.
   void run(int64_t xi, const float* v, int64_t rows, float* m, int64_t p0, int64_t p1) const {
-    const int64_t mr = tile_rows();
     Tile t{};
     t.lda = C;
     t.ldc = K;
+    t.kd = C;
+    t.a = v;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel;
       t.cols = std::min(kPanel, K - n0);
       const bool full = t.cols == kPanel;
-      const float* b = full ? U + xi * C * K + n0 : tail.data() + xi * C * kPanel;
+      t.b = full ? U + xi * C * K + n0 : tail.data() + xi * C * kPanel;
       t.ldb = full ? K : kPanel;
-      // (the reduction in chunks of at most 256: a panel chunk stays in L1 while the tiles pass)
-      const int64_t kchunks = (C + 255) / 256, kchunk = (C + kchunks - 1) / kchunks;
-      for (int64_t k0 = 0; k0 < C; k0 += kchunk) {
-        t.kd = std::min(kchunk, C - k0);
-        t.b = b + k0 * t.ldb;
-        t.accumulate = k0 > 0;
-        for (int64_t i = 0; i < rows; i += mr) {
-          t.rows = std::min(mr, rows - i);
-          t.a = v + i * C + k0;
-          t.c = m + i * K + n0;
-          run_tile(t);
-        }
-      }
+      t.c = m + n0;
+      run_panel(t, rows);
     }
   }
 };
