@@ -43,7 +43,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   // Winograd F(2x2, 3x3), CPU float32: the 3x3 weight [K, C, 3, 3] transformed once into
   // [16, C, K], and act(conv2d(input, weight, stride=1, padding=1) + bias [+ residual]) from it
   // (out of place, and into the residual).
-  m.def("winograd_prepack(Tensor weight) -> Tensor");
+  m.def("winograd_prepack(Tensor weight, int tile=2) -> Tensor");
   m.def(
       "winograd_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
       "bool relu) -> Tensor");

@@ -122,7 +122,7 @@ def test_each_measured_choice_meets_the_rule_layer_by_layer(cache):
     in both layouts as the yardstick)."""
     fused = resnet_fused.fuse(model())
     x = x_for().contiguous(memory_format=torch.channels_last)
-    layer = convs(fused)[0]  # conv1: all three candidates apply
+    layer = convs(fused)[0]  # conv1: all four candidates apply
     name, record = tactics.decide(layer, x)
     cand = tactics.candidate(name)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_each_measured_choice_meets_the_rule_layer_by_layer(cache):
                  torch.relu(torch.nn.functional.conv2d(x.contiguous(), w.contiguous(), b, padding=1))]
         ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
         mag = torch.nn.functional.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), padding=1)
-    assert record["source"] == "measured" and set(record["times_ms"]) == {"onednn", "winograd", "gemm"}
+    assert record["source"] == "measured" and set(record["times_ms"]) == {"onednn", "winograd", "winograd4", "gemm"}
     assert_accuracy_rule(out, eager, ref, what=f"chosen {name}", magnitude=mag)
 
 
@@ -202,6 +202,80 @@ def test_a_wrong_candidate_is_rejected_however_fast(cache, monkeypatch):
     name, record = tactics.decide(layer, x_for().contiguous(memory_format=torch.channels_last))
     assert "gemm" in record["rejected"] and name == "onednn"
     assert tactics.choose(layer, x_for().contiguous(memory_format=torch.channels_last)) == "onednn"  # cached
+
+
+class SlowOneDNN(tactics.OneDNN):
+    """oneDNN, 20 ms late (so that Winograd F(4x4) is the fastest by construction)."""
+
+    def run(self, layer, x, w, b, residual):
+        time.sleep(0.02)
+        return super().run(layer, x, w, b, residual)
+
+
+def test_a_weight_dependent_verdict_is_checked_on_each_layer(cache, monkeypatch):
+    """F(4x4)'s error depends on the weights: the timing record of one layer serves every layer
+    of its shape, but its accuracy verdict does not. A layer that meets the record in the cache
+    gets F(4x4) only after its own check, and falls back to the next fastest when that fails."""
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), SlowOneDNN()])
+    a, b, c = (convs(resnet_fused.fuse(model()))[0] for _ in range(3))
+    with torch.no_grad():
+        b.weight.mul_(1.5)
+        c.weight.mul_(0.5)
+    x = x_for().contiguous(memory_format=torch.channels_last)
+    first, record = tactics.decide(a, x)
+    assert record["source"] == "measured" and record["times_ms"]["onednn"] >= 20
+    checked = []
+
+    def check(layer, x, residual, name):
+        checked.append((layer, name))
+        return "too far off, says the test" if layer is b else None
+
+    monkeypatch.setattr(tactics, "check_accuracy", check)
+    assert tactics.decide(c, x)[0] == "winograd4"  # whatever a's own verdict was
+    name, record = tactics.decide(b, x)
+    assert record["source"] == "cache" and name == "onednn"
+    assert record["rejected"] == {"winograd4": "too far off, says the test"}
+    assert checked == [(c, "winograd4"), (b, "winograd4")]
+
+
+def test_new_weights_choose_again_where_the_choice_hung_on_them(cache, monkeypatch):
+    """A layer whose choice hung on an accuracy check of its own weights (F(4x4) in play) chooses
+    again when its weights change (by load_state_dict, or in place); the 1x1s, whose choices do
+    not depend on the weights, keep theirs. The same weights give the same choices."""
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), SlowGemm(), tactics.OneDNN()])
+    x = x_for()
+    decided = []
+    real = tactics.decide
+    monkeypatch.setattr(tactics, "decide", lambda layer, *a, **k: decided.append(layer.tune_name) or real(layer, *a, **k))
+    fused = resnet_fused.fuse(model())
+    run(fused, x)
+    assert decided == ["conv1", "conv2", "conv3", "conv4"]
+    run(fused, x)
+    assert len(decided) == 4
+    fused.load_state_dict(resnet_fused.fuse(model()).state_dict())
+    out = run(fused, x)
+    assert decided[4:] == ["conv1"]
+    fresh = resnet_fused.fuse(model())
+    assert torch.equal(out, run(fresh, x)) and kernels(fresh) == kernels(fused)
+    # in place: F(4x4) accepted (every check passes, says the test), so the plain master stays
+    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs: ({n: 0.0 for n in outs}, {}))
+    tactics.clear_memory_cache()
+    fused = resnet_fused.fuse(model())
+    run(fused, x)
+    assert kernels(fused)["conv1"] == "winograd4"
+    del decided[:]
+    with torch.no_grad():
+        fused.conv1.weight.mul_(1.0)  # (the same values, a new version)
+    run(fused, x)
+    assert decided == ["conv1"]
+
+
+def test_check_accuracy_runs_the_candidate_against_float64(cache, monkeypatch):
+    layer = convs(resnet_fused.fuse(model()))[1]
+    x = x_for().contiguous(memory_format=torch.channels_last)
+    assert tactics.check_accuracy(layer, x, None, "gemm") is None
+    monkeypatch.setattr(tactics, "CANDIDATES", [FastWrong(), tactics.OneDNN()])
+    assert tactics.check_accuracy(layer, x, None, "gemm").startswith("error ")
 
 
 def test_the_disk_cache_round_trips_and_a_second_fuse_measures_nothing(cache):

@@ -1,5 +1,6 @@
-"""The CPU Winograd F(2x2, 3x3) kernel: the op against float64 and eager, its weight transform,
-its bad-input errors, and where FusedConv2d uses it."""
+"""The CPU Winograd kernels, F(2x2, 3x3) and F(4x4, 3x3): the ops against float64 and eager (F(2x2)
+within the accuracy rule; F(4x4) within twice the error of the textbook algorithm run in float32),
+the weight transforms, the bad-input errors, and where FusedConv2d uses them."""
 
 import copy
 
@@ -55,19 +56,91 @@ def test_three_pass_schedule(n, c, k, h):
     check(x, w, b, res, True, what=f"n={n} c={c} k={k} h={h}")
 
 
+# F(4x4, 3x3): its error is the algorithm's (transforms over 0, +-1, +-2 amplify rounding), more
+# than direct convolution's, so the yardstick is the textbook algorithm itself run in float32 with
+# torch's ops (B^T d B, G g G^T, A^T M A): ours may differ from it only by the order of its sums.
+BT4 = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                    [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+G4 = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+AT4 = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                   dtype=torch.float64)
+
+
+def textbook_f4x4(x, w, b, res, relu, dtype):
+    """F(4x4, 3x3) with padding 1 straight from the matrices, every step in `dtype`."""
+    n, c, h, wd = x.shape
+    th, tw = -(-h // 4), -(-wd // 4)
+    d = F.pad(x.to(dtype), (1, 4 * tw + 1 - wd, 1, 4 * th + 1 - h)).unfold(2, 6, 4).unfold(3, 6, 4)
+    bt, g, at = BT4.to(dtype), G4.to(dtype), AT4.to(dtype)
+    v = torch.einsum("ij,nctwjk,lk->nctwil", bt, d, bt)
+    u = torch.einsum("ij,kcjl,ml->kcim", g, w.to(dtype), g)
+    m = torch.einsum("nctwil,kcil->nktwil", v, u)
+    y = torch.einsum("ij,nktwjl,ml->nktwim", at, m, at)
+    y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, -1, 4 * th, 4 * tw)[:, :, :h, :wd]
+    if b is not None:
+        y = y + b.to(dtype).view(1, -1, 1, 1)
+    if res is not None:
+        y = y + res.to(dtype)
+    return torch.relu(y) if relu else y
+
+
+def check4(x, w, b, res, relu, what):
+    kw = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    out = wino.winograd_conv2d_bias_act(x, wino.winograd_prepack(w, 4), b, res, relu)
+    ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
+    assert torch.allclose(textbook_f4x4(x, w, b, res, relu, torch.float64), ref, rtol=1e-9, atol=1e-9)
+    assert_accuracy_rule(out, textbook_f4x4(x, w, b, res, relu, torch.float32), ref, what=what,
+                         magnitude=magnitude(x, w, b, res, **kw))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@pytest.mark.parametrize("shape", RESNET50_3X3[:2] + ODD + [(20, 36, 17)], ids=lambda s: "C{}K{}H{}".format(*s))
+@pytest.mark.parametrize("residual,relu,bias", [(False, True, True), (True, True, True), (False, False, False)])
+def test_f4x4_against_float64(shape, residual, relu, bias):
+    """Every tile edge case: maps of 1-3 pixels (one partial tile), 5-17 (partial last tiles),
+    channel counts off the 16-wide vector step and off the 32-wide panel."""
+    c, k, h = shape
+    x, w, b, res, _ = make_inputs(2, c, k, 3, 1, h, w=h + 1, dtype=torch.float32, residual=residual, bias=bias,
+                                  channels_last=True)
+    check4(x, w, b, res, relu, what=f"F(4x4) {shape} res={residual} relu={relu} bias={bias}")
+
+
+@pytest.mark.parametrize("n,c,k,h", [(1, 128, 128, 12), (1, 300, 40, 9)], ids=["three-pass", "partial-panel"])
+def test_f4x4_three_pass_schedule(n, c, k, h):
+    x, w, b, res, _ = make_inputs(n, c, k, 3, 1, h, dtype=torch.float32, residual=True, channels_last=True)
+    check4(x, w, b, res, True, what=f"F(4x4) n={n} c={c} k={k} h={h}")
+
+
+def test_f4x4_in_place():
+    x, w, b, res, _ = make_inputs(2, 64, 64, 3, 1, 10, residual=True, channels_last=True)
+    U = wino.winograd_prepack(w, 4)
+    expect = wino.winograd_conv2d_bias_act(x, U, b, res, True)
+    buf = res.clone()
+    wino.winograd_conv2d_bias_act_(buf, x, U, b, True)
+    torch.testing.assert_close(buf, expect, rtol=0, atol=0)
+    y = x[:, :64].clone()  # the residual is the input
+    expect = wino.winograd_conv2d_bias_act(y, U, b, y, True)
+    wino.winograd_conv2d_bias_act_(y, y, U, b, True)
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)
+
+
 def test_nchw_and_rectangular_inputs():
     x, w, b, res, _ = make_inputs(3, 12, 10, 3, 1, 9, w=14, residual=True, channels_last=False)
     out = check(x, w, b, res, True, what="nchw 9x14")
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_weight_transform_is_g_g_gt():
-    """U[xi] = (G g G^T)[xi], laid out [16, C, K], against the textbook matrices in float64."""
+@pytest.mark.parametrize("tile", [2, 4])
+def test_weight_transform_is_g_g_gt(tile):
+    """U[xi] = (G g G^T)[xi], laid out [(tile + 2)^2, C, K], against the textbook matrices in float64."""
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
-    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    want = torch.einsum("ai,kcij,bj->abck", G, w, G).reshape(16, 3, 5)
-    got = wino.winograd_prepack(w.float())
-    assert got.shape == (16, 3, 5) and got.dtype == torch.float32
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64) if tile == 2 else G4
+    a = tile + 2
+    want = torch.einsum("ai,kcij,bj->abck", G, w, G).reshape(a * a, 3, 5)
+    got = wino.winograd_prepack(w.float(), tile)
+    assert got.shape == (a * a, 3, 5) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=1e-7)
 
 
@@ -98,7 +171,8 @@ def test_batch_zero():
 
 @pytest.mark.parametrize("case,exc,match", [
     ("bf16 input", TypeError, "float32 only"),
-    ("2-d weight", ValueError, r"shape \[16, C, K\]"),
+    ("2-d weight", ValueError, r"shape \[16, C, K\] or \[36, C, K\]"),
+    ("25 positions", ValueError, r"shape \[16, C, K\] or \[36, C, K\]"),
     ("channels", ValueError, "channels but the Winograd weight"),
     ("bias shape", ValueError, "bias must have shape"),
     ("residual shape", ValueError, "residual must have the output's shape"),
@@ -112,6 +186,8 @@ def test_bad_input(case, exc, match):
         x = x.bfloat16()
     elif case == "2-d weight":
         U = torch.randn(8, 4)
+    elif case == "25 positions":
+        U = torch.randn(25, 8, 4)
     elif case == "channels":
         x = torch.randn(1, 6, 6, 6)
     elif case == "bias shape":
@@ -129,12 +205,15 @@ def test_prepack_bad_input():
         wino.winograd_prepack(torch.randn(4, 8, 1, 1))
     with pytest.raises(TypeError, match="float32"):
         wino.winograd_prepack(torch.randn(4, 8, 3, 3).half())
+    with pytest.raises(ValueError, match=r"tile is 2 \(F\(2x2, 3x3\)\) or 4"):
+        wino.winograd_prepack(torch.randn(4, 8, 3, 3), 3)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_opcheck(tile):
     x, w, b, r, _ = make_inputs(2, 8, 6, 3, 1, 7, residual=True, channels_last=True)
-    U = wino.winograd_prepack(w)
-    torch.library.opcheck(wino.winograd_prepack.default, (w,))
+    U = wino.winograd_prepack(w, tile)
+    torch.library.opcheck(wino.winograd_prepack.default, (w, tile))
     torch.library.opcheck(wino.winograd_conv2d_bias_act.default, (x, U, b, r, True))
     torch.library.opcheck(wino.winograd_conv2d_bias_act_.default, (r.clone(), x, U, b, True))
 

@@ -401,18 +401,19 @@ def fuse(
         winograd: on CPU in float32 (with ``prepack``), run the 3x3 stride-1 layers where it
             measured faster and costs little memory (``FusedConv2d._winograd_fits``: at least 32
             channels, enough tiles, a transformed weight of at most 4 MiB) as Winograd
-            F(2x2, 3x3); its error against float64 is below the direct convolution's. ``False``
-            runs every layer as a direct convolution.
-        gemm: on CPU in float32 (with ``prepack``), run the 1x1 layers where it measured faster
-            (``FusedConv2d._gemm_fits``: 128-512 input channels, at least 784 output pixels) as
-            blocked matrix products with the epilogue applied in cache, instead of oneDNN's
-            convolution. ``False`` leaves them to oneDNN.
-        tune: on CPU in float32 (with ``prepack``), pick each layer's kernel (oneDNN, Winograd,
-            matrix products; ``winograd``/``gemm`` still turn theirs off) by measuring them on the
-            first input of each regime (batch size, image size, thread count) and keeping the
-            fastest that meets the accuracy rule; cached in memory and on disk per machine
-            (:mod:`resnet_fused.tactics`). ``False``: the rules above choose, and nothing is
-            measured, read or written.
+            F(2x2, 3x3); its error against float64 is below the direct convolution's. With
+            ``tune``, F(4x4, 3x3) is measured too and kept only where its error met the accuracy
+            rule. ``False`` runs every layer as a direct convolution.
+        gemm: on CPU in float32 (with ``prepack``), run the 1x1 layers with no padding on
+            AVX-512 CPUs (``FusedConv2d._gemm_fits``) as matrix products on our register-tile
+            kernel with the epilogue in registers, instead of oneDNN's convolution. ``False``
+            leaves them to oneDNN.
+        tune: on CPU in float32 (with ``prepack``), pick each layer's kernel (oneDNN, Winograd
+            F(2x2) or F(4x4), matrix products; ``winograd``/``gemm`` still turn theirs off) by
+            measuring them on the first input of each regime (batch size, image size, thread
+            count) and keeping the fastest that meets the accuracy rule; cached in memory and on
+            disk per machine (:mod:`resnet_fused.tactics`). ``False``: the rules above choose,
+            and nothing is measured, read or written.
 
     The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
     """

@@ -19,8 +19,8 @@ Winograd transform, made once, and the plain master stays as it is. The 1x1 laye
 with the weight packed once into panels, which replace the plain master as oneDNN's packed weight
 does.
 Those are the rules; with ``tune`` (``fuse(tune=True)``, the default there) each layer measures
-the three kernels on the first input of each shape instead and runs the fastest that meets the
-accuracy rule (resnet_fused.tactics).
+the kernels (those and Winograd F(4x4, 3x3)) on the first input of each shape instead and runs
+the fastest that meets the accuracy rule (resnet_fused.tactics).
 """
 
 from __future__ import annotations
@@ -179,6 +179,9 @@ class FusedConv2d(nn.Module):
         self.tune = False
         self.tune_name = ""  # the layer's name in the model, for progress lines and the report
         self._tuned: dict = {}  # (input shape, threads, switches) -> kernel ("" for oneDNN)
+        # the same key -> the weights a choice that hung on an accuracy check of this layer's own
+        # weights was made for (_weights_token): other weights choose again
+        self._checked: dict = {}
         self._tactics_log: Optional[list] = None  # the fuse report's list of choices, if any
         if weight is None:
             weight = torch.zeros(out_channels, in_channels // groups, *self.kernel_size)
@@ -277,6 +280,7 @@ class FusedConv2d(nn.Module):
         if _is_packed(self.weight):
             self._parameters["weight"] = self._plain_master()
             self._cache = {}
+            self._same_values_new_master()
         self._packed_for = None
 
     def unpack(self) -> None:
@@ -300,6 +304,7 @@ class FusedConv2d(nn.Module):
             state["_packed_for"] = None  # (the copy's master is plain)
         state.pop("_lock", None)
         state["_tuned"] = {}  # choices hold for this machine: a copy loaded elsewhere chooses again
+        state["_checked"] = {}
         state["_memo"] = None
         return state
 
@@ -312,6 +317,7 @@ class FusedConv2d(nn.Module):
         state.setdefault("tune", False)
         state.setdefault("tune_name", "")
         state.setdefault("_tuned", {})
+        state["_checked"] = {}
         state.setdefault("_tactics_log", None)
         state["_memo"] = None
         self.__dict__.update(state)
@@ -324,6 +330,9 @@ class FusedConv2d(nn.Module):
         with self._lock:
             self._unpack_master()
             self._cache = {}
+            # choices that hung on the old weights' accuracy (see tactics.check_accuracy) are made again
+            self._tuned = {k: v for k, v in self._tuned.items() if k not in self._checked}
+            self._checked = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _check_input(self, x: Tensor) -> None:
@@ -347,7 +356,7 @@ class FusedConv2d(nn.Module):
         (2-3x slower per layer), so the regime names them. The master part names the tensor the
         weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
         the image size is left out. The regime ends with the kernel the layer runs ("winograd",
-        "gemm" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
+        "winograd4", "gemm" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
         w, b = self.weight, self.bias
         regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
                   x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
@@ -355,14 +364,18 @@ class FusedConv2d(nn.Module):
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
     def _path(self, x: Tensor) -> str:
-        """The CPU float32 kernel this layer runs for input x: "winograd", "gemm", or "" (the oneDNN
+        """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", or "" (the oneDNN
         convolution; every other device and dtype). With ``tune`` the measured choice for x's
         shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
         without, the rules (_winograd_fits, then _gemm_fits)."""
         if not tactics.cpu_float32_prepacked(self, x):
             return ""
         if self.tune:
-            return self._tuned.get((tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm), "?")
+            key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
+            name = self._tuned.get(key, "?")
+            if key in self._checked and self._checked[key] != self._weights_token():
+                return "?"  # checked on other weights
+            return name
         if self._winograd_fits(x):
             return "winograd"
         if self._gemm_fits(x):
@@ -377,6 +390,16 @@ class FusedConv2d(nn.Module):
         """Whether the rule runs this layer as Winograd F(2x2, 3x3) (tactics.Winograd.rule)."""
         return bool(self.winograd) and tactics.candidate(tactics.WINOGRAD).rule(self, x)
 
+    def _weights_token(self) -> tuple:
+        """Which weights these are: the tensors and their in-place edits."""
+        w, b = self.weight, self.bias
+        return (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), id(b), _version(b))
+
+    def _same_values_new_master(self) -> None:
+        """The master was replaced by the same values in another layout: the checks still hold."""
+        token = self._weights_token()
+        self._checked = {k: token for k in self._checked}
+
     def _choose(self, x: Tensor, residual: Optional[Tensor]) -> None:
         """Make the tuned choice for x's shape (under the lock, on a cache miss)."""
         key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
@@ -389,6 +412,10 @@ class FusedConv2d(nn.Module):
                           f"{err}); the rules choose", RuntimeWarning, stacklevel=4)
             name, record = tactics.rule_choice(self, x), {"source": "rule (measuring failed)"}
         self._tuned = {**self._tuned, key: "" if name == tactics.ONEDNN else name}
+        checked = {k: v for k, v in self._checked.items() if k != key}
+        if any(tactics.weight_dependent(n) for n in [name, *record.get("rejected", {})]):
+            checked[key] = self._weights_token()
+        self._checked = checked
         if self._tactics_log is not None:
             self._tactics_log.append({
                 "layer": self.tune_name, "input": "x".join(map(str, x.shape)), "threads": key[1],
@@ -443,8 +470,8 @@ class FusedConv2d(nn.Module):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1] == "winograd":
-                w = torch.ops.resnet_fused.winograd_prepack.default(self.dense_weight())
+            elif key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4):
+                w = tactics.candidate(key[0][-1]).prepare(self, x)
             elif key[0][-1] == "gemm":
                 # Packed in panels once (the same for every input regime); the panels replace a
                 # plain float32 master, as oneDNN's packed weight does below.
@@ -455,6 +482,7 @@ class FusedConv2d(nn.Module):
                     if not _is_packed(master) and master.dtype == w.dtype:
                         self._plain_strides = master.stride()
                         self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
+                        self._same_values_new_master()
                         self._packed_for = key[0]
                         self._cache = {}
                         key = self._cache_key(x)
@@ -470,6 +498,7 @@ class FusedConv2d(nn.Module):
                 if w.is_mkldnn and not _is_packed(master) and w.dtype == master.dtype:
                     # Same values, reordered: the packed weight replaces the plain master.
                     self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
+                    self._same_values_new_master()
                     self._packed_for = key[0]
                     self._cache = {}
                     key = self._cache_key(x)
@@ -507,7 +536,7 @@ class FusedConv2d(nn.Module):
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
                                                                        self.relu, self.out_channels)
-        if path == "winograd":
+        if path == tactics.WINOGRAD or path == tactics.WINOGRAD4:
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct
                 # convolution gives Inf. Inputs that may hold NaN/Inf take the direct path.

@@ -137,8 +137,8 @@ def _prepack_fake(weight, stride, padding, dilation, groups, input_size):
 
 
 @torch.library.register_fake("resnet_fused::winograd_prepack")
-def _winograd_prepack_fake(weight):
-    return weight.new_empty((16, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+def _winograd_prepack_fake(weight, tile=2):
+    return weight.new_empty(((tile + 2) ** 2, weight.shape[1], weight.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act")

@@ -1,8 +1,9 @@
 """Measured per-layer kernel choice ("tactics") for the CPU.
 
-On CPU in float32 a fused layer can run one of three kernels: oneDNN's convolution with post-ops
-on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd", csrc/cpu/winograd.cpp)
-or our blocked matrix products ("gemm", csrc/cpu/gemm_conv.cpp). Each is a :class:`Candidate`:
+On CPU in float32 a fused layer can run one of four kernels: oneDNN's convolution with post-ops
+on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd") or F(4x4, 3x3)
+("winograd4", csrc/cpu/winograd.cpp), or our blocked matrix products ("gemm",
+csrc/cpu/gemm_conv.cpp). Each is a :class:`Candidate`:
 it says whether it can run a layer for an input, how to prepare the weight, how to run, and
 keeps the rule of thumb that picked it before anything was measured (:meth:`Candidate.rule`).
 
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ONEDNN, WINOGRAD, GEMM = "onednn", "winograd", "gemm"
+ONEDNN, WINOGRAD, WINOGRAD4, GEMM = "onednn", "winograd", "winograd4", "gemm"
 
 #: Timing: one warm-up call per candidate, then at least this many interleaved timed calls each
 #: (median); small layers get more rounds (up to MAX_TIMED_CALLS, while a round of all candidates
@@ -54,12 +55,13 @@ SMALL_ROUND_S = 0.002
 #: shared machine's noise decides, and a choice that flips from run to run helps nobody.
 TIE = 0.03
 
-#: Winograd keeps its transformed weight (16/9 the direct one) beside the plain master. Over this
+#: Winograd keeps its transformed weight (16/9 the direct one, 36/9 for F(4x4)) beside the plain master. Over this
 #: size the memory it adds is judged not worth it, whatever the timing says: a memory limit,
 #: which timing cannot see, not a speed rule.
 WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
-_CACHE_VERSION = 3  # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place
+# 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4
+_CACHE_VERSION = 4
 
 
 # --- candidates -------------------------------------------------------------------------------
@@ -89,6 +91,10 @@ class Candidate:
 
     name = ""
     switch: Optional[str] = None
+    #: Whether its error depends on the weights enough that passing the accuracy rule on one layer
+    #: says nothing about another of the same shape: then each layer is checked on its own
+    #: (check_accuracy), whatever the shared timing record says.
+    weight_dependent_error = False
 
     def applies(self, layer, x: Tensor) -> bool:
         """Whether the kernel can run this layer for input x (structure only, nothing measured)."""
@@ -144,11 +150,12 @@ class Winograd(Candidate):
 
     name = WINOGRAD
     switch = "winograd"
+    tile = 2  # output tile: F(tile x tile, 3x3), (tile + 2)^2 positions
 
     def applies(self, layer, x):
         return (super().applies(layer, x) and tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1]
                 and list(layer.padding) == [1, 1]
-                and 16 * layer.in_channels * layer.out_channels * 4 <= WINOGRAD_MAX_WEIGHT_BYTES)
+                and (self.tile + 2) ** 2 * layer.in_channels * layer.out_channels * 4 <= WINOGRAD_MAX_WEIGHT_BYTES)
 
     def rule(self, layer, x):
         """Where it beat oneDNN on the machine it was first measured on (2 Intel cores, weights
@@ -164,13 +171,27 @@ class Winograd(Candidate):
         return tiles >= max(16, c * k // 8192)
 
     def prepare(self, layer, x):
-        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight())
+        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight(), self.tile)
 
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu)
 
     def run_(self, layer, x, w, b, residual):
         torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu)
+
+
+class Winograd4(Winograd):
+    """Winograd F(4x4, 3x3): 4x fewer multiplies than direct (F(2x2)'s 2.25x), a transformed
+    weight 36/16 of F(2x2)'s, and about half a decimal digit more error (transforms over the points
+    0, +-1, +-2). Never a rule: only measuring picks it, on a layer where its error on the layer's
+    own weights and input met the accuracy rule."""
+
+    name = WINOGRAD4
+    tile = 4
+    weight_dependent_error = True
+
+    def rule(self, layer, x):
+        return False
 
 
 class Gemm(Candidate):
@@ -204,7 +225,7 @@ class Gemm(Candidate):
 
 
 #: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.
-CANDIDATES: list = [Winograd(), Gemm(), OneDNN()]
+CANDIDATES: list = [Winograd(), Winograd4(), Gemm(), OneDNN()]
 
 
 def candidate(name: str) -> Candidate:
@@ -212,6 +233,11 @@ def candidate(name: str) -> Candidate:
         if c.name == name:
             return c
     raise KeyError(name)
+
+
+def weight_dependent(name: str) -> bool:
+    """Whether candidate ``name``'s accuracy verdict holds for one layer's weights only."""
+    return any(c.name == name and c.weight_dependent_error for c in CANDIDATES)
 
 
 def rule_choice(layer, x: Tensor) -> str:
@@ -397,6 +423,49 @@ def _reference(layer, x: Tensor, residual: Optional[Tensor], rows) -> tuple[Tens
     return ref, max(ref.abs().max().item(), mag.max().item()) if ref.numel() else 0.0
 
 
+def _finite_inputs(x: Tensor, residual: Optional[Tensor]) -> tuple:
+    """x and the residual as measuring uses them: as they are when finite (the layer's real
+    input), else random numbers of their shape."""
+    if not bool(torch.isfinite(x.sum())):
+        x = torch.randn_like(x).relu_()
+    if residual is not None and not bool(torch.isfinite(residual.sum())):
+        residual = torch.randn_like(residual)
+    return x, residual
+
+
+def _accuracy(layer, x: Tensor, residual: Optional[Tensor], outs: dict) -> tuple[dict, dict]:
+    """Each output's max abs error against float64 on the first and the last image (float64 on
+    the whole batch would cost more than the timing), and the candidates that broke the accuracy
+    rule: error at most 2x oneDNN's (the yardstick, in outs) plus one ulp of the terms' scale."""
+    rows = sorted({0, x.shape[0] - 1})
+    ref, scale = _reference(layer, x, residual, rows)
+    ulp = torch.finfo(torch.float32).eps * max(scale, 1e-30)
+    errors = {}
+    for name, out in outs.items():
+        o = out[rows].double()
+        errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
+    yard = errors.get(ONEDNN)
+    rejected = {}
+    for name, e in errors.items():
+        if yard is not None and not e <= 2.0 * yard + ulp:
+            rejected[name] = f"error {e:.3g} > 2 x oneDNN's {yard:.3g} + ulp {ulp:.3g}"
+    return errors, rejected
+
+
+def check_accuracy(layer, x: Tensor, residual: Optional[Tensor], name: str) -> Optional[str]:
+    """Whether candidate ``name`` meets the accuracy rule on this layer's own weights and input:
+    None if it does, else why not. For the candidates whose error depends on the weights
+    (``Candidate.weight_dependent_error``), whose cached verdict from another layer of the same
+    shape does not carry over."""
+    with torch.no_grad():
+        x, residual = _finite_inputs(x, residual)
+        b = _bias(layer)
+        outs = {}
+        for c in (candidate(name), candidate(ONEDNN)):
+            outs[c.name] = c.run(layer, x, c.prepare(layer, x), b, residual)
+        return _accuracy(layer, x, residual, outs)[1].get(name)
+
+
 def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None) -> dict:
     """Time every applicable candidate on x's shape and check its output. Returns a record:
     {"times_ms": {name: median ms}, "errors": {name: max abs error on the checked images},
@@ -409,10 +478,7 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
     output costs other kernels differently (page faults, write-allocate) than the model pays."""
     cands = [c for c in (candidates if candidates is not None else CANDIDATES) if c.applies(layer, x)]
     with torch.no_grad():
-        if not bool(torch.isfinite(x.sum())):
-            x = torch.randn_like(x).relu_()
-        if residual is not None and not bool(torch.isfinite(residual.sum())):
-            residual = torch.randn_like(residual)
+        x, residual = _finite_inputs(x, residual)
         b = _bias(layer)
         prepared = {c.name: c.prepare(layer, x) for c in cands}
         inplace = residual is not None and bool(getattr(layer, "inplace_residual", False))
@@ -440,20 +506,7 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
                 times[c.name].append(time.perf_counter() - t0)
             if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
                 break
-        # the accuracy rule on the first and the last image (float64 on the whole batch would
-        # cost more than the timing)
-        rows = sorted({0, x.shape[0] - 1})
-        ref, scale = _reference(layer, x, residual, rows)
-        ulp = torch.finfo(torch.float32).eps * max(scale, 1e-30)
-        errors = {}
-        for name, out in outs.items():
-            o = out[rows].double()
-            errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
-    yard = errors.get(ONEDNN)
-    rejected = {}
-    for name, e in errors.items():
-        if yard is not None and not e <= 2.0 * yard + ulp:
-            rejected[name] = f"error {e:.3g} > 2 x oneDNN's {yard:.3g} + ulp {ulp:.3g}"
+        errors, rejected = _accuracy(layer, x, residual, outs)
     record = {
         "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
         "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
@@ -515,7 +568,7 @@ def _say(line: str, quiet: bool = False) -> None:
 
 # --- the chooser ------------------------------------------------------------------------------
 def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> str:
-    """The kernel for ``layer`` on input ``x``: "onednn", "winograd" or "gemm" (see :func:`decide`)."""
+    """The kernel for ``layer`` on input ``x``: "onednn", "winograd", "winograd4" or "gemm" (see :func:`decide`)."""
     return decide(layer, x, residual, tune)[0]
 
 
@@ -549,9 +602,21 @@ def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     else:
         with _lock:
             _stats["cache_hits"] += 1
-    choice = _pick(record, allowed, prefer=rule_choice(layer, x)) or ONEDNN
-    out = {"source": source, "times_ms": dict(record.get("times_ms", {})),
-           "rejected": dict(record.get("rejected", {})), "problem": problem}
+    # The record's timings hold for every layer of this shape, its accuracy verdicts only for the
+    # layer it measured: a weight-dependent candidate is checked on this layer before it is used.
+    rejected = dict(record.get("rejected", {}))
+    if source == "cache":
+        rejected = {n: why for n, why in rejected.items() if not weight_dependent(n)}
+    prefer = rule_choice(layer, x)
+    while True:
+        choice = _pick({"times_ms": record["times_ms"], "rejected": rejected}, allowed, prefer=prefer) or ONEDNN
+        if source == "measured" or not weight_dependent(choice):
+            break
+        why = check_accuracy(layer, x, residual, choice)
+        if why is None:
+            break
+        rejected[choice] = why
+    out = {"source": source, "times_ms": dict(record.get("times_ms", {})), "rejected": rejected, "problem": problem}
     times = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
     _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} "
          f"{getattr(layer, 'tune_name', '') or problem}: {choice} ({times} ms)", quiet=source != "measured")
