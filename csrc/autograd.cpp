@@ -36,6 +36,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("winograd_conv2d_bias_act_", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("gemm_conv2d_bias_act", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
   m.impl("gemm_conv2d_bias_act_", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("max_pool2d_nhwc", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 }  // namespace resnet_fused

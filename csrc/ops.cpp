@@ -64,6 +64,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("gemm_unpack(Tensor packed, int out_channels) -> Tensor");
   // Which register-tile kernel the matrix products run on this CPU: "avx512", "avx2" or "generic".
   m.def("gemm_isa() -> str");
+  // max_pool2d (dilation 1) of a float32 CPU input, channels-last out, without the indices
+  // PyTorch's CPU kernel computes and drops (ResNet's pool after the stem).
+  m.def("max_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False) -> Tensor");
   // CUDA only, for the GPU session's golden dumps: runs one arch-layer instruction on a warp
   // (csrc/cuda/kernels/conformance.h) and returns what every lane holds.
   m.def("_conformance(Tensor inputs, Tensor tile, int op) -> Tensor");

@@ -171,7 +171,7 @@ def test_report_and_print_show_the_architecture():
     model = torchvision_model("resnet50")
     fused = resnet_fused.fuse(model)
     counts = fused.fuse_report.counts()
-    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4}, counts
+    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4, "maxpool": 1}, counts
     text = str(fused)
     assert "layer1" in text and "downsample" in text and "FusedConv2d" in text and "bn=folded" in text
     conv3 = fused.get_submodule("layer4.2.conv3")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fold import can_fold, fold_conv_bn
-from .modules import FusedAddReLU, FusedConv2d, InputsFinite, ToChannelsLast
+from .modules import FusedAddReLU, FusedConv2d, FusedMaxPool2d, InputsFinite, ToChannelsLast
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -83,7 +83,7 @@ class _Tracer(fx.Tracer):
     """torch.nn modules and our fused modules are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConv2d, FusedAddReLU, ToChannelsLast, InputsFinite)):
+        if isinstance(m, (FusedConv2d, FusedAddReLU, FusedMaxPool2d, ToChannelsLast, InputsFinite)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -310,6 +310,20 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
         graph.erase_node(relu_node)
         graph.erase_node(node)
         report.fused.append((prefix + name, "add+relu"))
+
+    # 4b. Max pools (dilation 1, no indices): our channels-last CPU kernel, which skips the
+    #     indices PyTorch's CPU kernel computes and drops.
+    for node in list(graph.nodes):
+        if not (node.op == "call_module" and type(modules.get(node.target)) is nn.MaxPool2d):
+            continue
+        pool = modules[node.target]
+        dilation = pool.dilation if isinstance(pool.dilation, int) else max(pool.dilation)
+        if pool.return_indices or dilation != 1:
+            report.left.append((prefix + node.target, "max pool with indices or dilation: left to PyTorch"))
+            continue
+        _set_module(gm, node.target, FusedMaxPool2d.from_pool(pool))
+        report.fused.append((prefix + node.target, "maxpool"))
+    modules = _modules(gm)
 
     # 5. Channels-last activations end to end: one conversion where a fused chain starts (a
     #    no-op on a tensor that is channels_last already), none between fused layers.

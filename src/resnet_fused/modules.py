@@ -596,3 +596,34 @@ class FusedAddReLU(nn.Module):
         ):
             return torch.ops.resnet_fused.add_relu.default(a, b)
         return torch.relu(a + b)
+
+
+class FusedMaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` (dilation 1, no indices) that runs our channels-last kernel on a CPU
+    float32 channels-last input (``max_pool2d_nhwc``: PyTorch's CPU kernel computes indices and
+    drops them) and ``F.max_pool2d`` on anything else, or while a graph is captured or compiled.
+    The same values either way, NaN propagating as PyTorch's."""
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode: bool = False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = list(kernel_size), list(stride), list(padding)
+        self.ceil_mode = bool(ceil_mode)
+
+    @classmethod
+    def from_pool(cls, pool: nn.MaxPool2d) -> "FusedMaxPool2d":
+        def pair(v):
+            return [v, v] if isinstance(v, int) else list(v)
+
+        return cls(pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size),
+                   pair(pool.padding), pool.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x)
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not capturing_for_serving() and not torch.compiler.is_compiling()):
+            return torch.ops.resnet_fused.max_pool2d_nhwc.default(x, self.kernel_size, self.stride, self.padding,
+                                                                  self.ceil_mode)
+        return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride, self.padding, 1, self.ceil_mode)

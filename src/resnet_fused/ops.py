@@ -152,6 +152,18 @@ def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu):
     return None
 
 
+@torch.library.register_fake("resnet_fused::max_pool2d_nhwc")
+def _max_pool2d_nhwc_fake(input, kernel_size, stride, padding, ceil_mode=False):
+    n, c, h, w = input.shape
+
+    def size(i, k, s, p):
+        o = (i + 2 * p - (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        return o - 1 if ceil_mode and (o - 1) * s >= i + p else o
+
+    oh, ow = size(h, kernel_size[0], stride[0], padding[0]), size(w, kernel_size[1], stride[1], padding[1])
+    return input.new_empty((n, c, oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
 def _gemm_logical_shape(weight, out_channels) -> tuple:
     """[K, C, kh, kw] of a plain weight, or of gemm_prepack's [ceil(K/32), kh, kw, C, 32]."""
     if weight.dim() == 5:
