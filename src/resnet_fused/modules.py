@@ -627,3 +627,97 @@ class FusedMaxPool2d(nn.Module):
             return torch.ops.resnet_fused.max_pool2d_nhwc.default(x, self.kernel_size, self.stride, self.padding,
                                                                   self.ceil_mode)
         return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride, self.padding, 1, self.ceil_mode)
+
+
+class FusedLinear(nn.Module):
+    """``nn.Linear`` that runs, on a CPU float32 input on an AVX-512 CPU, as one matrix product on
+    our register-tile kernel (``gemm_conv2d_bias_act`` of a 1x1 convolution over 1x1 pixels),
+    with the weight packed once into its panels, which then replace the plain weight (one copy,
+    as in FusedConv2d). ResNet's classifier at batch 1 and 8 takes half of ``F.linear``'s time
+    there (benchmarks/results). Anything else (other devices, dtypes, ``gemm=False``, a graph
+    being captured or compiled) runs ``F.linear`` on the plain weight."""
+
+    def __init__(self, in_features: int, out_features: int, weight: Tensor, bias: Optional[Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.gemm = True
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FusedLinear":
+        return cls(linear.in_features, linear.out_features, linear.weight, linear.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a plain [out_features, in_features] tensor (a copy when it is held packed)."""
+        w = self.weight
+        if w.dim() == 5:
+            return torch.ops.resnet_fused.gemm_unpack.default(w, self.out_features).view(
+                self.out_features, self.in_features)
+        return w
+
+    def unpack(self) -> None:
+        """Hold the weight as a plain tensor again (it is packed on the next fast-path call)."""
+        with self._lock:
+            if self.weight.dim() == 5:
+                self._parameters["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dim() == 5:
+            destination[prefix + "weight"] = self.dense_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unpack()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.weight.dim() == 5:
+            params = dict(self._parameters)
+            params["weight"] = nn.Parameter(self.dense_weight(), requires_grad=False)
+            state["_parameters"] = params
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _fast(self, x: Tensor) -> bool:
+        w = self.weight
+        return (bool(self.gemm) and isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
+                and w.device.type == "cpu" and w.dtype == torch.float32 and x.dim() >= 1
+                and x.shape[-1] == self.in_features and x.numel() > 0
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not capturing_for_serving() and not torch.compiler.is_compiling()
+                and tactics.candidate(tactics.GEMM).rule_linear())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fast(x):
+            if capturing_for_serving() and self.weight.dim() == 5:
+                raise RuntimeError(
+                    "FusedLinear holds its weight packed (the model has run on CPU in float32), and an exported "
+                    "or traced graph must hold plain tensors: use resnet_fused.export(model, example) / "
+                    "resnet_fused.trace(model, example), or call resnet_fused.unpack_weights(model) first")
+            return torch.nn.functional.linear(x, self.dense_weight(), self.bias)
+        if self.weight.dim() != 5:
+            with self._lock, torch.no_grad():
+                if self.weight.dim() != 5:
+                    packed = torch.ops.resnet_fused.gemm_prepack.default(
+                        self.weight.view(self.out_features, self.in_features, 1, 1))
+                    self._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+                    _return_freed_pages()
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.resnet_fused.gemm_conv2d_bias_act.default(
+            rows.view(rows.shape[0], self.in_features, 1, 1), self.weight, self.bias, None, [1, 1], [0, 0], False,
+            self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
