@@ -273,8 +273,9 @@ float* scratch_floats(int64_t n) {
 
 void run_tile(const Tile& t) { kernel().run(t); }
 
-void run_panel(Tile t, int64_t rows) {
+void run_panel(Tile t, int64_t rows, int64_t max_rows) {
   const Kernel& k = kernel();
+  const int64_t mr = max_rows > 0 ? std::min(max_rows, k.rows) : k.rows;
   const int64_t kd = t.kd, chunks = (kd + 255) / 256, chunk = (kd + chunks - 1) / chunks;
   const float *a = t.a, *b = t.b, *bias = t.bias, *residual = t.residual;
   float* c = t.c;
@@ -286,8 +287,8 @@ void run_panel(Tile t, int64_t rows) {
     t.bias = first ? bias : nullptr;
     t.accumulate = accumulate || !first;
     t.relu = relu && last;
-    for (int64_t i = 0; i < rows; i += k.rows) {
-      t.rows = std::min(k.rows, rows - i);
+    for (int64_t i = 0; i < rows; i += mr) {
+      t.rows = std::min(mr, rows - i);
       t.a = a + i * t.lda + k0;
       t.c = c + i * t.ldc;
       t.residual = first && residual ? residual + i * t.ldr : nullptr;

@@ -44,11 +44,12 @@ struct Tile {
 // c = act(a @ panel + bias + residual [+ c]).
 void run_tile(const Tile& t);
 
-// The same for `rows` rows (any number: tile after tile) and the whole reduction t.kd, in chunks
-// of at most 256 (a panel chunk of 32 KiB stays in L1 while the tiles pass); partial sums wait in
-// c between chunks, the bias and residual come with the first, the ReLU with the last.
+// The same for `rows` rows (any number: tiles of tile_rows() rows, or max_rows when smaller and
+// positive) and the whole reduction t.kd, in chunks of at most 256 (a panel chunk of 32 KiB
+// stays in L1 while the tiles pass); partial sums wait in c between chunks, the bias and
+// residual come with the first, the ReLU with the last.
 // t.rows and t.kd as given are ignored / read as the total; t.a, t.c, t.residual point at row 0.
-void run_panel(Tile t, int64_t rows);
+void run_panel(Tile t, int64_t rows, int64_t max_rows = 0);
 
 // Which kernel run_tile uses: "avx512", "avx2" or "generic".
 const char* tile_isa();

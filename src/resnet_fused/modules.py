@@ -633,9 +633,9 @@ class FusedLinear(nn.Module):
     """``nn.Linear`` that runs, on a CPU float32 input on an AVX-512 CPU, as one matrix product on
     our register-tile kernel (``gemm_conv2d_bias_act`` of a 1x1 convolution over 1x1 pixels),
     with the weight packed once into its panels, which then replace the plain weight (one copy,
-    as in FusedConv2d). ResNet's classifier at batch 1 and 8 takes half of ``F.linear``'s time
-    there (benchmarks/results). Anything else (other devices, dtypes, ``gemm=False``, a graph
-    being captured or compiled) runs ``F.linear`` on the plain weight."""
+    as in FusedConv2d): faster than ``F.linear`` for a classifier's few rows (README, Use).
+    Anything else (other devices, dtypes, ``gemm=False``, a graph being captured or compiled)
+    runs ``F.linear`` on the plain weight."""
 
     def __init__(self, in_features: int, out_features: int, weight: Tensor, bias: Optional[Tensor]):
         super().__init__()
