@@ -136,14 +136,14 @@ __attribute__((always_inline)) inline void output_block(const float* m, int64_t 
     for (int b = 0; b < A; ++b) z[b] = load<T>(m + (a * A + b) * xi_stride + k);
     Transform<M>::at(z, g[a]);
   }
-  const T b = bias ? load<T>(bias + k) : T{} * 0.f;
+  const T b = bias ? load<T>(bias + k) : T{};
   for (int j = 0; j < M; ++j) {
     T z[A], o[M];
     for (int a = 0; a < A; ++a) z[a] = g[a][j];
     Transform<M>::at(z, o);
     for (int i = 0; i < M; ++i) {
       T val = o[i] + b + load<T>(r[i * M + j] + k);
-      if (kRelu) val = val < 0.f ? T{} * 0.f : val;  // (NaN compares false: stays NaN)
+      if (kRelu) val = val < 0.f ? T{} : val;  // (NaN compares false: stays NaN)
       store(y[i * M + j] + k, val);
     }
   }

@@ -699,7 +699,7 @@ class FusedLinear(nn.Module):
                 and x.shape[-1] == self.in_features and x.numel() > 0
                 and not (x.requires_grad and torch.is_grad_enabled())
                 and not capturing_for_serving() and not torch.compiler.is_compiling()
-                and tactics.candidate(tactics.GEMM).rule_linear())
+                and tactics.Gemm.rule_linear())
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
