@@ -3,6 +3,7 @@ within the accuracy rule; F(4x4) within twice the error of the textbook algorith
 the weight transforms, the bad-input errors, and where FusedConv2d uses them."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused
+from resnet_fused import tactics
 from resnet_fused.modules import FusedConv2d
 
 from conftest import assert_accuracy_rule
@@ -342,3 +344,44 @@ def test_state_dict_and_pickling_keep_the_plain_weight():
     with torch.inference_mode():
         torch.testing.assert_close(again(x), before, rtol=0, atol=0)
         torch.testing.assert_close(copy.deepcopy(fused)(x), before, rtol=0, atol=0)
+
+
+class _SlowOneDNN(tactics.OneDNN):
+    def run(self, layer, x, w, b, residual):
+        time.sleep(0.02)
+        return super().run(layer, x, w, b, residual)
+
+    def run_(self, layer, x, w, b, residual):
+        time.sleep(0.02)
+        super().run_(layer, x, w, b, residual)
+
+
+def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
+    """A layer tuning gave F(4x4) runs it (weight [36, C, K], with the block's residual) and gives
+    exactly what the ops give; an input with NaN/Inf still takes the direct path. (F(4x4) made the fastest and its accuracy checks passed by the test: which
+    layers really pass is the tactics' own business, tested in test_tactics.)"""
+    from conftest import randomize_bn
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), _SlowOneDNN()])
+    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs: ({n: 0.0 for n in outs}, {}))
+    model = randomize_bn(Block()).eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(2, 128, 10, 10)
+    with torch.inference_mode():
+        out = fused(x)
+        c1, c2 = fused.conv1, fused.conv2
+        assert [v[2] for v in c1._cache.values()] == ["winograd4"] == [v[2] for v in c2._cache.values()]
+        u1, u2 = (next(iter(c._cache.values()))[0] for c in (c1, c2))
+        assert u1.shape == (36, 128, 128) and u2.shape == (36, 128, 128)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True)
+        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, xc, True)
+        assert torch.equal(out, want)
+        bad = x.clone()
+        bad[0, 5, 3, 3] = float("inf")
+        direct = resnet_fused.fuse(model, winograd=False)(bad)
+        got = fused(bad)
+    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isinf(), direct.isinf())
+    tactics.clear_memory_cache()
