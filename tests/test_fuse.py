@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
 from resnet_fused import FusedConv2d
-from resnet_fused.modules import FusedLinear
 
 import models
 from conftest import CUDA, assert_accuracy_rule, device_params, dtypes_for, randomize_bn
@@ -51,11 +50,9 @@ def assert_fully_fused(original, fused, x, add_relus=0):
         "aten.threshold", "aten.clamp_min")}
     assert not leftover, f"unfused ops left: {leftover}"
     # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see _winograd_fits) or
-    # matrix products (CPU float32 1x1s, see _gemm_fits); so is a classifier that ran on our
-    # matrix-product kernel (FusedLinear: its weight is then held packed)
-    n_linear = sum(isinstance(m, FusedLinear) and m.weight.dim() == 5 for m in fused.modules())
+    # matrix products (CPU float32 1x1s, see _gemm_fits)
     fused_convs = sum(n for k, n in counts.items() if k.startswith("resnet_fused.") and "conv2d_bias_act" in k)
-    assert fused_convs == n_convs + n_linear, counts
+    assert fused_convs == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts
     return counts
 
@@ -174,7 +171,7 @@ def test_report_and_print_show_the_architecture():
     model = torchvision_model("resnet50")
     fused = resnet_fused.fuse(model)
     counts = fused.fuse_report.counts()
-    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4, "maxpool": 1, "linear": 1}, counts
+    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4, "maxpool": 1}, counts
     text = str(fused)
     assert "layer1" in text and "downsample" in text and "FusedConv2d" in text and "bn=folded" in text
     conv3 = fused.get_submodule("layer4.2.conv3")
@@ -213,7 +210,7 @@ def test_callers_model_untouched_unless_inplace():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     fused = resnet_fused.fuse(model, inplace=True)  # no copy: the caller's modules are reused
-    assert fused.get_submodule("fc.0") is model.fc[0]
+    assert fused.get_submodule("fc.1") is model.fc[1]
 
 
 def test_state_dict_and_torch_save_round_trip(tmp_path):
@@ -298,15 +295,12 @@ def test_new_image_size_gets_its_own_packed_weights(capfd):
                 fused(x)
             lines = [ln for ln in capfd.readouterr().out.splitlines() if ",exec," in ln]
     # (the layers that run our own kernels are not oneDNN convolutions. At 160x160 and batch 2:
-    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) and the
-    # classifier on AVX-512)
+    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) on AVX-512)
     counts = count_ops(fused, x)
     n_winograd = counts["resnet_fused.winograd_conv2d_bias_act"] + counts["resnet_fused.winograd_conv2d_bias_act_"]
     n_gemm = counts["resnet_fused.gemm_conv2d_bias_act"] + counts["resnet_fused.gemm_conv2d_bias_act_"]
     assert n_winograd == 11, counts
-    avx512 = torch.ops.resnet_fused.gemm_isa() == "avx512"
-    assert n_gemm == (37 if avx512 else 0), counts
-    n_gemm -= avx512  # (the classifier is no convolution)
+    assert n_gemm == (36 if torch.ops.resnet_fused.gemm_isa() == "avx512" else 0), counts
     assert sum(",convolution," in ln for ln in lines) == 53 - n_winograd - n_gemm, lines[:3]
     reorders = [ln for ln in lines if ",reorder," in ln]
     assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"

@@ -12,7 +12,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .modules import FusedConv2d, FusedLinear
+from .modules import FusedConv2d
 
 
 def unpack_weights(model: nn.Module) -> nn.Module:
@@ -22,7 +22,7 @@ def unpack_weights(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpack_weights() takes an nn.Module, got {type(model).__name__}")
     for m in model.modules():
-        if isinstance(m, (FusedConv2d, FusedLinear)):
+        if isinstance(m, FusedConv2d):
             m.unpack()
     return model
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fold import can_fold, fold_conv_bn
-from .modules import FusedAddReLU, FusedConv2d, FusedLinear, FusedMaxPool2d, InputsFinite, ToChannelsLast
+from .modules import FusedAddReLU, FusedConv2d, FusedMaxPool2d, InputsFinite, ToChannelsLast
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -83,7 +83,7 @@ class _Tracer(fx.Tracer):
     """torch.nn modules and our fused modules are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConv2d, FusedAddReLU, FusedMaxPool2d, FusedLinear, ToChannelsLast, InputsFinite)):
+        if isinstance(m, (FusedConv2d, FusedAddReLU, FusedMaxPool2d, ToChannelsLast, InputsFinite)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -323,16 +323,6 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             continue
         _set_module(gm, node.target, FusedMaxPool2d.from_pool(pool))
         report.fused.append((prefix + node.target, "maxpool"))
-
-    # 4c. Linear layers (float32, with prepack): one matrix product on our kernel (FusedLinear).
-    for node in list(graph.nodes):
-        if not (prepack and node.op == "call_module" and type(modules.get(node.target)) is nn.Linear):
-            continue
-        linear = modules[node.target]
-        if linear.weight.dtype != torch.float32 or calls[node.target] > 1:
-            continue
-        _set_module(gm, node.target, FusedLinear.from_linear(linear))
-        report.fused.append((prefix + node.target, "linear"))
     modules = _modules(gm)
 
     # 5. Channels-last activations end to end: one conversion where a fused chain starts (a
@@ -460,8 +450,6 @@ def fuse(
         fused = _fuse_module(model, report, "", prepack, memory_format == torch.channels_last)
     fused.eval()
     for name, m in fused.named_modules():
-        if isinstance(m, FusedLinear):
-            m.gemm = gemm
         if isinstance(m, FusedConv2d):
             m.winograd = winograd
             m.gemm = gemm

@@ -209,12 +209,6 @@ class Gemm(Candidate):
         return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
                 and _gemm_isa() == "avx512")
 
-    @staticmethod
-    def rule_linear() -> bool:
-        """FusedLinear's rule: our kernel on AVX-512 CPUs, where it measured faster than F.linear
-        for ResNet-50's classifier; F.linear elsewhere (the AVX2 kernel is not tuned)."""
-        return _gemm_isa() == "avx512"
-
     def prepare(self, layer, x):
         w = layer.weight
         if w.dim() == 5:  # the master, packed already
