@@ -3,7 +3,6 @@ within the accuracy rule; F(4x4) within twice the error of the textbook algorith
 the weight transforms, the bad-input errors, and where FusedConv2d uses them."""
 
 import copy
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from resnet_fused.modules import FusedConv2d
 
 from conftest import assert_accuracy_rule
 from test_ops import eager_results, magnitude, make_inputs, reference
+from test_tactics import SlowOneDNN
 
 wino = torch.ops.resnet_fused
 
@@ -346,16 +346,6 @@ def test_state_dict_and_pickling_keep_the_plain_weight():
         torch.testing.assert_close(copy.deepcopy(fused)(x), before, rtol=0, atol=0)
 
 
-class _SlowOneDNN(tactics.OneDNN):
-    def run(self, layer, x, w, b, residual):
-        time.sleep(0.02)
-        return super().run(layer, x, w, b, residual)
-
-    def run_(self, layer, x, w, b, residual):
-        time.sleep(0.02)
-        super().run_(layer, x, w, b, residual)
-
-
 def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
     """A layer tuning gave F(4x4) runs it (weight [36, C, K], with the block's residual) and gives
     exactly what the ops give; an input with NaN/Inf still takes the direct path. (F(4x4) made the fastest and its accuracy checks passed by the test: which
@@ -364,7 +354,7 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
     tactics.clear_memory_cache()
-    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), _SlowOneDNN()])
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), SlowOneDNN()])
     monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs: ({n: 0.0 for n in outs}, {}))
     model = randomize_bn(Block()).eval()
     fused = resnet_fused.fuse(model)
