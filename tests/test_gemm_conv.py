@@ -115,6 +115,25 @@ def test_many_blocks_and_split_channels():
         check(x, w, b, res, True, kw, what=f"n={n} h={h}")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n,c,k,h,kernel", [(1, 512, 512, 7, 3), (8, 2048, 512, 7, 1), (1, 1024, 256, 14, 1),
+                                            (1, 256, 96, 7, 3)])
+def test_cuts_that_do_not_divide_among_the_threads(n, c, k, h, kernel, threads):
+    """Where the row blocks and panel groups would not divide among the threads (49 rows are 5
+    tiles: 3 on one thread, 2 on the other), the work is cut smaller (gemm_conv.cpp, balance):
+    every row and output channel still computed once, against float64, in place too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, b, res, kw = make_inputs(n, c, k, kernel, 1, h, residual=True, channels_last=True, padding=kernel // 2)
+        out = check(x, w, b, res, True, kw, what=f"n={n} c={c} k={k} h={h} {kernel}x{kernel} threads={threads}")
+        into = res.clone()
+        ops.gemm_conv2d_bias_act_(into, x, ops.gemm_prepack(w), b, kw["stride"], kw["padding"], True, k)
+        assert torch.equal(into, out)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nchw_and_rectangular_inputs():
     x, w, b, res, kw = make_inputs(3, 12, 10, 1, 2, 9, w=14, residual=True, channels_last=False)
     check(x, w, b, res, True, kw, what="nchw 9x14")
