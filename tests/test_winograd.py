@@ -104,7 +104,11 @@ def test_f4x4_against_float64(shape, residual, relu, bias):
     """Every tile edge case: maps of 1-3 pixels (one partial tile), 5-17 (partial last tiles),
     channel counts off the 16-wide vector step and off the 32-wide panel."""
     c, k, h = shape
-    x, w, b, res, _ = make_inputs(2, c, k, 3, 1, h, w=h + 1, dtype=torch.float32, residual=residual, bias=bias,
+    # At least 64 outputs: the rule compares the largest errors of two algorithms, and over the
+    # 4 outputs of the 1-channel 1x2 map that comparison is a draw (2% of seeds failed at batch 2,
+    # none of 200 at 64 outputs).
+    n = max(2, -(-64 // (k * h * (h + 1))))
+    x, w, b, res, _ = make_inputs(n, c, k, 3, 1, h, w=h + 1, dtype=torch.float32, residual=residual, bias=bias,
                                   channels_last=True)
     check4(x, w, b, res, relu, what=f"F(4x4) {shape} res={residual} relu={relu} bias={bias}")
 

@@ -204,6 +204,8 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
         t.residual = residual ? residual + r0 * g.K + n0 : nullptr;
         t.accumulate = accumulate;
         t.relu = relu;
+        // The first panel reads the block's rows from memory: each tile prefetches the next's.
+        t.prefetch = p == p0 && in_place ? a : nullptr;
         run_panel(t, nr, mr);
       }
     }

@@ -92,13 +92,33 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   const float* a = t.a;
   const int64_t lda = t.lda;
   const float* b = t.b;
-  for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+  const float* pf = t.prefetch;
+  if (pf && t.kd % 16 == 0) {
+    // The same, 16 steps at a time, each first asking for one line of each of the next tile's
+    // rows (read in place, rows of A are as many streams from memory as the tile has rows).
+    for (int64_t k0 = 0; k0 < t.kd; k0 += 16) {
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda]);
-      c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < 16; ++k, b += t.ldb, ++a) {
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+          const __m512 av = _mm512_set1_ps(a[i * lda]);
+          c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+          c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(a[i * lda]);
+        c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+        c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+      }
     }
   }
   const int64_t cols = t.cols;
@@ -274,6 +294,7 @@ float* scratch_floats(int64_t n) {
 void run_tile(const Tile& t) { kernel().run(t); }
 
 void run_panel(Tile t, int64_t rows, int64_t max_rows) {
+  const bool prefetch = t.prefetch != nullptr;
   const Kernel& k = kernel();
   const int64_t mr = max_rows > 0 ? std::min(max_rows, k.rows) : k.rows;
   const int64_t kd = t.kd, chunks = (kd + 255) / 256, chunk = (kd + chunks - 1) / chunks;
@@ -290,6 +311,7 @@ void run_panel(Tile t, int64_t rows, int64_t max_rows) {
     for (int64_t i = 0; i < rows; i += mr) {
       t.rows = std::min(mr, rows - i);
       t.a = a + i * t.lda + k0;
+      t.prefetch = prefetch && i + mr < rows ? t.a + mr * t.lda : nullptr;
       t.c = c + i * t.ldc;
       t.residual = first && residual ? residual + i * t.ldr : nullptr;
       k.run(t);

@@ -39,6 +39,9 @@ struct Tile {
   int64_t ldr;
   bool accumulate;  // add what c holds
   bool relu;        // x < 0 ? 0 : x (NaN stays NaN, as torch.relu)
+  // rows x kd at row stride lda to bring into L1 while this tile runs (the next tile's rows of A,
+  // read in place from memory), or null. The AVX-512 kernel reads it where kd is a multiple of 16.
+  const float* prefetch;
 };
 
 // c = act(a @ panel + bias + residual [+ c]).
@@ -48,7 +51,8 @@ void run_tile(const Tile& t);
 // positive) and the whole reduction t.kd, in chunks of at most 256 (a panel chunk of 32 KiB
 // stays in L1 while the tiles pass); partial sums wait in c between chunks, the bias and
 // residual come with the first, the ReLU with the last.
-// t.rows and t.kd as given are ignored / read as the total; t.a, t.c, t.residual point at row 0.
+// t.rows and t.kd as given are ignored / read as the total; t.a, t.c, t.residual point at row 0;
+// t.prefetch non-null: each tile prefetches the next tile's rows of A.
 void run_panel(Tile t, int64_t rows, int64_t max_rows = 0);
 
 // Which kernel run_tile uses: "avx512", "avx2" or "generic".
