@@ -171,6 +171,10 @@ __attribute__((target("avx512f"))) void run_avx512(const Tile& t) {
 // AVX2 + FMA: 6 rows x 16 columns (two ymm per row): 12 accumulators of the 16 registers. A
 // 32-column panel is two calls, one per half.
 // _mm256_max_ps(0, v) keeps NaN as above.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p, __m256i mask, bool full) {
+  return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
 template <int MR>
 __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   __m256 c0[MR], c1[MR];
@@ -192,28 +196,37 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), lane);
   const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols - 8)), lane);
+  // Masked moves only for a partial half: AMD's Zen cores run a masked store (vmaskmovps) as
+  // microcode, tens of cycles each, which made the epilogue cost more than a short reduction.
+  const bool full = cols >= 16;
+  const auto load = [full](const float* p, __m256i m) { return load8(p, m, full); };
   const __m256 zero = _mm256_setzero_ps();
-  const __m256 bias0 = t.bias ? _mm256_maskload_ps(t.bias + j0, m0) : zero;
-  const __m256 bias1 = t.bias ? _mm256_maskload_ps(t.bias + j0 + 8, m1) : zero;
+  const __m256 bias0 = t.bias ? load(t.bias + j0, m0) : zero;
+  const __m256 bias1 = t.bias ? load(t.bias + j0 + 8, m1) : zero;
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     float* c = t.c + i * t.ldc + j0;
     __m256 v0 = _mm256_add_ps(c0[i], bias0), v1 = _mm256_add_ps(c1[i], bias1);
     if (t.accumulate) {
-      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(c, m0));
-      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(c + 8, m1));
+      v0 = _mm256_add_ps(v0, load(c, m0));
+      v1 = _mm256_add_ps(v1, load(c + 8, m1));
     }
     if (t.residual) {
       const float* r = t.residual + i * t.ldr + j0;
-      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(r, m0));
-      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(r + 8, m1));
+      v0 = _mm256_add_ps(v0, load(r, m0));
+      v1 = _mm256_add_ps(v1, load(r + 8, m1));
     }
     if (t.relu) {
       v0 = _mm256_max_ps(zero, v0);
       v1 = _mm256_max_ps(zero, v1);
     }
-    _mm256_maskstore_ps(c, m0, v0);
-    _mm256_maskstore_ps(c + 8, m1, v1);
+    if (full) {
+      _mm256_storeu_ps(c, v0);
+      _mm256_storeu_ps(c + 8, v1);
+    } else {
+      _mm256_maskstore_ps(c, m0, v0);
+      _mm256_maskstore_ps(c + 8, m1, v1);
+    }
   }
 }
 
