@@ -183,13 +183,32 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   const float* a = t.a;
   const int64_t lda = t.lda;
   const float* b = t.b + j0;
-  for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+  const float* pf = j0 == 0 ? t.prefetch : nullptr;
+  if (pf && t.kd % 16 == 0) {
+    // As the AVX-512 kernel: the first half asks for the next tile's rows, a line each 16 steps.
+    for (int64_t k0 = 0; k0 < t.kd; k0 += 16) {
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda);
-      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < 16; ++k, b += t.ldb, ++a) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          const __m256 av = _mm256_broadcast_ss(a + i * lda);
+          c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+          c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * lda);
+        c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+      }
     }
   }
   const int64_t cols = t.cols - j0;  // valid columns of this half, >= 1 (the panel row stride stays ldb)

@@ -40,7 +40,8 @@ struct Tile {
   bool accumulate;  // add what c holds
   bool relu;        // x < 0 ? 0 : x (NaN stays NaN, as torch.relu)
   // rows x kd at row stride lda to bring into L1 while this tile runs (the next tile's rows of A,
-  // read in place from memory), or null. The AVX-512 kernel reads it where kd is a multiple of 16.
+  // read in place from memory), or null. The AVX-512 and AVX2 kernels read it where kd is a multiple
+  // of 16.
   const float* prefetch;
 };
 
