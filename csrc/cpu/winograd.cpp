@@ -162,12 +162,16 @@ RF_CLONES void output_transform(const float* m, int64_t xi_stride, const float* 
 // positions) in
 // about 1 MiB, half a core's L2 here (on ResNet-50's shapes 32-64 tiles for 128-256 channels beat
 // smaller and larger chunks; measured before the -fopenmp build, with the kernel on one core,
-// and not tuned again since); at least 16 rows per product, at most 256, and no more than it
-// takes to give every thread a chunk.
+// and not tuned again since); at least 16 rows per product, at most 256, no more than it takes
+// to give every thread a chunk, and then equal chunks, as many as a multiple of the threads.
 int64_t chunk_tiles(int64_t P, int64_t C, int64_t K, int64_t tiles) {
   const int64_t t = (int64_t(1) << 20) / (P * (C + K) * int64_t(sizeof(float)));
-  const int64_t per_thread = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::clamp<int64_t>(std::min(t, per_thread), 16, 256);
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (tiles + threads - 1) / threads;
+  const int64_t most = std::clamp<int64_t>(std::min(t, per_thread), 16, 256);
+  // (196 tiles in chunks of 56 ran two chunks on one thread and one and a half on the other)
+  const int64_t chunks = ((tiles + most - 1) / most + threads - 1) / threads * threads;
+  return std::max<int64_t>(16, (tiles + chunks - 1) / chunks);
 }
 
 void check_winograd_weight(const Tensor& w) {
