@@ -60,8 +60,9 @@ TIE = 0.03
 #: which timing cannot see, not a speed rule.
 WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
-# 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4
-_CACHE_VERSION = 4
+# 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4;
+# 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved)
+_CACHE_VERSION = 5
 
 
 # --- candidates -------------------------------------------------------------------------------
