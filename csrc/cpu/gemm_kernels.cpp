@@ -249,6 +249,83 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   }
 }
 
+// AVX2 + FMA, 3 rows x the whole 32-column panel (four ymm per row): 12 accumulators, the panel
+// row's four vectors read with the FMAs.
+template <int MR>
+__attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
+  __m256 c[MR][4];
+#pragma GCC unroll 3
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) c[i][j] = _mm256_setzero_ps();
+  const float* a = t.a;
+  const int64_t lda = t.lda;
+  const float* b = t.b;
+  const float* pf = t.prefetch;
+  const int64_t kd = t.kd;
+  int64_t k = 0;
+  if (pf && kd % 16 == 0) {
+    for (int64_t k0 = 0; k0 < kd; k0 += 16) {
+#pragma GCC unroll 3
+      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
+#pragma GCC unroll 16
+      for (int64_t kk = 0; kk < 16; ++kk, b += t.ldb, ++a) {
+#pragma GCC unroll 3
+        for (int i = 0; i < MR; ++i) {
+          const __m256 av = _mm256_broadcast_ss(a + i * lda);
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+        }
+      }
+    }
+    k = kd;
+  }
+  for (; k < kd; ++k, b += t.ldb, ++a) {
+#pragma GCC unroll 3
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+    }
+  }
+  const int64_t cols = t.cols;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i m[4];
+  bool full[4];
+  for (int j = 0; j < 4; ++j) {
+    m[j] = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols - 8 * j)), lane);
+    full[j] = cols >= 8 * (j + 1);
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 bias[4];
+  for (int j = 0; j < 4; ++j) bias[j] = t.bias && cols > 8 * j ? load8(t.bias + 8 * j, m[j], full[j]) : zero;
+#pragma GCC unroll 3
+  for (int i = 0; i < MR; ++i) {
+    float* cp = t.c + i * t.ldc;
+    const float* r = t.residual ? t.residual + i * t.ldr : nullptr;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if (cols <= 8 * j) break;
+      __m256 v = _mm256_add_ps(c[i][j], bias[j]);
+      if (t.accumulate) v = _mm256_add_ps(v, load8(cp + 8 * j, m[j], full[j]));
+      if (r) v = _mm256_add_ps(v, load8(r + 8 * j, m[j], full[j]));
+      if (t.relu) v = _mm256_max_ps(zero, v);
+      if (full[j]) {
+        _mm256_storeu_ps(cp + 8 * j, v);
+      } else {
+        _mm256_maskstore_ps(cp + 8 * j, m[j], v);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void run_avx2_full(const Tile& t) {
+  switch (t.rows) {
+    case 1: return full_avx2<1>(t);
+    case 2: return full_avx2<2>(t);
+    default: return full_avx2<3>(t);
+  }
+}
+
 constexpr int kAvx2Rows = 6;
 
 template <int MR>
@@ -258,6 +335,21 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Tile& t) {
 }
 
 __attribute__((target("avx2,fma"))) void run_avx2(const Tile& t) {
+  if (t.ldb == kPanel) {
+    // A packed panel: the whole panel per call, three rows at a time (each row of A read once,
+    // the epilogue on whole cache lines). Panels read in place (Winograd's U, row stride K) keep
+    // the two 6x16 halves: there three rows a call read the strided panel twice as often.
+    Tile u = t;
+    for (int64_t i = 0; i < t.rows; i += 3) {
+      u.rows = std::min<int64_t>(3, t.rows - i);
+      u.a = t.a + i * t.lda;
+      u.c = t.c + i * t.ldc;
+      u.residual = t.residual ? t.residual + i * t.ldr : nullptr;
+      u.prefetch = t.prefetch ? t.prefetch + i * t.lda : nullptr;
+      run_avx2_full(u);
+    }
+    return;
+  }
   switch (t.rows) {
     case 1: return tile_avx2<1>(t);
     case 2: return tile_avx2<2>(t);
@@ -267,6 +359,7 @@ __attribute__((target("avx2,fma"))) void run_avx2(const Tile& t) {
     default: return tile_avx2<6>(t);
   }
 }
+
 #endif
 
 struct Kernel {

@@ -6,8 +6,8 @@
 // (zeros past the last channel), so each step of the inner loop loads one panel row and
 // broadcasts one value of each A row (the activations, read in place: channels-last rows). This
 // is how oneDNN's brgemm and MLAS's SGEMM kernels run a 1x1 convolution; the kernel is built per
-// ISA (AVX-512: 12 rows x 32 columns in 24 accumulators; AVX2: 6 x 16 in 12; other CPUs: plain
-// C++) and the CPU picks one at first use.
+// ISA (AVX-512: 12 rows x 32 columns in 24 accumulators; AVX2: 3 x 32 in 12 on packed panels,
+// 6 x 16 on panels read in place; other CPUs: plain C++) and the CPU picks one at first use.
 #pragma once
 
 #include <cstdint>
