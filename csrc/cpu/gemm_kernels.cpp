@@ -169,8 +169,8 @@ __attribute__((target("avx512f"))) void run_avx512(const Tile& t) {
 }
 
 // AVX2 + FMA: 6 rows x 16 columns (two ymm per row): 12 accumulators of the 16 registers. A
-// 32-column panel is two calls, one per half.
-// _mm256_max_ps(0, v) keeps NaN as above.
+// 32-column panel read in place (Winograd's U) is two calls, one per half; packed panels run on
+// full_avx2 below. _mm256_max_ps(0, v) keeps NaN as above.
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p, __m256i mask, bool full) {
   return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
 }
@@ -183,32 +183,13 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   const float* a = t.a;
   const int64_t lda = t.lda;
   const float* b = t.b + j0;
-  const float* pf = j0 == 0 ? t.prefetch : nullptr;
-  if (pf && t.kd % 16 == 0) {
-    // As the AVX-512 kernel: the first half asks for the next tile's rows, a line each 16 steps.
-    for (int64_t k0 = 0; k0 < t.kd; k0 += 16) {
+  for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
-#pragma GCC unroll 16
-      for (int64_t k = 0; k < 16; ++k, b += t.ldb, ++a) {
-        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; ++i) {
-          const __m256 av = _mm256_broadcast_ss(a + i * lda);
-          c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
-          c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
-        }
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
-      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        const __m256 av = _mm256_broadcast_ss(a + i * lda);
-        c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
-        c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
-      }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
     }
   }
   const int64_t cols = t.cols - j0;  // valid columns of this half, >= 1 (the panel row stride stays ldb)
