@@ -84,6 +84,19 @@ void run_generic(const Tile& t) {
 #if RF_X86
 // AVX-512: 12 rows x 32 columns (two zmm per row): 24 accumulators, 2 panel loads and 12
 // broadcasts per step. _mm512_max_ps(0, v) returns v when v is NaN (the second operand).
+// One step of the reduction: c += a[:, k] (x) the panel row b (32 columns).
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void step_avx512(__m512 (&c0)[MR], __m512 (&c1)[MR],
+                                                                          const float* a, int64_t lda, const float* b) {
+  const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    const __m512 av = _mm512_set1_ps(a[i * lda]);
+    c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+    c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+  }
+}
+
 template <int MR>
 __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   __m512 c0[MR], c1[MR];
@@ -94,32 +107,16 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   const float* b = t.b;
   const float* pf = t.prefetch;
   if (pf && t.kd % 16 == 0) {
-    // The same, 16 steps at a time, each first asking for one line of each of the next tile's
-    // rows (read in place, rows of A are as many streams from memory as the tile has rows).
+    // 16 steps at a time, each first asking for one line of each of the next tile's rows (read
+    // in place, rows of A are as many streams from memory as the tile has rows).
     for (int64_t k0 = 0; k0 < t.kd; k0 += 16) {
 #pragma GCC unroll 12
       for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
 #pragma GCC unroll 16
-      for (int64_t k = 0; k < 16; ++k, b += t.ldb, ++a) {
-        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-#pragma GCC unroll 12
-        for (int i = 0; i < MR; ++i) {
-          const __m512 av = _mm512_set1_ps(a[i * lda]);
-          c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
-          c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
-        }
-      }
+      for (int64_t k = 0; k < 16; ++k, b += t.ldb, ++a) step_avx512<MR>(c0, c1, a, lda, b);
     }
   } else {
-    for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) {
-      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-#pragma GCC unroll 12
-      for (int i = 0; i < MR; ++i) {
-        const __m512 av = _mm512_set1_ps(a[i * lda]);
-        c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
-        c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
-      }
-    }
+    for (int64_t k = 0; k < t.kd; ++k, b += t.ldb, ++a) step_avx512<MR>(c0, c1, a, lda, b);
   }
   const int64_t cols = t.cols;
   const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
@@ -231,7 +228,8 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
 }
 
 // AVX2 + FMA, 3 rows x the whole 32-column panel (four ymm per row): 12 accumulators, the panel
-// row's four vectors read with the FMAs.
+// row's four vectors read with the FMAs. (The step is written out in both loops: put in an inline
+// helper as tile_avx512's is, GCC 12 compiled this kernel into slower code.)
 template <int MR>
 __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   __m256 c[MR][4];
