@@ -203,10 +203,10 @@ class Gemm(Candidate):
     switch = "gemm"
 
     def rule(self, layer, x):
-        """1x1s with no padding on AVX-512 CPUs: there our 12x32 kernel matched oneDNN's 1x1
-        kernels (0.9-1.05x per ResNet-50 shape, Zen 4, 2 cores, caches flushed) and skips
-        oneDNN's per-call cost. The AVX2 kernel measured 0.75-1.0x oneDNN's AVX2 kernels: there
-        only measuring (tune=True) picks it."""
+        """1x1s with no padding on AVX-512 CPUs: there our kernel matched or beat oneDNN's 1x1
+        kernels on ResNet-50's shapes and skips oneDNN's per-call cost (benchmarks/results). The
+        AVX2 kernel has been measured only on an AVX-512 CPU held to AVX2, where it won on some
+        shapes and lost on others: on AVX2 CPUs only measuring (tune=True) picks it."""
         return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
                 and _gemm_isa() == "avx512")
 
