@@ -119,8 +119,8 @@ double makespan(int64_t M, int64_t mr, int64_t panels, Split s, int64_t threads)
 // sooner: items that do not divide among the threads (49 rows in blocks of 36 and 13 on 2 threads
 // left one core idle most of the time). Smaller cuts read the weight or the input once more per
 // extra item, so they are taken only where they clearly pay.
-Split balance(int64_t M, int64_t mr, int64_t panels, int64_t tiles_per_block, int64_t panels_per_group,
-              int64_t threads) {
+Split search_balance(int64_t M, int64_t mr, int64_t panels, int64_t tiles_per_block, int64_t panels_per_group,
+                     int64_t threads) {
   Split best{tiles_per_block, panels_per_group};
   if (threads <= 1) return best;
   double best_time = makespan(M, mr, panels, best, threads);
@@ -147,6 +147,28 @@ Split balance(int64_t M, int64_t mr, int64_t panels, int64_t tiles_per_block, in
     }
   }
   return best;
+}
+
+// search_balance, remembered per thread for the last 32 geometries (a model calls the same few
+// layers over and over; the search costs a few microseconds, a small layer's call a few hundred).
+Split balance(int64_t M, int64_t mr, int64_t panels, int64_t tiles_per_block, int64_t panels_per_group,
+              int64_t threads) {
+  struct Entry {
+    int64_t key[6];
+    Split split;
+  };
+  thread_local Entry memo[32];
+  thread_local int next_slot = 0;
+  const int64_t key[6] = {M, mr, panels, tiles_per_block, panels_per_group, threads};
+  for (const Entry& e : memo) {
+    if (std::equal(key, key + 6, e.key)) return e.split;
+  }
+  const Split split = search_balance(M, mr, panels, tiles_per_block, panels_per_group, threads);
+  Entry& e = memo[next_slot];
+  next_slot = (next_slot + 1) % 32;
+  std::copy(key, key + 6, e.key);
+  e.split = split;
+  return split;
 }
 
 // out (NHWC; may be the residual itself, then `residual` is null and `accumulate` true)
