@@ -136,8 +136,8 @@ def test_each_measured_choice_meets_the_rule_layer_by_layer(cache):
     assert_accuracy_rule(out, eager, ref, what=f"chosen {name}", magnitude=mag)
 
 
-class SlowGemm(tactics.Gemm):
-    """Right answers, 20 ms late."""
+class Late:
+    """A candidate's right answers, 20 ms late (mixed in before the candidate's class)."""
 
     def run(self, layer, x, w, b, residual):
         time.sleep(0.02)
@@ -146,6 +146,10 @@ class SlowGemm(tactics.Gemm):
     def run_(self, layer, x, w, b, residual):
         time.sleep(0.02)
         super().run_(layer, x, w, b, residual)
+
+
+class SlowGemm(Late, tactics.Gemm):
+    """Right answers, 20 ms late."""
 
 
 class FastWrong(tactics.Gemm):
@@ -204,16 +208,8 @@ def test_a_wrong_candidate_is_rejected_however_fast(cache, monkeypatch):
     assert tactics.choose(layer, x_for().contiguous(memory_format=torch.channels_last)) == "onednn"  # cached
 
 
-class SlowOneDNN(tactics.OneDNN):
+class SlowOneDNN(Late, tactics.OneDNN):
     """oneDNN, 20 ms late (so that Winograd F(4x4) is the fastest by construction)."""
-
-    def run(self, layer, x, w, b, residual):
-        time.sleep(0.02)
-        return super().run(layer, x, w, b, residual)
-
-    def run_(self, layer, x, w, b, residual):
-        time.sleep(0.02)
-        super().run_(layer, x, w, b, residual)
 
 
 def test_a_weight_dependent_verdict_is_checked_on_each_layer(cache, monkeypatch):
