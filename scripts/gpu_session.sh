@@ -2,13 +2,15 @@
 # Every GPU check in as few device calls as possible (a GPU is lent rarely; run this first).
 # On the device machine, from the checkout's root:
 #
-#   bash scripts/gpu_session.sh all     # ~9 min on an H100: build, golden dumps, GPU tests,
-#                                       # compute-sanitizer, per-layer benchmark at batch 256 and 1
-#   bash scripts/gpu_session.sh bench   # right after (the build is kept while the machine is warm):
-#                                       # whole-model benchmark, fp16 channels-last, batch 1..256
+#   bash scripts/gpu_session.sh all       # build, golden dumps, GPU tests, per-layer benchmark at
+#                                         # batch 256 and 1, whole-model benchmark (fp16 channels-last,
+#                                         # batch 1..256), compute-sanitizer: in that order (priority)
+#   bash scripts/gpu_session.sh compile   # right after (the build is kept while the machine is warm):
+#                                         # torch.compile max-autotune beside eager_cl and fused
 #
-# Stages can also be named one by one: build golden test sanitize layers bench. Each stage has a
-# time budget and the run goes on after a failed stage; a summary table is printed last. Results
+# Stages can also be named one by one: build golden test layers bench sanitize compile. Each stage
+# has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes on after a failed stage;
+# SANITIZERS lists compute-sanitizer's tools to run; a summary table is printed last. Results
 # go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
 # logs, benchmark JSON/markdown. Copy the golden file to tests/golden/ and the benchmark results
 # to benchmarks/results/, and commit them.
@@ -19,12 +21,13 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
-[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test sanitize layers)
-[[ ${stages[0]} == bench && ${#stages[@]} -eq 1 ]] && stages=(build bench)
+[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test layers bench sanitize)
+[[ ${stages[0]} == compile && ${#stages[@]} -eq 1 ]] && stages=(build compile)
 declare -A RESULT SECONDS_TAKEN
 
 run_stage() {  # name budget_seconds command...
-  local name=$1 budget=$2
+  local name=$1 budget=$2 override="BUDGET_$1"
+  budget=${!override:-$budget}
   shift 2
   local start=$SECONDS
   echo "== $name (budget ${budget}s)"
@@ -42,7 +45,8 @@ run_stage() {  # name budget_seconds command...
 build() {
   # Kept between calls while the machine is warm: rebuild only for another commit or tree.
   local stamp
-  stamp=$(git rev-parse HEAD 2>/dev/null)-$(git status --porcelain 2>/dev/null | md5sum | cut -c1-8)
+  # (the sources only: the golden stage's dump in tests/golden must not force a rebuild)
+  stamp=$(git rev-parse HEAD 2>/dev/null)-$(git status --porcelain -- csrc setup.py src 2>/dev/null | md5sum | cut -c1-8)
   if [[ -f build/.gpu_stamp && $(cat build/.gpu_stamp) == "$stamp" ]] && ls src/resnet_fused/_C*.so >/dev/null 2>&1; then
     echo "already built for $stamp"
     return 0
@@ -66,43 +70,57 @@ environment() {
 }
 
 gpu_tests() {
+  # every GPU test, and the emulator held to this GPU's golden dump (the golden stage put it in
+  # tests/golden); the emulator's own tests need no GPU and run in CI
   $PY -m pytest tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m cuda -rs \
-    --durations=5 --maxfail=20 \
-    && $PY -m pytest tests/test_emu_conformance.py tests/test_emu.py -q -p no:cacheprovider -W ignore::UserWarning -x
+    --durations=10 --maxfail=20
+  local rc=$?
+  $PY -m pytest tests/test_emu_conformance.py -q -p no:cacheprovider -W ignore::UserWarning -rs || rc=1
+  return $rc
 }
 
 sanitize() {
-  local tool rc=0
-  for tool in memcheck racecheck synccheck initcheck; do
+  local tool rc=0 cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
+  [[ -n $cs ]] || { echo "compute-sanitizer not found"; return 1; }
+  for tool in ${SANITIZERS:-memcheck racecheck synccheck initcheck}; do
     echo "-- compute-sanitizer --tool $tool"
-    compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/gpu_smoke.py 2>&1 | tail -n 8 | tee "$OUT/sanitizer_$tool.log"
+    "$cs" --tool $tool --error-exitcode 1 $PY scripts/gpu_smoke.py 2>&1 | tail -n 8 | tee "$OUT/sanitizer_$tool.log"
     [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
   done
   return $rc
 }
 
 layers() {
-  $PY -m resnet_fused.bench --device cuda --dtype float16 --layers --batch 256 --out "$OUT" \
-    && $PY -m resnet_fused.bench --device cuda --dtype float16 --layers --batch 1 --out "$OUT"
+  $PY -m resnet_fused.bench --device cuda --dtype float16 --layers --batch 256 --out "$OUT" --tag b256 \
+    && $PY -m resnet_fused.bench --device cuda --dtype float16 --layers --batch 1 --out "$OUT" --tag b1
 }
 
 bench() {
   $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 1 8 32 128 256 --out "$OUT" \
-    --variants eager eager_cl jit_opt fused_cudnn fused fused_graph eager_graph compile_max
+    --variants eager eager_cl jit_opt fused_cudnn fused fused_graph eager_graph
+}
+
+compile_max() {  # max-autotune compiles for minutes: its own stage, largest batch first
+  $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 256 --out "$OUT" --tag compile_b256 \
+    --variants eager_cl fused compile_max \
+    && $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 1 --out "$OUT" --tag compile_b1 \
+    --variants eager_cl fused compile_max
 }
 
 export OUT PY
-export -f build gpu_tests sanitize layers bench
+export -f build gpu_tests sanitize layers bench compile_max
 environment
 for s in "${stages[@]}"; do
   case $s in
     build) run_stage build 300 build ;;
-    golden) run_stage golden 60 $PY scripts/record_golden.py --out "$OUT" ;;
+    golden) run_stage golden 60 "$PY scripts/record_golden.py --out $OUT && cp $OUT/conformance_*.json tests/golden/" ;;
     test) run_stage test 240 gpu_tests ;;
-    sanitize) run_stage sanitize 150 sanitize ;;
     layers) run_stage layers 150 layers ;;
-    bench) run_stage bench 480 bench ;;
-    *) echo "unknown stage $s (build golden test sanitize layers bench | all)"; exit 2 ;;
+    bench) run_stage bench 240 bench ;;
+    sanitize) run_stage sanitize 150 sanitize ;;
+    compile) run_stage compile 420 compile_max ;;
+    *) echo "unknown stage $s (build golden test layers bench sanitize compile | all)"; exit 2 ;;
   esac
 done
 
