@@ -51,9 +51,15 @@ build() {
     echo "already built for $stamp"
     return 0
   fi
+  # The system's gcc where there is one: the device image's default CC/CXX (/opt/gcc, a wrapper
+  # of the same GCC 13) links libstdc++ statically into the extension, and there the first error
+  # message with a number in it crashed the process (std::ostream of the static copy) instead of
+  # raising (H100 lease, 2026-11-26; the same sources built with /usr/bin/g++ raised).
+  if [[ -x /usr/bin/gcc && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} RESNET_FUSED_CUDA=1 RESNET_FUSED_EMU=1 MAX_JOBS=16 \
     $PY setup.py build_ext --inplace >"$OUT/build_full.log" 2>&1 || { tail -n 40 "$OUT/build_full.log"; return 1; }
   mkdir -p build && echo "$stamp" >build/.gpu_stamp
+  ldd src/resnet_fused/_C*.so | grep -q libstdc++ || echo "WARNING: libstdc++ linked statically into _C (errors may crash)"
   $PY - <<'EOF'
 import torch, resnet_fused
 print("built:", resnet_fused.__file__, "| CUDA kernels:", resnet_fused.cuda_compiled(), "| GPU usable:", resnet_fused.cuda_available())
@@ -72,8 +78,8 @@ environment() {
 gpu_tests() {
   # every GPU test, and the emulator held to this GPU's golden dump (the golden stage put it in
   # tests/golden); the emulator's own tests need no GPU and run in CI
-  $PY -m pytest tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m cuda -rs \
-    --durations=10 --maxfail=20
+  $PY -m pytest tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m cuda -rfEs \
+    --tb=short --durations=10 --maxfail=20
   local rc=$?
   $PY -m pytest tests/test_emu_conformance.py -q -p no:cacheprovider -W ignore::UserWarning -rs || rc=1
   return $rc
@@ -85,8 +91,9 @@ sanitize() {
   [[ -n $cs ]] || { echo "compute-sanitizer not found"; return 1; }
   for tool in ${SANITIZERS:-memcheck racecheck synccheck initcheck}; do
     echo "-- compute-sanitizer --tool $tool"
-    "$cs" --tool $tool --error-exitcode 1 $PY scripts/gpu_smoke.py 2>&1 | tail -n 8 | tee "$OUT/sanitizer_$tool.log"
-    [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+    "$cs" --tool $tool --error-exitcode 1 $PY scripts/gpu_smoke.py >"$OUT/sanitizer_$tool.log" 2>&1 || rc=1
+    grep -m 12 -A 6 "^========= [A-Z].*\(Invalid\|Uninitialized\|hazard\|Barrier\|Race\|Error\)" "$OUT/sanitizer_$tool.log" | head -n 40
+    tail -n 3 "$OUT/sanitizer_$tool.log"
   done
   return $rc
 }
@@ -114,7 +121,7 @@ environment
 for s in "${stages[@]}"; do
   case $s in
     build) run_stage build 300 build ;;
-    golden) run_stage golden 60 "$PY scripts/record_golden.py --out $OUT && cp $OUT/conformance_*.json tests/golden/" ;;
+    golden) run_stage golden 60 "$PY scripts/record_golden.py --out $OUT && mkdir -p tests/golden && cp $OUT/conformance_*.json tests/golden/" ;;
     test) run_stage test 240 gpu_tests ;;
     layers) run_stage layers 150 layers ;;
     bench) run_stage bench 240 bench ;;

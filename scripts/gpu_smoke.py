@@ -1,5 +1,7 @@
 """A few launches of every CUDA kernel we wrote, small enough for compute-sanitizer (memcheck,
 racecheck, synccheck, initcheck are 10-100x slower than a plain run). Exit code 1 on a wrong answer.
+Inputs are made and references computed on the CPU (float64), so that what the sanitizer sees on
+the GPU is our kernels and the copies that feed them, not cuDNN's.
 
     compute-sanitizer --tool racecheck python scripts/gpu_smoke.py
 """
@@ -23,20 +25,21 @@ def main():
     ]
     for dtype in (torch.float16, torch.bfloat16):
         for n, c, k, ksz, stride, h, residual in cases:
-            x = torch.randn(n, c, h, h, device="cuda").to(dtype).contiguous(memory_format=CL)
-            w = (torch.randn(k, c, ksz, ksz, device="cuda") / (c * ksz * ksz) ** 0.5).to(dtype)
-            b = torch.randn(k, device="cuda")
+            x = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=CL)
+            w = (torch.randn(k, c, ksz, ksz) / (c * ksz * ksz) ** 0.5).to(dtype)
+            b = torch.randn(k)
             ho = (h + 2 * (ksz // 2) - ksz) // stride + 1
-            r = torch.randn(n, k, ho, ho, device="cuda").to(dtype).contiguous(memory_format=CL) if residual else None
-            out = resnet_fused.ops.conv2d_bias_act(x, w, b, r, stride=stride, padding=ksz // 2, relu=True)
-            ref = F.conv2d(x.float(), w.float(), b, stride, ksz // 2)
-            ref = (ref + r.float() if residual else ref).relu()
-            err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+            r = torch.randn(n, k, ho, ho).to(dtype).contiguous(memory_format=CL) if residual else None
+            out = resnet_fused.ops.conv2d_bias_act(x.cuda(), w.cuda(), b.cuda(), r.cuda() if residual else None,
+                                                   stride=stride, padding=ksz // 2, relu=True).cpu()
+            ref = F.conv2d(x.double(), w.double(), b.double(), stride, ksz // 2)
+            ref = (ref + r.double() if residual else ref).relu()
+            err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
             ok = err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
             bad += not ok
             print(f"{'ok  ' if ok else 'FAIL'} conv {dtype} n{n} c{c} k{k} {ksz}x{ksz}/s{stride} {h}x{h}: rel err {err:.2e}")
-    a = torch.randn(2, 64, 9, 9, device="cuda", dtype=torch.float16)
-    ok = torch.equal(resnet_fused.ops.add_relu(a, a), (a + a).relu())
+    a = torch.randn(2, 64, 9, 9, dtype=torch.float16)
+    ok = torch.equal(resnet_fused.ops.add_relu(a.cuda(), a.cuda()).cpu(), (a.float() + a.float()).relu().half())
     bad += not ok
     print(f"{'ok  ' if ok else 'FAIL'} epilogue (add_relu)")
     torch.cuda.synchronize()
