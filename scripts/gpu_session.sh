@@ -2,13 +2,14 @@
 # Every GPU check in as few device calls as possible (a GPU is lent rarely; run this first).
 # On the device machine, from the checkout's root:
 #
-#   bash scripts/gpu_session.sh all       # build, golden dumps, GPU tests, per-layer benchmark at
-#                                         # batch 256 and 1, whole-model benchmark (fp16 channels-last,
-#                                         # batch 1..256), compute-sanitizer: in that order (priority)
+#   bash scripts/gpu_session.sh all       # build, golden dumps, GPU tests, tactics report (resnet50
+#                                         # fp16, batch 256 and 1), per-layer benchmark at batch 256
+#                                         # and 1, whole-model benchmark (fp16 channels-last, batch
+#                                         # 1..256), compute-sanitizer: in that order (priority)
 #   bash scripts/gpu_session.sh compile   # right after (the build is kept while the machine is warm):
 #                                         # torch.compile max-autotune beside eager_cl and fused
 #
-# Stages can also be named one by one: build golden test layers bench sanitize compile. Each stage
+# Stages can also be named one by one: build golden test tactics layers bench sanitize compile. Each stage
 # has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes on after a failed stage;
 # SANITIZERS lists compute-sanitizer's tools to run; a summary table is printed last. Results
 # go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
-[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test layers bench sanitize)
+[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize)
 [[ ${stages[0]} == compile && ${#stages[@]} -eq 1 ]] && stages=(build compile)
 declare -A RESULT SECONDS_TAKEN
 
@@ -108,6 +109,11 @@ bench() {
     --variants eager eager_cl jit_opt fused_cudnn fused fused_graph eager_graph
 }
 
+tactics() {  # what each layer of resnet50 fp16 chooses at batch 256 and 1, and tuned vs untuned
+  $PY scripts/tune_resnet50.py --device cuda --dtype float16 --batch 256 --compare 10 --json "$OUT/gpu_tactics_resnet50_b256.json" \
+    && $PY scripts/tune_resnet50.py --device cuda --dtype float16 --batch 1 --compare 50 --json "$OUT/gpu_tactics_resnet50_b1.json"
+}
+
 compile_max() {  # max-autotune compiles for minutes: its own stage, largest batch first
   $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 256 --out "$OUT" --tag compile_b256 \
     --variants eager_cl fused compile_max \
@@ -116,18 +122,19 @@ compile_max() {  # max-autotune compiles for minutes: its own stage, largest bat
 }
 
 export OUT PY
-export -f build gpu_tests sanitize layers bench compile_max
+export -f build gpu_tests sanitize layers bench tactics compile_max
 environment
 for s in "${stages[@]}"; do
   case $s in
     build) run_stage build 300 build ;;
     golden) run_stage golden 60 "$PY scripts/record_golden.py --out $OUT && mkdir -p tests/golden && cp $OUT/conformance_*.json tests/golden/" ;;
     test) run_stage test 240 gpu_tests ;;
+    tactics) run_stage tactics 90 tactics ;;
     layers) run_stage layers 150 layers ;;
     bench) run_stage bench 240 bench ;;
     sanitize) run_stage sanitize 150 sanitize ;;
     compile) run_stage compile 420 compile_max ;;
-    *) echo "unknown stage $s (build golden test layers bench sanitize compile | all)"; exit 2 ;;
+    *) echo "unknown stage $s (build golden test tactics layers bench sanitize compile | all)"; exit 2 ;;
   esac
 done
 

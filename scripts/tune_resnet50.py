@@ -1,7 +1,8 @@
-"""Tune a ResNet-50 (torchvision's topology, built here: no torchvision needed) on the CPU and
-print how long it took and what each layer chose.
+"""Tune a ResNet-50 (torchvision's topology, built here: no torchvision needed) on the CPU or a
+GPU and print how long it took and what each layer chose.
 
     python scripts/tune_resnet50.py [--batch 8] [--size 224] [--json out.json]
+    python scripts/tune_resnet50.py --device cuda --dtype float16 --batch 256 --compare 20
 
 Uses a fresh cache directory unless RESNET_FUSED_CACHE_DIR is set, so it measures every layer.
 """
@@ -69,6 +70,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--compare", type=int, default=0, metavar="REPS",
                    help="then time the tuned model against the rules' (tune=False) side by side, REPS calls each")
     args = p.parse_args()
@@ -76,19 +79,25 @@ def main():
     import resnet_fused
     from resnet_fused import tactics
 
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = ResNet50().eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    fused = resnet_fused.fuse(model)
+    x = torch.randn(args.batch, 3, args.size, args.size).to(device, dtype)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = resnet_fused.fuse(model).to(device, dtype)
     t0 = time.perf_counter()
     resnet_fused.tune(fused, x)
+    sync()
     tuning = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.inference_mode():
         fused(x)
+    sync()
     after = time.perf_counter() - t0
     rows = fused.fuse_report.tactics
-    print(f"machine: {tactics.machine_id()}")
+    print(f"machine: {tactics.machine_id(tactics.machine_key(device))}")
     print(f"tuning: {tuning:.1f} s for {len(rows)} layers at batch {args.batch}, {args.size}x{args.size} "
           f"({tactics.stats()['measured']} measured); the next forward: {after * 1e3:.0f} ms")
     print(fused.fuse_report.tactics_table())
@@ -100,15 +109,17 @@ def main():
     if args.compare:
         import statistics
 
-        rules = resnet_fused.fuse(model, tune=False)
+        rules = resnet_fused.fuse(model, tune=False).to(device, dtype)
         models = {"tuned": fused, "rules": rules}
         times = {k: [] for k in models}
         with torch.inference_mode():
             rules(x)  # (packs its weights)
             for _ in range(args.compare):
                 for k, m in models.items():
+                    sync()
                     t0 = time.perf_counter()
                     m(x)
+                    sync()
                     times[k].append(time.perf_counter() - t0)
         compare = {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
         print(f"forward, median of {args.compare} interleaved calls (ms):", compare)
@@ -118,7 +129,7 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         with open(args.json, "w") as f:
-            json.dump({"machine": tactics.machine_key(), "commit": commit or None, "batch": args.batch, "size": args.size,
+            json.dump({"machine": tactics.machine_key(device), "dtype": args.dtype, "commit": commit or None, "batch": args.batch, "size": args.size,
                        "tuning_s": round(tuning, 2), "forward_ms": compare, "layers": rows}, f, indent=1)
     return 0
 

@@ -2,6 +2,8 @@
 and float64 under the accuracy rule, the split-K and stem paths, in place, the cuDNN fallback
 switch. The same kernels run under the emulator in CI (tests/test_emu.py); these need a GPU."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,3 +72,62 @@ def test_cudnn_switch_gives_the_same_answers():
     torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="must be 'ours' or 'cudnn'"):
         resnet_fused.set_cuda_conv("tensorrt")
+
+
+# ---- measured per-layer choice on CUDA (resnet_fused.tactics) --------------------------------
+@pytest.fixture
+def tactics_cache(tmp_path, monkeypatch):
+    from resnet_fused import tactics
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    yield tactics
+    tactics.clear_memory_cache()
+
+
+def test_tuned_resnet50_chooses_measured_paths_within_the_accuracy_rule(tactics_cache):
+    """fuse() tunes each CUDA layer on its first call (our tiles, cuDNN + epilogue, cuDNN's fused
+    op); the second call runs the choices (cuDNN's fused op only after the inputs were checked
+    finite); both within the accuracy rule against float64 and eager fp16."""
+    from test_fuse import fused_and_reference, torchvision_model
+
+    model = torchvision_model("resnet50", branch_scale=0.5)
+    out, eagers, ref, fused = fused_and_reference(model, torch.randn(4, 3, 96, 96), torch.float16, "cuda", True)
+    assert_accuracy_rule(out, eagers, ref, what="resnet50 f16 tuned, first call")
+    tactics = fused.fuse_report.tactics
+    names = set(tactics_cache.CUDA_ALGOS) | {tactics_cache.CUDNN_FUSED}
+    assert tactics and all(t["choice"] in names and t["times_ms"] for t in tactics), tactics
+    x = torch.randn(4, 3, 96, 96)
+    with torch.inference_mode():
+        again = fused(x.to("cuda", torch.float16).contiguous(memory_format=CL)).cpu()
+        eagers = [copy.deepcopy(model).to("cuda", torch.float16).to(memory_format=CL)(
+            x.to("cuda", torch.float16).contiguous(memory_format=CL)).cpu()]
+        ref = copy.deepcopy(model).double()(x.double())
+    assert_accuracy_rule(again, eagers, ref, what="second call")
+
+
+def test_cudnn_fused_keeps_nan_as_eager_does(tactics_cache, monkeypatch):
+    """A layer that chose cuDNN's fused op (made the only fast candidate here) runs it on inputs
+    checked finite, and the exact path on an input holding NaN: NaN where eager has NaN."""
+    import time
+
+    from torch import nn
+
+    class LateCudnn(tactics_cache.CudaAlgo):
+        def run(self, layer, x, w, b, residual):
+            time.sleep(0.02)
+            return super().run(layer, x, w, b, residual)
+
+    monkeypatch.setattr(tactics_cache, "CUDA_CANDIDATES", [LateCudnn("cudnn"), tactics_cache.CudnnFused()])
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()).eval()
+    fused = resnet_fused.fuse(net).to("cuda", torch.float16)
+    x = torch.randn(2, 64, 16, 16, device="cuda").half().contiguous(memory_format=CL)
+    with torch.inference_mode():
+        fused(x)
+        assert [t["choice"] for t in fused.fuse_report.tactics] == ["cudnn_fused"]
+        ok = fused(x)
+        x[0, :, 3, 3] = float("nan")
+        bad = fused(x)
+        eager = net.to("cuda", torch.float16)(x)
+    assert torch.isfinite(ok).all()
+    assert torch.equal(torch.isnan(bad), torch.isnan(eager)) and torch.isnan(bad).any()

@@ -258,7 +258,7 @@ def test_new_weights_choose_again_where_the_choice_hung_on_them(cache, monkeypat
     fresh = resnet_fused.fuse(model())
     assert torch.equal(out, run(fresh, x)) and kernels(fresh) == kernels(fused)
     # in place: F(4x4) accepted (every check passes, says the test), so the plain master stays
-    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs: ({n: 0.0 for n in outs}, {}))
+    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs, yardstick="onednn": ({n: 0.0 for n in outs}, {}))
     tactics.clear_memory_cache()
     fused = resnet_fused.fuse(model())
     run(fused, x)
@@ -383,3 +383,75 @@ def test_rejected_candidates_and_near_ties():
     assert tactics._pick(rec, names, prefer="onednn") == "gemm"
     assert tactics._pick(rec, ["onednn"], prefer="gemm") == "onednn"
     assert tactics._pick({"times_ms": {"gemm": 1.0}, "rejected": {"gemm": "x"}}, ["gemm"]) is None
+
+
+# ---- the CUDA candidates' chooser, with our kernel run by the emulator ---------------------------
+class EmuTile(tactics.CudaAlgo):
+    """A tile of our CUDA kernel as the emulator runs it on CPU tensors (the same kernel source)."""
+
+    def applies(self, layer, x):
+        return tactics.CudaCandidate.applies(self, layer, x)  # (the op that asks our kernel is CUDA's)
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused_emu.conv2d_bias_act(x, w, b, residual, layer.stride, layer.padding,
+                                                          layer.dilation, layer.relu, 132, self.algo, -1)
+
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused_emu.conv2d_bias_act_(residual, x, w, b, layer.stride, layer.padding, layer.dilation,
+                                                    layer.relu, 132, self.algo, -1)
+
+
+class EmuCudnn(tactics.CudaAlgo):
+    """The yardstick as cuDNN + our epilogue computes it: the convolution rounded to the input's
+    dtype, then the emulated epilogue kernel."""
+
+    def run(self, layer, x, w, b, residual):
+        y = torch.nn.functional.conv2d(x.float(), w.float(), None, layer.stride, layer.padding).to(x.dtype)
+        y = y.contiguous(memory_format=torch.channels_last)
+        return torch.ops.resnet_fused_emu.epilogue(y, b, residual, layer.relu)
+
+    def run_(self, layer, x, w, b, residual):
+        residual.copy_(self.run(layer, x, w, b, residual))
+
+
+class EmuWrongTile(EmuTile):
+    """Instant and wrong: a quarter of the output channels left at zero."""
+
+    def run(self, layer, x, w, b, residual):
+        out = super().run(layer, x, w, b, residual)
+        out[:, : layer.out_channels // 4] = 0
+        return out
+
+    def run_(self, layer, x, w, b, residual):
+        super().run_(layer, x, w, b, residual)
+        residual[:, : layer.out_channels // 4] = 0
+
+
+class LateEmuTile(Late, EmuTile):
+    pass
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_cuda_candidates_are_timed_checked_against_cudnn_and_cached(cache, monkeypatch, inplace):
+    """The CUDA chooser's path (float16, channels-last; the yardstick cuDNN + epilogue, the ulp in
+    float16) with our kernel's tiles run by the emulator: a wrong tile is rejected however fast, a
+    late one loses, the choice is cached under its own machine key and read back."""
+    pytest.importorskip("resnet_fused._emu", reason="resnet_fused built without RESNET_FUSED_EMU=1")
+    monkeypatch.setattr(tactics, "cuda_tunable", lambda layer, x: x.dtype == torch.float16 and tactics._is_channels_last(x))
+    monkeypatch.setattr(tactics, "CUDA_CANDIDATES", [
+        LateEmuTile("tc128x128"), EmuWrongTile("tc128x64"), EmuTile("tc64x64"), EmuCudnn("cudnn")])
+    layer = convs(resnet_fused.fuse(model()).half())[2]  # the 1x1 with the residual
+    layer.inplace_residual = inplace
+    x = torch.randn(2, 128, 12, 12).half().contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 64, 12, 12).half().contiguous(memory_format=torch.channels_last)
+    assert tactics.candidates_for(layer, x)[1] == "cudnn"
+    name, record = tactics.decide(layer, x, residual)
+    assert record["source"] == "measured" and set(record["times_ms"]) == {"tc128x128", "tc128x64", "tc64x64", "cudnn"}
+    assert set(record["rejected"]) == {"tc128x64"}, record["rejected"]
+    assert record["times_ms"]["tc128x128"] >= 20
+    assert name in ("tc64x64", "cudnn")
+    again, record = tactics.decide(layer, x, residual)
+    assert again == name and record["source"] == "cache"
+    with open(tactics.cache_path()) as f:
+        machines = json.load(f)["machines"]
+    assert any(tactics.problem_key(layer, x) in m["choices"] for m in machines.values())

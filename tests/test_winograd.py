@@ -359,7 +359,7 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
     tactics.clear_memory_cache()
     monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), SlowOneDNN()])
-    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs: ({n: 0.0 for n in outs}, {}))
+    monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs, yardstick="onednn": ({n: 0.0 for n in outs}, {}))
     model = randomize_bn(Block()).eval()
     fused = resnet_fused.fuse(model)
     x = torch.randn(2, 128, 10, 10)

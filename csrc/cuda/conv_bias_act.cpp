@@ -17,6 +17,7 @@
 #include <string>
 
 #include "../checks.h"
+#include "kernels/implicit_gemm.h"  // kNumTiles
 #include "launch.h"
 
 namespace resnet_fused::cuda {
@@ -65,20 +66,38 @@ Tensor float_bias(const std::optional<Tensor>& bias) {
   return bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
 }
 
+// Which path a call takes: kAuto (our kernel where it applies, as planned; else cuDNN + our
+// epilogue), kCudnn (cuDNN + our epilogue), or a tile >= 0 of our kernel (split-K as planned):
+// the tactics (resnet_fused/tactics.py) time these per layer. set_cuda_conv("cudnn") overrides all.
+constexpr int64_t kAuto = -1, kCudnn = -2;
+
+bool take_our_kernel(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
+                     int64_t groups, int64_t algo) {
+  TORCH_CHECK_VALUE(algo >= kCudnn && algo < kNumTiles, "resnet_fused: CUDA conv algo must be in [", kCudnn, ", ",
+                    kNumTiles, "), got ", algo);
+  if (algo == kCudnn || !our_kernel_enabled().load()) return false;
+  if (algo == kAuto) return use_our_kernel(input, weight, residual, groups);
+  if (const char* why = fused_conv_unsupported(input, weight, residual, groups)) {
+    TORCH_CHECK_VALUE(false, "resnet_fused: our CUDA kernel (tile ", algo, ") cannot run this call: ", why);
+  }
+  return true;
+}
+
 // (assume_finite changes nothing here: our kernels keep NaN as torch.relu does.)
-Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
+Tensor conv_algo(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                 const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation, int64_t groups, bool relu, int64_t algo) {
   check_cuda(input, "input");
   const auto out_shape = check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = input.suggest_memory_format();
+  const bool ours = take_our_kernel(input, weight, residual, groups, algo);
   if (input.numel() == 0) {
     return at::empty(out_shape, input.options().memory_format(fmt));
   }
-  if (use_our_kernel(input, weight, residual, groups)) {
+  if (ours) {
     return fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/false,
-                      num_sms(input));
+                      num_sms(input), algo >= 0 ? algo : -1);
   }
   Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
   const Tensor bias_f = float_bias(bias);
@@ -90,26 +109,47 @@ Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::opt
 
 // In place into the residual: our kernel reads each residual element and writes the result over
 // it; on the cuDNN path, its output and one epilogue pass that writes the residual.
-void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      bool relu, bool /*assume_finite*/) {
+void conv_algo_(Tensor& residual, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                int64_t algo) {
   check_cuda(input, "input");
   check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());
+  const bool ours = take_our_kernel(input, weight, residual, groups, algo);
   if (input.numel() == 0) return;
   const auto fmt = input.suggest_memory_format();
   if (!residual.is_contiguous(fmt)) {
-    residual.copy_(conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups, relu, false));
+    residual.copy_(conv_algo(input, weight, bias, residual, stride, padding, dilation, groups, relu, algo));
     return;
   }
-  if (use_our_kernel(input, weight, residual, groups)) {
-    fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/true, num_sms(input));
+  if (ours) {
+    fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/true, num_sms(input),
+               algo >= 0 ? algo : -1);
     return;
   }
   const Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
   const Tensor bias_f = float_bias(bias);
   run_epilogue(out, residual, bias.has_value() ? &bias_f : nullptr, &residual, relu,
                fmt == at::MemoryFormat::ChannelsLast);
+}
+
+Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool relu, bool /*assume_finite*/) {
+  return conv_algo(input, weight, bias, residual, stride, padding, dilation, groups, relu, kAuto);
+}
+
+void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool relu, bool /*assume_finite*/) {
+  conv_algo_(residual, input, weight, bias, stride, padding, dilation, groups, relu, kAuto);
+}
+
+// Why our kernel cannot run a call ("" when it can): what the tactics ask before timing it.
+std::string cuda_conv_unsupported(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
+                                  int64_t groups) {
+  const char* why = fused_conv_unsupported(input, weight, residual, groups);
+  return why ? why : "";
 }
 
 Tensor add_relu(const Tensor& a, const Tensor& b) {
@@ -141,7 +181,17 @@ Tensor conformance_cuda(const Tensor& in, const Tensor& tile, int64_t op) {
 }  // namespace
 
 // A setting with no tensor to dispatch on, defined only in builds with CUDA kernels.
-TORCH_LIBRARY_FRAGMENT(resnet_fused, m) { m.def("_set_cuda_conv(str backend) -> str", &set_cuda_conv); }
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
+  m.def("_set_cuda_conv(str backend) -> str", &set_cuda_conv);
+  // One CUDA path for a layer, by number (kAuto, kCudnn or a tile of our kernel): the tactics' handle.
+  m.def(
+      "cuda_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu, int algo) -> Tensor");
+  m.def(
+      "cuda_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu, int algo) -> ()");
+  m.def("_cuda_conv_unsupported(Tensor input, Tensor weight, Tensor? residual, int groups) -> str");
+}
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act);
@@ -149,6 +199,9 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("add_relu", &add_relu);
   m.impl("prepack_conv2d_weight", &prepack_conv2d_weight);
   m.impl("_conformance", &conformance_cuda);
+  m.impl("cuda_conv2d_bias_act", &conv_algo);
+  m.impl("cuda_conv2d_bias_act_", &conv_algo_);
+  m.impl("_cuda_conv_unsupported", &cuda_conv_unsupported);
 }
 
 }  // namespace resnet_fused::cuda

@@ -92,10 +92,12 @@ def capturing_for_serving() -> bool:
 
 
 def inputs_finite(*xs) -> bool:
-    """Whether a fused graph's CPU inputs are free of NaN and Inf: then its convs may run their
-    ReLU as a oneDNN post-op (which maps NaN to 0); otherwise they keep torch.relu's NaN
-    semantics. One sum per input (a finite sum means finite elements; a huge input whose sum
-    overflows just takes the exact path). CUDA kernels are exact anyway: no check, no sync.
+    """Whether a fused graph's inputs are free of NaN and Inf: then its convs may run their
+    ReLU as a oneDNN post-op or cuDNN's fused op (which map NaN to 0); otherwise they keep
+    torch.relu's NaN semantics. One sum per input (a finite sum means finite elements; a huge
+    input whose sum overflows just takes the exact path). On CUDA that is a synchronisation per
+    forward: it is made only once some layer has chosen cuDNN's fused op, never while a CUDA graph
+    is captured, and a layer runs that op only after a check that was made (cuda_inputs_verified).
     A graph captured for serving (torch.export, torch.jit.trace) cannot branch on the data: it
     keeps the exact semantics (measured no slower there: its layers run oneDNN's convolution on
     plain weights either way). torch.compile's graphs take the post-op path, as Inductor's own
@@ -104,11 +106,30 @@ def inputs_finite(*xs) -> bool:
         return False
     if torch.compiler.is_compiling():
         return True
+    _verified.cuda = checked_cuda = False
     for x in xs:
-        if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == "cpu" and x.numel():
+        if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
+            if x.device.type == "cuda":
+                if not _cuda_fused_layers[0] or torch.cuda.is_current_stream_capturing():
+                    continue
+                checked_cuda = True
+            elif x.device.type != "cpu":
+                continue
             if not bool(torch.isfinite(x.sum())):
                 return False
+    _verified.cuda = checked_cuda
     return True
+
+
+def cuda_inputs_verified() -> bool:
+    """Whether this thread's last inputs_finite checked CUDA inputs (and found them finite)."""
+    return getattr(_verified, "cuda", False)
+
+
+# Layers that chose cuDNN's fused op in this process (FusedConv2d._choose counts them): only then
+# does inputs_finite check CUDA inputs.
+_cuda_fused_layers = [0]
+_verified = threading.local()
 
 
 # The fused graph calls these two as submodules rather than functions: a pickled GraphModule is
@@ -363,15 +384,23 @@ class FusedConv2d(nn.Module):
                   tuple(x.shape[2:]) if self.prepack and x.device.type == "cpu" else (), self._path(x))
         return regime, (id(w), 0 if w.is_mkldnn else w.data_ptr(), _version(w), _version(b))
 
+    def _tune_key(self, x: Tensor) -> tuple:
+        return (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm, x.device.type)
+
     def _path(self, x: Tensor) -> str:
         """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", or "" (the oneDNN
         convolution; every other device and dtype). With ``tune`` the measured choice for x's
         shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
-        without, the rules (_winograd_fits, then _gemm_fits)."""
+        without, the rules (_winograd_fits, then _gemm_fits). On CUDA in float16/bfloat16 with
+        ``tune``, the measured CUDA path (tactics.CUDA_ALGOS, "cudnn_fused"); else "" (the op's
+        own choice)."""
+        if tactics.cuda_tunable(self, x):
+            # (nothing is measured or run by choice while set_cuda_conv("cudnn") holds)
+            return self._tuned.get(self._tune_key(x), "?") if self.tune and tactics.cuda_backend() == "ours" else ""
         if not tactics.cpu_float32_prepacked(self, x):
             return ""
         if self.tune:
-            key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
+            key = self._tune_key(x)
             name = self._tuned.get(key, "?")
             if key in self._checked and self._checked[key] != self._weights_token():
                 return "?"  # checked on other weights
@@ -402,7 +431,7 @@ class FusedConv2d(nn.Module):
 
     def _choose(self, x: Tensor, residual: Optional[Tensor]) -> None:
         """Make the tuned choice for x's shape (under the lock, on a cache miss)."""
-        key = (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm)
+        key = self._tune_key(x)
         try:
             name, record = tactics.decide(self, x, residual, tune=True)
         except Exception as err:  # noqa: BLE001 - a failed measurement must not fail the forward
@@ -412,6 +441,8 @@ class FusedConv2d(nn.Module):
                           f"{err}); the rules choose", RuntimeWarning, stacklevel=4)
             name, record = tactics.rule_choice(self, x), {"source": "rule (measuring failed)"}
         self._tuned = {**self._tuned, key: "" if name == tactics.ONEDNN else name}
+        if name == tactics.CUDNN_FUSED:
+            _cuda_fused_layers[0] += 1
         checked = {k: v for k, v in self._checked.items() if k != key}
         if any(tactics.weight_dependent(n) for n in [name, *record.get("rejected", {})]):
             checked[key] = self._weights_token()
@@ -466,7 +497,7 @@ class FusedConv2d(nn.Module):
                 return hit
             # CPU kernels add the bias in the input's dtype (oneDNN's bias, ATen's conv bias): cast
             # once here rather than on every call. CUDA's epilogue adds a float32 bias.
-            b = self.bias.to(dtype if x.device.type == "cpu" else torch.float32)
+            b = self.bias.to(dtype if x.device.type == "cpu" or key[0][-1] == tactics.CUDNN_FUSED else torch.float32)
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
@@ -536,6 +567,21 @@ class FusedConv2d(nn.Module):
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
                                                                        self.relu, self.out_channels)
+        if path in tactics.CUDA_ALGOS:
+            algo = tactics.CUDA_ALGOS[path]
+            if residual is not None and self.inplace_residual:
+                torch.ops.resnet_fused.cuda_conv2d_bias_act_.default(
+                    residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, algo)
+                return residual
+            return torch.ops.resnet_fused.cuda_conv2d_bias_act.default(
+                x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, algo)
+        if path == tactics.CUDNN_FUSED:
+            if assume_finite and cuda_inputs_verified() and tactics.cuda_backend() == "ours":
+                out = tactics.cudnn_fused(self, x, w, b, residual)
+                if residual is not None and self.inplace_residual:
+                    return residual.copy_(out)
+                return out
+            b = b.to(torch.float32)  # NaN kept: cuDNN + our epilogue (the bias rounded as cuDNN's was)
         if path == tactics.WINOGRAD or path == tactics.WINOGRAD4:
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct

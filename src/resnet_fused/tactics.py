@@ -1,4 +1,4 @@
-"""Measured per-layer kernel choice ("tactics") for the CPU.
+"""Measured per-layer kernel choice ("tactics"), on the CPU and on CUDA.
 
 On CPU in float32 a fused layer can run one of four kernels: oneDNN's convolution with post-ops
 on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd") or F(4x4, 3x3)
@@ -20,6 +20,12 @@ keeps the rule of thumb that picked it before anything was measured (:meth:`Cand
 
 The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidates at selection
 time, so one cached measurement serves a model fused with ``winograd=False`` as well.
+
+On CUDA (float16/bfloat16, channels-last) the candidates are our tensor-core kernel in each of its
+tile configurations ("tc128x128", "tc128x64", "tc64x64"), cuDNN's convolution followed by our
+epilogue pass ("cudnn", also the accuracy yardstick) and cuDNN's own fused conv-bias-(add)-ReLU
+("cudnn_fused": ReLU layers, used only where the graph vouched its inputs finite, as its ReLU
+does not keep NaN); timed with CUDA events, the L2 flushed before each call, cached per GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ONEDNN, WINOGRAD, WINOGRAD4, GEMM = "onednn", "winograd", "winograd4", "gemm"
+CUDNN, CUDNN_FUSED = "cudnn", "cudnn_fused"
+#: The CUDA paths that the op cuda_conv2d_bias_act takes by number: our kernel's tiles, cuDNN + epilogue.
+CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, CUDNN: -2}
 
 #: Timing: one warm-up call per candidate, then at least this many interleaved timed calls each
 #: (median); small layers get more rounds (up to MAX_TIMED_CALLS, while a round of all candidates
@@ -62,6 +71,7 @@ WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
 # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4;
 # 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved)
+# (CUDA records live under their own machine ids: the version did not move for them)
 _CACHE_VERSION = 5
 
 
@@ -110,6 +120,10 @@ class Candidate:
 
     def prepare(self, layer, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def bias(self, layer, x: Tensor) -> Tensor:
+        """The bias as run() takes it (float32 unless the kernel adds it in another dtype)."""
+        return _bias(layer)
 
     def run(self, layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -229,11 +243,103 @@ class Gemm(Candidate):
 CANDIDATES: list = [Winograd(), Winograd4(), Gemm(), OneDNN()]
 
 
+# --- CUDA candidates --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _has_cuda_ops() -> bool:
+    return hasattr(torch.ops.resnet_fused, "cuda_conv2d_bias_act")
+
+
+_cuda_backend = ["cudnn" if os.environ.get("RESNET_FUSED_CUDA_CONV") == "cudnn" else "ours"]
+
+
+def cuda_backend() -> str:
+    """"cudnn" while resnet_fused.set_cuda_conv("cudnn") holds: every CUDA layer then runs cuDNN
+    + our epilogue, whatever it chose (the benchmarks' fused_cudnn); else "ours"."""
+    return _cuda_backend[0]
+
+
+def cuda_tunable(layer, x: Tensor) -> bool:
+    """What the CUDA candidates need: a float16/bfloat16 channels-last 4-D CUDA input, and a build
+    with our CUDA kernels. float32 on CUDA stays with the op's own path (cuDNN + our epilogue,
+    TF32 as torch.backends.cudnn.allow_tf32 says)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _is_channels_last(x)
+            and list(layer.dilation) == [1, 1] and _has_cuda_ops())
+
+
+class CudaCandidate(Candidate):
+    def applies(self, layer, x):
+        return cuda_tunable(layer, x)
+
+    def prepare(self, layer, x):
+        return layer.dense_weight().to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+class CudaAlgo(CudaCandidate):
+    """One path of the op cuda_conv2d_bias_act: a tile configuration of our kernel (split-K as its
+    plan says), or cuDNN's convolution and our epilogue pass ("cudnn")."""
+
+    def __init__(self, name: str):
+        self.name, self.algo = name, CUDA_ALGOS[name]
+
+    def applies(self, layer, x):
+        if not super().applies(layer, x):
+            return False
+        return self.algo < 0 or not torch.ops.resnet_fused._cuda_conv_unsupported(x, layer.weight, None, layer.groups)
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused.cuda_conv2d_bias_act.default(
+            x, w, b, residual, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu, self.algo)
+
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused.cuda_conv2d_bias_act_.default(
+            residual, x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu, self.algo)
+
+
+class CudnnFused(CudaCandidate):
+    """cuDNN's fused convolution + bias (+ residual) + ReLU (torch.cudnn_convolution_relu /
+    _add_relu): one pass like our kernel, the bias in the input's dtype. Its ReLU maps NaN to 0, so
+    a layer runs it only where the graph vouched its inputs finite (assume_finite)."""
+
+    name = CUDNN_FUSED
+
+    def applies(self, layer, x):
+        return super().applies(layer, x) and bool(layer.relu)
+
+    def bias(self, layer, x):
+        return layer.bias.to(x.dtype)
+
+    def run(self, layer, x, w, b, residual):
+        return cudnn_fused(layer, x, w, b, residual)
+
+    def run_(self, layer, x, w, b, residual):
+        residual.copy_(cudnn_fused(layer, x, w, b, residual))
+
+
+def cudnn_fused(layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, layer.stride, layer.padding, layer.dilation,
+                                            layer.groups)
+
+
+#: The CUDA candidates; "cudnn" is the yardstick of the accuracy rule there.
+CUDA_CANDIDATES: list = [CudaAlgo(n) for n in CUDA_ALGOS] + [CudnnFused()]
+
+
 def candidate(name: str) -> Candidate:
-    for c in CANDIDATES:
+    for c in CANDIDATES + CUDA_CANDIDATES:
         if c.name == name:
             return c
     raise KeyError(name)
+
+
+def candidates_for(layer, x: Tensor) -> tuple[list, str]:
+    """(the candidates for x's device and regime, the yardstick's name); ([], "") where none apply."""
+    if cpu_float32_prepacked(layer, x):
+        return CANDIDATES, ONEDNN
+    if cuda_tunable(layer, x):
+        return CUDA_CANDIDATES, CUDNN
+    return [], ""
 
 
 def weight_dependent(name: str) -> bool:
@@ -243,7 +349,9 @@ def weight_dependent(name: str) -> bool:
 
 def rule_choice(layer, x: Tensor) -> str:
     """Today's rules: the first enabled candidate whose rule says yes ("onednn" at the latest).
-    The caller has checked :func:`cpu_float32_prepacked`."""
+    On CUDA "": the op's own choice (our kernel where it applies, else cuDNN + epilogue)."""
+    if x.is_cuda:
+        return ""
     for c in CANDIDATES:
         if c.enabled(layer) and c.applies(layer, x) and c.rule(layer, x):
             return c.name
@@ -272,9 +380,14 @@ def _cpu_identity() -> tuple:
     return model, " ".join(isa)
 
 
-def machine_key() -> dict:
+def machine_key(device: Optional[torch.device] = None) -> dict:
     """What a measurement holds for: the CPU (model name, ISA flags), torch and oneDNN versions,
-    and the thread count."""
+    and the thread count; on CUDA the GPU (name, compute capability, multiprocessors), torch,
+    CUDA and cuDNN versions."""
+    if device is not None and device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return {"gpu": p.name, "cc": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     model, isa = _cpu_identity()
     return {"cpu": model, "isa": isa, "torch": torch.__version__, "onednn": _onednn_version(),
             "threads": torch.get_num_threads()}
@@ -402,8 +515,40 @@ def _flush_buffer() -> Tensor:
         return torch.zeros(max(4 * l2, 8 << 20) // 4, dtype=torch.float32)
 
 
-def _flush() -> None:
-    _flush_buffer().add_(1.0)
+def _flush(device: Optional[torch.device] = None) -> None:
+    if device is not None and device.type == "cuda":
+        _cuda_flush_buffer(device).add_(1.0)
+    else:
+        _flush_buffer().add_(1.0)
+
+
+@functools.lru_cache(maxsize=4)
+def _cuda_flush_buffer(device: torch.device) -> Tensor:
+    """Twice the GPU's L2 (its last-level cache): the CUDA counterpart of _flush_buffer."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    with torch.inference_mode(False):
+        return torch.zeros(2 * l2 // 4, dtype=torch.float32, device=device)
+
+
+class _Clock:
+    """Seconds a call takes: the host's clock on the CPU, CUDA events on a GPU (the device's
+    time for the work queued between them)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            self.start.record()
+            fn()
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) * 1e-3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
 
 def _reference(layer, x: Tensor, residual: Optional[Tensor], rows) -> tuple[Tensor, float]:
@@ -434,22 +579,24 @@ def _finite_inputs(x: Tensor, residual: Optional[Tensor]) -> tuple:
     return x, residual
 
 
-def _accuracy(layer, x: Tensor, residual: Optional[Tensor], outs: dict) -> tuple[dict, dict]:
+def _accuracy(layer, x: Tensor, residual: Optional[Tensor], outs: dict,
+              yardstick: str = ONEDNN) -> tuple[dict, dict]:
     """Each output's max abs error against float64 on the first and the last image (float64 on
     the whole batch would cost more than the timing), and the candidates that broke the accuracy
-    rule: error at most 2x oneDNN's (the yardstick, in outs) plus one ulp of the terms' scale."""
+    rule: error at most 2x the yardstick's (oneDNN on the CPU, cuDNN + epilogue on CUDA: in outs)
+    plus one ulp of the terms' scale in x's dtype."""
     rows = sorted({0, x.shape[0] - 1})
     ref, scale = _reference(layer, x, residual, rows)
-    ulp = torch.finfo(torch.float32).eps * max(scale, 1e-30)
+    ulp = torch.finfo(x.dtype).eps * max(scale, 1e-30)
     errors = {}
     for name, out in outs.items():
         o = out[rows].double()
         errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
-    yard = errors.get(ONEDNN)
+    yard = errors.get(yardstick)
     rejected = {}
     for name, e in errors.items():
         if yard is not None and not e <= 2.0 * yard + ulp:
-            rejected[name] = f"error {e:.3g} > 2 x oneDNN's {yard:.3g} + ulp {ulp:.3g}"
+            rejected[name] = f"error {e:.3g} > 2 x {yardstick}'s {yard:.3g} + ulp {ulp:.3g}"
     return errors, rejected
 
 
@@ -477,19 +624,21 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
     its shape; likewise the residual. A layer that writes into its residual (``inplace_residual``)
     is timed so, into a copy of the residual made before the caches are flushed: writing a fresh
     output costs other kernels differently (page faults, write-allocate) than the model pays."""
-    cands = [c for c in (candidates if candidates is not None else CANDIDATES) if c.applies(layer, x)]
+    default, yardstick = candidates_for(layer, x)
+    cands = [c for c in (candidates if candidates is not None else default) if c.applies(layer, x)]
+    clock = _Clock(x.device)
     with torch.no_grad():
         x, residual = _finite_inputs(x, residual)
-        b = _bias(layer)
-        prepared = {c.name: c.prepare(layer, x) for c in cands}
+        prepared = {c.name: (c.prepare(layer, x), c.bias(layer, x)) for c in cands}
         inplace = residual is not None and bool(getattr(layer, "inplace_residual", False))
         buf = torch.empty_like(residual) if inplace else None
 
         def call(c):
+            w, b = prepared[c.name]
             if inplace:
-                c.run_(layer, x, prepared[c.name], b, buf)
+                c.run_(layer, x, w, b, buf)
                 return buf
-            return c.run(layer, x, prepared[c.name], b, residual)
+            return c.run(layer, x, w, b, residual)
 
         outs = {}
         for c in cands:  # warm-up (and the output checked below)
@@ -501,13 +650,11 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
             for c in cands:
                 if inplace:
                     buf.copy_(residual)
-                _flush()
-                t0 = time.perf_counter()
-                call(c)
-                times[c.name].append(time.perf_counter() - t0)
+                _flush(x.device)
+                times[c.name].append(clock(lambda: call(c)))
             if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
                 break
-        errors, rejected = _accuracy(layer, x, residual, outs)
+        errors, rejected = _accuracy(layer, x, residual, outs, yardstick)
     record = {
         "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
         "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
@@ -569,7 +716,8 @@ def _say(line: str, quiet: bool = False) -> None:
 
 # --- the chooser ------------------------------------------------------------------------------
 def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> str:
-    """The kernel for ``layer`` on input ``x``: "onednn", "winograd", "winograd4" or "gemm" (see :func:`decide`)."""
+    """The kernel for ``layer`` on input ``x``: "onednn", "winograd", "winograd4" or "gemm" on the CPU;
+    on CUDA a name of CUDA_ALGOS, "cudnn_fused", or "" for the op's own choice (see :func:`decide`)."""
     return decide(layer, x, residual, tune)[0]
 
 
@@ -578,12 +726,13 @@ def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     "gemm", record). The record says where the choice came from ("source": "cache", "measured" or
     "rule") and the times measured. Measures only with ``tune``; reads or writes no cache
     without it."""
-    if not cpu_float32_prepacked(layer, x):
-        return ONEDNN, {"source": "not applicable"}
-    allowed = [c.name for c in CANDIDATES if c.enabled(layer) and c.applies(layer, x)]
+    cands, _ = candidates_for(layer, x)
+    if not cands:
+        return rule_choice(layer, x), {"source": "not applicable"}
+    allowed = [c.name for c in cands if c.enabled(layer) and c.applies(layer, x)]
     if not tune:
         return rule_choice(layer, x), {"source": "rule"}
-    mkey = machine_key()
+    mkey = machine_key(x.device)
     mid, problem, path = machine_id(mkey), problem_key(layer, x), cache_path()
     with _lock:
         entries = _entries(path, mid)
@@ -610,7 +759,8 @@ def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
         rejected = {n: why for n, why in rejected.items() if not weight_dependent(n)}
     prefer = rule_choice(layer, x)
     while True:
-        choice = _pick({"times_ms": record["times_ms"], "rejected": rejected}, allowed, prefer=prefer) or ONEDNN
+        choice = _pick({"times_ms": record["times_ms"], "rejected": rejected}, allowed, prefer=prefer) or (
+            "" if x.is_cuda else ONEDNN)
         if source == "measured" or not weight_dependent(choice):
             break
         why = check_accuracy(layer, x, residual, choice)
