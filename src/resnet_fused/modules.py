@@ -97,7 +97,7 @@ def inputs_finite(*xs) -> bool:
     torch.relu's NaN semantics. One sum per input (a finite sum means finite elements; a huge
     input whose sum overflows just takes the exact path). On CUDA that is a synchronisation per
     forward: it is made only once some layer has chosen cuDNN's fused op, never while a CUDA graph
-    is captured, and a layer runs that op only after a check that was made (cuda_inputs_verified).
+    is captured, and a layer runs that op only after a check that was made (inputs_verified).
     A graph captured for serving (torch.export, torch.jit.trace) cannot branch on the data: it
     keeps the exact semantics (measured no slower there: its layers run oneDNN's convolution on
     plain weights either way). torch.compile's graphs take the post-op path, as Inductor's own
@@ -106,24 +106,23 @@ def inputs_finite(*xs) -> bool:
         return False
     if torch.compiler.is_compiling():
         return True
-    _verified.cuda = checked_cuda = False
+    _verified.all = skipped = False
     for x in xs:
         if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
-            if x.device.type == "cuda":
-                if not _cuda_fused_layers[0] or torch.cuda.is_current_stream_capturing():
-                    continue
-                checked_cuda = True
-            elif x.device.type != "cpu":
+            if x.device.type not in ("cpu", "cuda") or (
+                    x.device.type == "cuda" and (not _cuda_fused_layers[0] or torch.cuda.is_current_stream_capturing())):
+                skipped = True  # (not checked: a layer on cuDNN's fused op takes the exact path)
                 continue
             if not bool(torch.isfinite(x.sum())):
                 return False
-    _verified.cuda = checked_cuda
+    _verified.all = not skipped
     return True
 
 
-def cuda_inputs_verified() -> bool:
-    """Whether this thread's last inputs_finite checked CUDA inputs (and found them finite)."""
-    return getattr(_verified, "cuda", False)
+def inputs_verified() -> bool:
+    """Whether this thread's last inputs_finite checked every input (and found them finite): what
+    a layer on cuDNN's fused op asks before it runs it."""
+    return getattr(_verified, "all", False)
 
 
 # Layers that chose cuDNN's fused op in this process (FusedConv2d._choose counts them): only then
@@ -497,7 +496,9 @@ class FusedConv2d(nn.Module):
                 return hit
             # CPU kernels add the bias in the input's dtype (oneDNN's bias, ATen's conv bias): cast
             # once here rather than on every call. CUDA's epilogue adds a float32 bias.
-            b = self.bias.to(dtype if x.device.type == "cpu" or key[0][-1] == tactics.CUDNN_FUSED else torch.float32)
+            path = key[0][-1]
+            on_cpu = x.device.type == "cpu" and path not in tactics.CUDA_ALGOS
+            b = self.bias.to(dtype if on_cpu or path == tactics.CUDNN_FUSED else torch.float32)
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
@@ -567,21 +568,16 @@ class FusedConv2d(nn.Module):
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
                                                                        self.relu, self.out_channels)
-        if path in tactics.CUDA_ALGOS:
-            algo = tactics.CUDA_ALGOS[path]
+        if path == tactics.CUDNN_FUSED and not (assume_finite and inputs_verified() and tactics.cuda_backend() == "ours"):
+            # NaN kept: cuDNN + our epilogue (the bias rounded as cuDNN's fused op takes it)
+            path, b = tactics.CUDNN, b.to(torch.float32)
+        if path in tactics.CUDA_PATHS:
+            # (the candidate the measurement timed runs the layer)
+            c = tactics.candidate(path)
             if residual is not None and self.inplace_residual:
-                torch.ops.resnet_fused.cuda_conv2d_bias_act_.default(
-                    residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, algo)
+                c.run_(self, x, w, b, residual)
                 return residual
-            return torch.ops.resnet_fused.cuda_conv2d_bias_act.default(
-                x, w, b, residual, self.stride, self.padding, self.dilation, self.groups, self.relu, algo)
-        if path == tactics.CUDNN_FUSED:
-            if assume_finite and cuda_inputs_verified() and tactics.cuda_backend() == "ours":
-                out = tactics.cudnn_fused(self, x, w, b, residual)
-                if residual is not None and self.inplace_residual:
-                    return residual.copy_(out)
-                return out
-            b = b.to(torch.float32)  # NaN kept: cuDNN + our epilogue (the bias rounded as cuDNN's was)
+            return c.run(self, x, w, b, residual)
         if path == tactics.WINOGRAD or path == tactics.WINOGRAD4:
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct

@@ -51,6 +51,7 @@ ONEDNN, WINOGRAD, WINOGRAD4, GEMM = "onednn", "winograd", "winograd4", "gemm"
 CUDNN, CUDNN_FUSED = "cudnn", "cudnn_fused"
 #: The CUDA paths that the op cuda_conv2d_bias_act takes by number: our kernel's tiles, cuDNN + epilogue.
 CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, CUDNN: -2}
+CUDA_PATHS = frozenset(CUDA_ALGOS) | {CUDNN_FUSED}
 
 #: Timing: one warm-up call per candidate, then at least this many interleaved timed calls each
 #: (median); small layers get more rounds (up to MAX_TIMED_CALLS, while a round of all candidates
@@ -312,7 +313,7 @@ class CudnnFused(CudaCandidate):
         return cudnn_fused(layer, x, w, b, residual)
 
     def run_(self, layer, x, w, b, residual):
-        residual.copy_(cudnn_fused(layer, x, w, b, residual))
+        residual.copy_(self.run(layer, x, w, b, residual))
 
 
 def cudnn_fused(layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
