@@ -183,6 +183,29 @@ def _emu_extension(opt):
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build, then a check that each extension loads libstdc++ as a shared library. A
+    compiler that links it statically into the extension (seen: a GCC 13 wrapper set as CC/CXX on a
+    GPU machine's image) gives a copy whose streams crash the process on the first error message
+    with a number in it, instead of raising."""
+
+    def run(self):
+        super().run()
+        if not sys.platform.startswith("linux"):
+            return
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            try:
+                with open(path, "rb") as f:
+                    dynamic = b"libstdc++.so" in f.read()
+            except OSError:
+                continue
+            if not dynamic:
+                print(f"\nWARNING: {path} has libstdc++ linked in statically (by {os.environ.get('CXX', 'c++')}): "
+                      "its error messages may crash the process instead of raising. Build with the system's "
+                      "compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ pip install .\n", file=sys.stderr)
+
+
 setup(
     name="resnet_fused",
     version="0.1.0",
@@ -192,5 +215,5 @@ setup(
     # release under them (any local build, +cpu or +cuXXX, of the same release matches).
     install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
     ext_modules=get_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )
