@@ -5,11 +5,12 @@
 #   bash scripts/gpu_session.sh all       # build, golden dumps, GPU tests, tactics report (resnet50
 #                                         # fp16, batch 256 and 1), per-layer benchmark at batch 256
 #                                         # and 1, whole-model benchmark (fp16 channels-last, batch
-#                                         # 1..256), compute-sanitizer: in that order (priority)
+#                                         # 1..256), compute-sanitizer, ncu on three layers of our
+#                                         # kernel: in that order (priority)
 #   bash scripts/gpu_session.sh compile   # right after (the build is kept while the machine is warm):
 #                                         # torch.compile max-autotune beside eager_cl and fused
 #
-# Stages can also be named one by one: build golden test tactics layers bench sanitize compile. Each stage
+# Stages can also be named one by one: build golden test tactics layers bench sanitize profile compile. Each stage
 # has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes on after a failed stage;
 # SANITIZERS lists compute-sanitizer's tools to run; a summary table is printed last. Results
 # go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
-[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize)
+[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize profile)
 [[ ${stages[0]} == compile && ${#stages[@]} -eq 1 ]] && stages=(build compile)
 declare -A RESULT SECONDS_TAKEN
 
@@ -114,6 +115,19 @@ tactics() {  # what each layer of resnet50 fp16 chooses at batch 256 and 1, and 
     && $PY scripts/tune_resnet50.py --device cuda --dtype float16 --batch 1 --compare 50 --json "$OUT/gpu_tactics_resnet50_b1.json"
 }
 
+profile() {  # ncu on three layers of our kernel: compute-bound, memory-bound, split-K
+  local spec name
+  for spec in "l3 3x3 256|256" "l1 1x1 64-256 +res|256" "l4 3x3 512|1"; do
+    name=${spec%|*}
+    echo "-- ncu: $name, batch ${spec#*|}"
+    ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis -k regex:conv_kernel --launch-skip 2 --launch-count 1 \
+      $PY scripts/gpu_profile.py --layer "$name" --batch "${spec#*|}" >"$OUT/ncu_${name//[^a-z0-9]/_}.txt" 2>&1
+    grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Stall|Block Limit|median" \
+      "$OUT/ncu_${name//[^a-z0-9]/_}.txt" | head -n 24
+  done
+}
+
 compile_max() {  # max-autotune compiles for minutes: its own stage, largest batch first
   $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 256 --out "$OUT" --tag compile_b256 \
     --variants eager_cl fused compile_max \
@@ -122,7 +136,7 @@ compile_max() {  # max-autotune compiles for minutes: its own stage, largest bat
 }
 
 export OUT PY
-export -f build gpu_tests sanitize layers bench tactics compile_max
+export -f build gpu_tests sanitize layers bench tactics profile compile_max
 environment
 for s in "${stages[@]}"; do
   case $s in
@@ -133,8 +147,9 @@ for s in "${stages[@]}"; do
     layers) run_stage layers 150 layers ;;
     bench) run_stage bench 240 bench ;;
     sanitize) run_stage sanitize 150 sanitize ;;
+    profile) run_stage profile 120 profile ;;
     compile) run_stage compile 420 compile_max ;;
-    *) echo "unknown stage $s (build golden test tactics layers bench sanitize compile | all)"; exit 2 ;;
+    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile | all)"; exit 2 ;;
   esac
 done
 
