@@ -148,7 +148,7 @@ def test_resnet50_shapes(shape, dtype):
     check_emulated_conv(x, wt, b, r, True, kw, what=f"{shape} at {hr}x{hr + 2}")
 
 
-@pytest.mark.parametrize("tile", [0, 1, 2], ids=["128x128", "128x64", "64x64"])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3], ids=["128x128", "128x64", "64x64", "128x128k64"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_every_tile_and_split(tile, splits, dtype):
@@ -260,7 +260,7 @@ def conv_configs(draw):
     return dict(n=draw(st.integers(1, 3)), c=draw(st.sampled_from([3, 4, 8, 16, 24, 64])),
                 k=draw(st.sampled_from([8, 16, 40, 64, 136])), ksz=ksz, stride=stride, h=h, w=w, pad=pad, dil=dil,
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), residual=draw(st.booleans()),
-                relu=draw(st.booleans()), tile=draw(st.sampled_from([-1, 0, 1, 2])),
+                relu=draw(st.booleans()), tile=draw(st.sampled_from([-1, 0, 1, 2, 3])),
                 splits=draw(st.sampled_from([-1, 1, 2, 5])))
 
 

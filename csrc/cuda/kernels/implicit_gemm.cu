@@ -71,6 +71,9 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
       case Tile::k128x64:
         e = launch_conv_instance<Tile::k128x64, kDType, false>(p, plan.splits, stream);
         break;
+      case Tile::k128x128k64:
+        e = launch_conv_instance<Tile::k128x128k64, kDType, false>(p, plan.splits, stream);
+        break;
       default:
         e = launch_conv_instance<Tile::k64x64, kDType, false>(p, plan.splits, stream);
         break;
@@ -88,8 +91,9 @@ const char* conv_unsupported(const ConvParams& p) {
   if (p.K % 8 != 0) return "output channels not a multiple of 8";
   if (p.N <= 0 || p.P <= 0 || p.Q <= 0 || p.K <= 0 || p.C <= 0) return "an empty problem";
   if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.R) * p.S * p.C >= (int64_t(1) << 31) ||
+      int64_t(p.N) * p.H * p.W >= (int64_t(1) << 31) ||
       int64_t(p.N) * p.P * p.Q / 128 >= (int64_t(1) << 31) - 1)
-    return "more than 2^31 output pixels or reduction elements";
+    return "more than 2^31 pixels or reduction elements";
   const int load_bytes = p.C % 8 == 0 ? 16 : 8;
   if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
   if (!aligned(p.output, 4) || (p.residual && !aligned(p.residual, 4)) || (p.bias && !aligned(p.bias, 8)))
@@ -100,7 +104,7 @@ const char* conv_unsupported(const ConvParams& p) {
 ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   ConvPlan plan;
   const int64_t M = int64_t(p.N) * p.P * p.Q;
-  const int ktiles = ceil_div(int64_t(p.R) * p.S * p.C, 32);
+  const int ktiles = ceil_div(int64_t(p.R) * p.S * p.C, 32);  // steps of 32 reduction elements
   plan.narrow_loads = p.C % 8 != 0;
   if (plan.narrow_loads) {
     plan.tile = Tile::k128x64;  // the one instantiation with 8-byte loads
@@ -115,10 +119,12 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   } else {
     plan.tile = Tile::k64x64;
   }
-  const int bm = plan.tile == Tile::k64x64 ? 64 : 128, bn = plan.tile == Tile::k128x128 ? 128 : 64;
+  const int bm = plan.tile == Tile::k64x64 ? 64 : 128;
+  const int bn = plan.tile == Tile::k128x128 || plan.tile == Tile::k128x128k64 ? 128 : 64;
   const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
   if (splits >= 1) {
-    plan.splits = std::min(splits, ktiles);
+    // (at most one split per reduction step of the tile: 64 elements for k128x128k64)
+    plan.splits = std::min(splits, plan.tile == Tile::k128x128k64 ? ceil_div(ktiles, 2) : ktiles);
   } else if (blocks < num_sms / 2 && ktiles >= 16) {
     // Too few output tiles to fill the GPU (late layers at small batch): split the reduction,
     // keeping at least 8 steps of 32 per split.

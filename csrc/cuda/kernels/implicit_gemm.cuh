@@ -7,11 +7,12 @@
 // GEMM's columns), D = the output [M, K], which is the NHWC output itself.
 //
 // Each block computes a BM x BN tile of D with 4 warps (2 x 2, each a (BM/2) x (BN/2) tile of
-// m16n8k16 mma.sync), stepping through the reduction 32 at a time. A 4-stage cp.async pipeline
-// keeps 3 steps in flight: every thread copies whole 16-byte (8-element) chunks of A and B into
-// shared memory, a chunk outside the image, the matrix or the reduction zero-filled (src-size
-// 0). Shared tiles are rows of 64 bytes whose four 16-byte units are XOR-swizzled by the row
-// ((row >> 1) & 3), so that the 8 rows an ldmatrix reads fall in different banks. The epilogue
+// m16n8k16 mma.sync), stepping through the reduction BK (32 or 64) at a time. A cp.async
+// pipeline of `Stages` keeps Stages - 1 steps in flight: every thread copies whole 16-byte
+// (8-element) chunks of A and B into shared memory, a chunk outside the image, the matrix or the
+// reduction zero-filled (src-size 0). Shared tiles are rows of 2*BK bytes whose 16-byte units are
+// XOR-swizzled by the row (see swizzle), so that the 8 rows an ldmatrix reads fall in different
+// banks. The epilogue
 // works on the accumulators in registers: + bias, + residual, ReLU (NaN kept), one store of
 // two channels per thread per fragment row; with split-K it stores float32 partial sums instead
 // and splitk_reduce_kernel (implicit_gemm.cu) finishes.
@@ -28,32 +29,41 @@ namespace resnet_fused::cuda {
 namespace igemm {
 
 constexpr int kThreads = 128;
-constexpr int kBK = 32;      // reduction elements per pipeline step (64 bytes per row)
-constexpr int kStages = 4;
-constexpr int kRowBytes = kBK * 2;
 
+// Block tile BM x BN, reduction step BK (elements; a shared row is 2*BK bytes), pipeline depth.
 template <Tile kTile>
 struct Shape;
 template <>
 struct Shape<Tile::k128x128> {
-  static constexpr int BM = 128, BN = 128;
+  static constexpr int BM = 128, BN = 128, BK = 32, Stages = 4;
 };
 template <>
 struct Shape<Tile::k128x64> {
-  static constexpr int BM = 128, BN = 64;
+  static constexpr int BM = 128, BN = 64, BK = 32, Stages = 4;
 };
 template <>
 struct Shape<Tile::k64x64> {
-  static constexpr int BM = 64, BN = 64;
+  static constexpr int BM = 64, BN = 64, BK = 32, Stages = 4;
+};
+template <>
+struct Shape<Tile::k128x128k64> {
+  static constexpr int BM = 128, BN = 128, BK = 64, Stages = 3;
 };
 
 template <Tile kTile>
 constexpr size_t smem_bytes() {
-  return size_t(kStages) * (Shape<kTile>::BM + Shape<kTile>::BN) * kRowBytes;
+  using S = Shape<kTile>;
+  return size_t(S::Stages) * (S::BM + S::BN) * S::BK * 2;
 }
 
-// Byte offset of 16-byte unit `u` (0..3) of row `row` in a swizzled tile.
-RF_DEVICE int swizzle(int row, int u) { return row * kRowBytes + ((u ^ ((row >> 1) & 3)) << 4); }
+// Byte offset of 16-byte unit `u` of row `row` in a swizzled tile of kRowBytes-byte rows. The 8
+// rows an ldmatrix reads at one unit land in 8 different 16-byte bank groups: 64-byte rows (two
+// to a 128-byte bank line) XOR the unit with (row >> 1) & 3, 128-byte rows with row & 7.
+template <int kRowBytes>
+RF_DEVICE int swizzle(int row, int u) {
+  static_assert(kRowBytes == 64 || kRowBytes == 128, "rows of 32 or 64 half-precision elements");
+  return row * kRowBytes + ((kRowBytes == 64 ? u ^ ((row >> 1) & 3) : u ^ (row & 7)) << 4);
+}
 
 template <Tile kTile, DType kDType, bool kNarrow>
 RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits) {
@@ -61,6 +71,7 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
+  constexpr int kBK = Shape<kTile>::BK, kStages = Shape<kTile>::Stages, kRowBytes = 2 * kBK;
   constexpr int WM = BM / 2, WN = BN / 2;  // warp tile
   constexpr int MT = WM / 16, NT = WN / 8;  // mma tiles per warp
   constexpr int kVec = kNarrow ? 4 : 8;     // elements per cp.async
@@ -83,10 +94,11 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
   const T* x = static_cast<const T*>(p.input);
   const T* w = static_cast<const T*>(p.weight);
 
-  // This thread's chunks: column `cc` of rows r0, r0 + kRowsPerPass, ... of each tile.
+  // This thread's chunks: column `cc` of rows r0, r0 + kRowsPerPass, ... of each tile. A row of A
+  // is kept as its image's first pixel (n * H * W, under 2^31: conv_unsupported) and the
+  // receptive field's corner; B's rows are r0's plus a fixed stride (no per-row registers).
   const int cc = tid % kChunksPerRow, r0 = tid / kChunksPerRow;
-  int64_t a_base[kAIters];
-  int a_h[kAIters], a_w[kAIters];
+  int a_pix[kAIters], a_h[kAIters], a_w[kAIters];
   bool a_ok[kAIters];
 #pragma unroll
   for (int i = 0; i < kAIters; ++i) {
@@ -95,18 +107,11 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
     const int mm = a_ok[i] ? m : 0;
     const int n = mm / PQ, pq = mm - n * PQ;
     const int pp = pq / p.Q, qq = pq - pp * p.Q;
-    a_base[i] = int64_t(n) * p.H * p.W * p.C;
+    a_pix[i] = n * p.H * p.W;
     a_h[i] = pp * p.stride_h - p.pad_h;
     a_w[i] = qq * p.stride_w - p.pad_w;
   }
-  int64_t b_base[kBIters];
-  bool b_ok[kBIters];
-#pragma unroll
-  for (int i = 0; i < kBIters; ++i) {
-    const int n = bn + r0 + i * kRowsPerPass;
-    b_ok[i] = n < p.K;
-    b_base[i] = int64_t(b_ok[i] ? n : 0) * RSC;
-  }
+  const int b_row0 = bn + r0;
   // Within a row, chunk cc sits in 16-byte unit cc (or cc / 2 for 8-byte chunks).
   const int unit = kNarrow ? cc >> 1 : cc, unit_byte = kNarrow ? (cc & 1) * 8 : 0;
 
@@ -149,12 +154,14 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
       const int row = r0 + i * kRowsPerPass;
       const int h = a_h[i] + r * p.dil_h, ww = a_w[i] + s * p.dil_w;
       const bool ok = a_ok[i] && k_ok && unsigned(h) < unsigned(p.H) && unsigned(ww) < unsigned(p.W);
-      copy(sa + swizzle(row, unit) + unit_byte, x + a_base[i] + (int64_t(h) * p.W + ww) * p.C + c, ok);
+      copy(sa + swizzle<kRowBytes>(row, unit) + unit_byte, x + int64_t(a_pix[i] + h * p.W + ww) * p.C + c, ok);
     }
 #pragma unroll
     for (int i = 0; i < kBIters; ++i) {
       const int row = r0 + i * kRowsPerPass;
-      copy(sb + swizzle(row, unit) + unit_byte, w + b_base[i] + kk, b_ok[i] && k_ok);
+      const bool ok = b_row0 + i * kRowsPerPass < p.K;
+      copy(sb + swizzle<kRowBytes>(row, unit) + unit_byte, w + (ok ? int64_t(b_row0 + i * kRowsPerPass) * RSC : 0) + kk,
+           ok && k_ok);
     }
     advance();
   };
@@ -179,14 +186,14 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
       for (int mt = 0; mt < MT; ++mt) {
         // lanes 0-15: rows 0-15 at k 0-7 (a0, a1); lanes 16-31: the same rows at k 8-15 (a2, a3)
         const int row = wm * WM + mt * 16 + (lane % 16);
-        rf::arch::ldmatrix_x4(af[mt], sa + swizzle(row, ks * 2 + lane / 16));
+        rf::arch::ldmatrix_x4(af[mt], sa + swizzle<kRowBytes>(row, ks * 2 + lane / 16));
       }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         // matrices: (n tile 2np, k 0-7), (2np, k 8-15), (2np+1, k 0-7), (2np+1, k 8-15)
         const int row = wn * WN + np * 16 + (lane % 8) + (lane / 16) * 8;
         uint32_t r[4];
-        rf::arch::ldmatrix_x4(r, sb + swizzle(row, ks * 2 + (lane / 8) % 2));
+        rf::arch::ldmatrix_x4(r, sb + swizzle<kRowBytes>(row, ks * 2 + (lane / 8) % 2));
         bf[2 * np][0] = r[0];
         bf[2 * np][1] = r[1];
         bf[2 * np + 1][0] = r[2];
@@ -266,13 +273,15 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
 template <Tile kTile, DType kDType, bool kNarrow>
 cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
-  static const char* const kName[3][2][2] = {
+  static const char* const kName[kNumTiles][2][2] = {
       {{"conv_kernel<128x128,f16>", "conv_kernel<128x128,f16,narrow>"},
        {"conv_kernel<128x128,bf16>", "conv_kernel<128x128,bf16,narrow>"}},
       {{"conv_kernel<128x64,f16>", "conv_kernel<128x64,f16,narrow>"},
        {"conv_kernel<128x64,bf16>", "conv_kernel<128x64,bf16,narrow>"}},
       {{"conv_kernel<64x64,f16>", "conv_kernel<64x64,f16,narrow>"},
-       {"conv_kernel<64x64,bf16>", "conv_kernel<64x64,bf16,narrow>"}}};
+       {"conv_kernel<64x64,bf16>", "conv_kernel<64x64,bf16,narrow>"}},
+      {{"conv_kernel<128x128k64,f16>", "conv_kernel<128x128k64,f16,narrow>"},
+       {"conv_kernel<128x128k64,bf16>", "conv_kernel<128x128k64,bf16,narrow>"}}};
   const int M = p.N * p.P * p.Q;
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((p.K + BN - 1) / BN), unsigned(splits));
   return rf::arch::launch(kName[int(kTile)][kDType == DType::kBFloat16][kNarrow], &conv_kernel<kTile, kDType, kNarrow>,

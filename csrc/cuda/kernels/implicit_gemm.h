@@ -27,9 +27,10 @@ struct ConvParams {
 };
 
 // The block tiles (output pixels x output channels), each one kernel instantiation per dtype in
-// its own .cu. 4 warps (2 x 2), 32-deep reduction steps, 4-stage cp.async pipeline.
-enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2 };
-constexpr int kNumTiles = 3;
+// its own .cu. 4 warps (2 x 2); 32-deep reduction steps in a 4-stage cp.async pipeline, or for
+// k128x128k64 64-deep steps in 3 stages (half the barriers per multiply; 96 KiB of shared memory).
+enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2, k128x128k64 = 3 };
+constexpr int kNumTiles = 4;
 
 struct ConvPlan {
   Tile tile = Tile::k128x64;
