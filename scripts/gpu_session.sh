@@ -107,7 +107,7 @@ layers() {
 
 bench() {
   $PY -m resnet_fused.bench --device cuda --dtype float16 --batch 1 8 32 128 256 --out "$OUT" \
-    --variants eager eager_cl jit_opt fused_cudnn fused fused_graph eager_graph
+    --variants eager eager_cl jit_opt fused_rules fused_cudnn fused fused_graph eager_graph
 }
 
 tactics() {  # what each layer of resnet50 fp16 chooses at batch 256 and 1, and tuned vs untuned

@@ -38,7 +38,7 @@ import resnet_fused
 CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_max", "fused"]
 # The CPU engines a user would pick instead (pip install .[peers]); in the default CPU list when installed.
 PEER_VARIANTS = ["onnxruntime", "openvino"]
-GPU_VARIANTS = CPU_VARIANTS + ["fused_cudnn", "compile_ro", "eager_graph", "fused_graph"]
+GPU_VARIANTS = CPU_VARIANTS + ["fused_rules", "fused_cudnn", "compile_ro", "eager_graph", "fused_graph"]
 ALL_VARIANTS = GPU_VARIANTS + PEER_VARIANTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The checkout's root when this file is src/resnet_fused/bench.py of an editable install.
@@ -208,6 +208,9 @@ def build_variant(name: str, model: nn.Module, dtype: torch.dtype, device: str, 
     if name == "fused":
         # folded from the float32 model, then cast: the way to get a half/bf16 fused model
         return resnet_fused.fuse(model).to(device=device, dtype=dtype), nchw
+    if name == "fused_rules":
+        # the fused model without measuring: our kernel wherever it applies (tune=False)
+        return resnet_fused.fuse(model, tune=False).to(device=device, dtype=dtype), nchw
     if name == "fused_cudnn":
         # the same fused model with every conv on cuDNN + our epilogue pass instead of our kernel
         return on_cudnn(resnet_fused.fuse(model).to(device=device, dtype=dtype)), nchw
