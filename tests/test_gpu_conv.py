@@ -131,3 +131,17 @@ def test_cudnn_fused_keeps_nan_as_eager_does(tactics_cache, monkeypatch):
         eager = net.to("cuda", torch.float16)(x)
     assert torch.isfinite(ok).all()
     assert torch.equal(torch.isnan(bad), torch.isnan(eager)) and torch.isnan(bad).any()
+
+
+def test_cudnn_convolution_relu_does_not_leak_its_uninitialised_z():
+    """torch.cudnn_convolution_relu passes its own uninitialised output to cuDNN as z with alpha 0
+    (shared/GPU_NOTES.md, section 4): were z multiplied rather than skipped, NaN garbage there
+    would reach the result. The tactics' cudnn_fused candidate relies on it for layers without a
+    residual. Memory freed full of NaN, of the output's size, is what the allocator hands out next."""
+    x, w, b, _, kw = case(8, 64, 64, 3, 1, 28, torch.float16, False)
+    w, b = w.contiguous(memory_format=CL), b.half()
+    for _ in range(3):
+        poison = torch.full((8, 64, 28, 28), float("nan"), device="cuda", dtype=torch.float16)
+        del poison
+        out = torch.cudnn_convolution_relu(x, w, b, kw["stride"], kw["padding"], kw["dilation"], 1)
+        assert torch.isfinite(out).all()
