@@ -84,3 +84,14 @@ def assert_accuracy_rule(out, eager, ref, factor=2.0, what="", magnitude=None):
         f"{what}: fused error {e_fused:.3e} > {factor} x eager error {e_eager:.3e} + ulp {ulp:.3e} "
         f"(output scale {scale:.3e})"
     )
+
+
+@pytest.fixture
+def tactics_cache(tmp_path, monkeypatch):
+    """A fresh, empty tactics cache directory (resnet_fused.tactics), and nothing remembered in memory."""
+    from resnet_fused import tactics
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    yield tmp_path
+    tactics.clear_memory_cache()

@@ -1,6 +1,7 @@
 """Our fused convolution kernel on a GPU, at full size: every ResNet-50 conv against cuDNN (eager)
 and float64 under the accuracy rule, the split-K and stem paths, in place, the cuDNN fallback
-switch. The same kernels run under the emulator in CI (tests/test_emu.py); these need a GPU."""
+switch, and the measured per-layer choice (tactics). The same kernels and the chooser run under
+the emulator in CI (tests/test_emu.py, tests/test_tactics.py); these need a GPU."""
 
 import copy
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from conftest import assert_accuracy_rule, needs_cuda
+from resnet_fused import tactics
 from test_ops import RESNET50_CONVS
 
 pytestmark = [needs_cuda, pytest.mark.cuda]
@@ -75,16 +77,6 @@ def test_cudnn_switch_gives_the_same_answers():
 
 
 # ---- measured per-layer choice on CUDA (resnet_fused.tactics) --------------------------------
-@pytest.fixture
-def tactics_cache(tmp_path, monkeypatch):
-    from resnet_fused import tactics
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    tactics.clear_memory_cache()
-    yield tactics
-    tactics.clear_memory_cache()
-
-
 def test_tuned_resnet50_chooses_measured_paths_within_the_accuracy_rule(tactics_cache):
     """fuse() tunes each CUDA layer on its first call (our tiles, cuDNN + epilogue, cuDNN's fused
     op); the second call runs the choices (cuDNN's fused op only after the inputs were checked
@@ -94,9 +86,9 @@ def test_tuned_resnet50_chooses_measured_paths_within_the_accuracy_rule(tactics_
     model = torchvision_model("resnet50", branch_scale=0.5)
     out, eagers, ref, fused = fused_and_reference(model, torch.randn(4, 3, 96, 96), torch.float16, "cuda", True)
     assert_accuracy_rule(out, eagers, ref, what="resnet50 f16 tuned, first call")
-    tactics = fused.fuse_report.tactics
-    names = set(tactics_cache.CUDA_ALGOS) | {tactics_cache.CUDNN_FUSED}
-    assert tactics and all(t["choice"] in names and t["times_ms"] for t in tactics), tactics
+    choices = fused.fuse_report.tactics
+    names = set(tactics.CUDA_ALGOS) | {tactics.CUDNN_FUSED}
+    assert choices and all(t["choice"] in names and t["times_ms"] for t in choices), choices
     x = torch.randn(4, 3, 96, 96)
     with torch.inference_mode():
         again = fused(x.to("cuda", torch.float16).contiguous(memory_format=CL)).cpu()
@@ -113,12 +105,12 @@ def test_cudnn_fused_keeps_nan_as_eager_does(tactics_cache, monkeypatch):
 
     from torch import nn
 
-    class LateCudnn(tactics_cache.CudaAlgo):
+    class LateCudnn(tactics.CudaAlgo):
         def run(self, layer, x, w, b, residual):
             time.sleep(0.02)
             return super().run(layer, x, w, b, residual)
 
-    monkeypatch.setattr(tactics_cache, "CUDA_CANDIDATES", [LateCudnn("cudnn"), tactics_cache.CudnnFused()])
+    monkeypatch.setattr(tactics, "CUDA_CANDIDATES", [LateCudnn("cudnn"), tactics.CudnnFused()])
     net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()).eval()
     fused = resnet_fused.fuse(net).to("cuda", torch.float16)
     x = torch.randn(2, 64, 16, 16, device="cuda").half().contiguous(memory_format=CL)

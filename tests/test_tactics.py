@@ -61,12 +61,9 @@ def kernels(fused):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh, empty cache directory, and nothing remembered in memory."""
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    tactics.clear_memory_cache()
-    yield tmp_path
-    tactics.clear_memory_cache()
+def cache(tactics_cache):
+    """A fresh, empty cache directory, and nothing remembered in memory (conftest.tactics_cache)."""
+    return tactics_cache
 
 
 def run(fused, x):
