@@ -624,15 +624,19 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
     x is used as it is when finite (the layer's real input), else replaced by random numbers of
     its shape; likewise the residual. A layer that writes into its residual (``inplace_residual``)
     is timed so, into a copy of the residual made before the caches are flushed: writing a fresh
-    output costs other kernels differently (page faults, write-allocate) than the model pays."""
+    output costs other kernels differently (page faults, write-allocate) than the model pays.
+
+    A candidate that raises on its first call (cuDNN finds no engine for a shape, say) is rejected
+    with the error as the reason; the others are measured as usual."""
     default, yardstick = candidates_for(layer, x)
     cands = [c for c in (candidates if candidates is not None else default) if c.applies(layer, x)]
     clock = _Clock(x.device)
+    failed = {}
     with torch.no_grad():
         x, residual = _finite_inputs(x, residual)
-        prepared = {c.name: (c.prepare(layer, x), c.bias(layer, x)) for c in cands}
         inplace = residual is not None and bool(getattr(layer, "inplace_residual", False))
         buf = torch.empty_like(residual) if inplace else None
+        prepared, outs = {}, {}
 
         def call(c):
             w, b = prepared[c.name]
@@ -641,11 +645,15 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
                 return buf
             return c.run(layer, x, w, b, residual)
 
-        outs = {}
         for c in cands:  # warm-up (and the output checked below)
-            if inplace:
-                buf.copy_(residual)
-            outs[c.name] = call(c).clone()
+            try:
+                prepared[c.name] = (c.prepare(layer, x), c.bias(layer, x))
+                if inplace:
+                    buf.copy_(residual)
+                outs[c.name] = call(c).clone()
+            except Exception as err:  # noqa: BLE001 - one failing kernel must not stop the others
+                failed[c.name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        cands = [c for c in cands if c.name not in failed]
         times: dict = {c.name: [] for c in cands}
         for i in range(MAX_TIMED_CALLS):
             for c in cands:
@@ -653,9 +661,10 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
                     buf.copy_(residual)
                 _flush(x.device)
                 times[c.name].append(clock(lambda: call(c)))
-            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
+            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values() if t) >= SMALL_ROUND_S:
                 break
         errors, rejected = _accuracy(layer, x, residual, outs, yardstick)
+        rejected.update(failed)
     record = {
         "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
         "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
