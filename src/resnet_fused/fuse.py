@@ -42,7 +42,7 @@ class FuseReport:
     fused: list = dataclasses.field(default_factory=list)  # (name, pattern)
     left: list = dataclasses.field(default_factory=list)  # (name, reason)
     untraced: list = dataclasses.field(default_factory=list)  # (module path, error)
-    # CPU kernel choices, one dict per layer and input regime, as fuse(tune=True) makes them:
+    # kernel choices (CPU or CUDA), one dict per layer and input regime, as fuse(tune=True) makes them:
     # {"layer", "input", "threads", "choice", "source" ("measured" | "cache" | ...), "times_ms", "rejected"}
     tactics: list = dataclasses.field(default_factory=list)
 
@@ -426,8 +426,9 @@ def fuse(
             F(2x2) or F(4x4), matrix products; ``winograd``/``gemm`` still turn theirs off) by
             measuring them on the first input of each regime (batch size, image size, thread
             count) and keeping the fastest that meets the accuracy rule; cached in memory and on
-            disk per machine (:mod:`resnet_fused.tactics`). ``False``: the rules above choose,
-            and nothing is measured, read or written.
+            disk per machine (:mod:`resnet_fused.tactics`). On CUDA in float16/bfloat16 the
+            same between our kernel's tile shapes, cuDNN + our epilogue and cuDNN's fused op.
+            ``False``: the rules above choose, and nothing is measured, read or written.
 
     The result has a ``fuse_report`` attribute (a :class:`FuseReport`). It is inference-only.
     """
