@@ -532,8 +532,10 @@ def _cuda_flush_buffer(device: torch.device) -> Tensor:
 
 
 class _Clock:
-    """Seconds a call takes: the host's clock on the CPU, CUDA events on a GPU (the device's
-    time for the work queued between them)."""
+    """Seconds a call takes: the host's clock on the CPU, CUDA events on a GPU. There the device
+    is idle when the call starts (the flush before it has finished), so the time is the later of
+    the call's device work and its host work (launches, cuDNN's plan lookup): at batch 1, where a
+    model waits on the host between small kernels, the host's part is what differs."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -542,6 +544,7 @@ class _Clock:
 
     def __call__(self, fn) -> float:
         if self.cuda:
+            torch.cuda.current_stream().synchronize()
             self.start.record()
             fn()
             self.end.record()
