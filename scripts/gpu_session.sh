@@ -123,16 +123,18 @@ tactics() {  # what each layer of resnet50 fp16 chooses at batch 256 and 1, and 
 }
 
 profile() {  # ncu on three layers of our kernel: compute-bound, memory-bound, split-K
-  local spec name
+  local spec name log rc=0
   for spec in "l3 3x3 256|256" "l1 1x1 64-256 +res|256" "l4 3x3 512|1"; do
     name=${spec%|*}
+    log="$OUT/ncu_${name//[^a-z0-9]/_}.txt"
     echo "-- ncu: $name, batch ${spec#*|}"
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis -k regex:conv_kernel --launch-skip 2 --launch-count 1 \
-      $PY scripts/gpu_profile.py --layer "$name" --batch "${spec#*|}" >"$OUT/ncu_${name//[^a-z0-9]/_}.txt" 2>&1
+      $PY scripts/gpu_profile.py --layer "$name" --batch "${spec#*|}" >"$log" 2>&1 || { rc=1; tail -n 3 "$log"; }
     grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Stall|Block Limit|median" \
-      "$OUT/ncu_${name//[^a-z0-9]/_}.txt" | head -n 24
+      "$log" | head -n 24
   done
+  return $rc
 }
 
 compile_max() {  # max-autotune compiles for minutes: its own stage, largest batch first
