@@ -310,17 +310,13 @@ class CudnnFused(CudaCandidate):
         return layer.bias.to(x.dtype)
 
     def run(self, layer, x, w, b, residual):
-        return cudnn_fused(layer, x, w, b, residual)
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, layer.stride, layer.padding, layer.dilation,
+                                                layer.groups)
 
     def run_(self, layer, x, w, b, residual):
         residual.copy_(self.run(layer, x, w, b, residual))
-
-
-def cudnn_fused(layer, x: Tensor, w: Tensor, b: Tensor, residual: Optional[Tensor]) -> Tensor:
-    if residual is None:
-        return torch.cudnn_convolution_relu(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, layer.stride, layer.padding, layer.dilation,
-                                            layer.groups)
 
 
 #: The CUDA candidates; "cudnn" is the yardstick of the accuracy rule there.
