@@ -123,6 +123,16 @@ def test_cudnn_fused_keeps_nan_as_eager_does(tactics_cache, monkeypatch):
         eager = net.to("cuda", torch.float16)(x)
     assert torch.isfinite(ok).all()
     assert torch.equal(torch.isnan(bad), torch.isnan(eager)) and torch.isnan(bad).any()
+    # in a CUDA graph: cuDNN's fused op recorded, every replay's input checked, NaN run eagerly
+    graphed = resnet_fused.cuda_graph(fused)
+    x = torch.randn(2, 64, 16, 16, device="cuda").half().contiguous(memory_format=CL)
+    with torch.inference_mode():
+        torch.testing.assert_close(graphed(x), fused(x), rtol=0, atol=0)
+        assert all(entry.check_finite for entry in graphed._graphs.values())
+        x[1, :, 0, 0] = float("nan")
+        bad = graphed(x)
+        eager = net(x)
+    assert torch.equal(torch.isnan(bad), torch.isnan(eager)) and torch.isnan(bad).any()
 
 
 def test_cudnn_convolution_relu_does_not_leak_its_uninitialised_z():

@@ -14,7 +14,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import tactics
-from resnet_fused.modules import FusedConv2d
+from resnet_fused.modules import FusedConv2d, runs_cudnn_fused
 
 from conftest import assert_accuracy_rule, randomize_bn
 
@@ -513,6 +513,8 @@ def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
         out = fused(x)
         eager, ref = copy.deepcopy(m).half()(x), copy.deepcopy(m).double()(x.double())
         assert {n for n, _ in ran} == {winner} and len(ran) == 4
+        # (cuda_graph checks each replay's input where a layer runs cuDNN's fused op)
+        assert runs_cudnn_fused(fused) == (winner == "cudnn_fused")
         assert [meth for _, meth in ran] == ["run", "run", "run_", "run"]
         assert_accuracy_rule(out, [eager], ref, what=f"{winner} chosen")
         x[0, :, 3, 3] = float("nan")

@@ -11,12 +11,15 @@ overwrite a result the caller still holds (``copy_outputs=False`` returns the st
 itself: faster, valid until the next call with the same shape). Captured shapes are bounded
 (``max_graphs``, least recently used dropped). Each capture and replay runs on the caller's
 current stream; calls are serialised by a lock, so several threads can share one instance.
-On CPU inputs the model just runs.
+On CPU inputs the model just runs. Where a layer runs cuDNN's fused op (a tuned fp16/bf16
+model), each call checks its input finite first (one synchronisation) and runs the model eagerly
+on one that is not, so that NaN and Inf come out as eager's.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 
 import torch
@@ -25,15 +28,23 @@ from torch import Tensor, nn
 
 class _Captured:
     def __init__(self, model: nn.Module, x: Tensor, warmup: int, pool):
+        from .modules import capture_with_checked_inputs, runs_cudnn_fused
+
         self.static_in = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(warmup):  # lazy init (cuDNN plans, our weight caches) outside capture
+            for _ in range(warmup):  # lazy init (cuDNN plans, our weight caches, tuning) outside capture
                 model(self.static_in)
         torch.cuda.current_stream(x.device).wait_stream(side)
+        # Layers that chose cuDNN's fused op (its ReLU maps NaN to 0) record it only if every
+        # replay's input is checked finite first (forward does; a non-finite one runs eagerly).
+        self.check_finite = runs_cudnn_fused(model)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if self.check_finite:
+                stack.enter_context(capture_with_checked_inputs())
+            stack.enter_context(torch.cuda.graph(self.graph, pool=pool))
             self.static_out = model(self.static_in)
         if not isinstance(self.static_out, Tensor):
             raise TypeError("cuda_graph() supports models that return one tensor")
@@ -86,6 +97,8 @@ class CUDAGraphModule(nn.Module):
                 self._graphs[key] = entry
             else:
                 self._graphs.move_to_end(key)
+            if entry.check_finite and not bool(torch.isfinite(x.sum())):
+                return self.model(x)  # the exact path: NaN where eager has NaN
             stream = torch.cuda.current_stream(x.device)
             if self._last_done is not None:
                 # Graphs share one memory pool and their static buffers: a call from another

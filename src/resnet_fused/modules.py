@@ -25,6 +25,7 @@ the fastest that meets the accuracy rule (resnet_fused.tactics).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Optional
 
@@ -109,8 +110,11 @@ def inputs_finite(*xs) -> bool:
     _verified.all = skipped = False
     for x in xs:
         if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
-            if x.device.type not in ("cpu", "cuda") or (
-                    x.device.type == "cuda" and (not _cuda_fused_layers[0] or torch.cuda.is_current_stream_capturing())):
+            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # (cuda_graph checks each replay's input itself where it captures with this on)
+                skipped = skipped or not getattr(_verified, "capture", False)
+                continue
+            if x.device.type not in ("cpu", "cuda") or (x.device.type == "cuda" and not _cuda_fused_layers[0]):
                 skipped = True  # (not checked: a layer on cuDNN's fused op takes the exact path)
                 continue
             if not bool(torch.isfinite(x.sum())):
@@ -123,6 +127,25 @@ def inputs_verified() -> bool:
     """Whether this thread's last inputs_finite checked every input (and found them finite): what
     a layer on cuDNN's fused op asks before it runs it."""
     return getattr(_verified, "all", False)
+
+
+@contextlib.contextmanager
+def capture_with_checked_inputs():
+    """Within: a CUDA graph being captured counts its inputs as checked finite, so that layers on
+    cuDNN's fused op record it. For cuda_graph, which then checks every replay's input before it
+    replays, and runs the model eagerly (the exact path) on one that is not finite."""
+    previous = getattr(_verified, "capture", False)
+    _verified.capture = True
+    try:
+        yield
+    finally:
+        _verified.capture = previous
+
+
+def runs_cudnn_fused(model: nn.Module) -> bool:
+    """Whether some fused layer of ``model`` runs cuDNN's fused op for an input it has met."""
+    return any(isinstance(m, FusedConv2d) and any(v[2] == tactics.CUDNN_FUSED for v in m._cache.values())
+               for m in model.modules())
 
 
 # Layers that chose cuDNN's fused op in this process (FusedConv2d._choose counts them): only then
