@@ -31,9 +31,10 @@ def cuda_compiled() -> bool:
 
 def set_cuda_conv(backend: str) -> str:
     """Which kernel runs float16/bfloat16 channels-last convolutions on CUDA: "ours" (the fused
-    implicit-GEMM kernel where it applies, or the path a tuned layer measured fastest; the default)
-    or "cudnn" (cuDNN's convolution and then our epilogue pass, for every layer). Returns the previous setting; process-wide.
-    The environment variable RESNET_FUSED_CUDA_CONV=cudnn sets the default."""
+    implicit-GEMM kernel where it applies, or the path a tuned layer measured fastest; the
+    default) or "cudnn" (cuDNN's convolution and then our epilogue pass, for every layer).
+    Returns the previous setting; process-wide. The environment variable
+    RESNET_FUSED_CUDA_CONV=cudnn sets the default."""
     if not cuda_compiled():
         raise RuntimeError("resnet_fused was built without CUDA kernels")
     previous = torch.ops.resnet_fused._set_cuda_conv(backend)

@@ -25,11 +25,11 @@ import threading
 import torch
 from torch import Tensor, nn
 
+from .modules import capture_with_checked_inputs, inputs_finite, runs_cudnn_fused
+
 
 class _Captured:
     def __init__(self, model: nn.Module, x: Tensor, warmup: int, pool):
-        from .modules import capture_with_checked_inputs, runs_cudnn_fused
-
         self.static_in = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -41,10 +41,8 @@ class _Captured:
         # replay's input is checked finite first (forward does; a non-finite one runs eagerly).
         self.check_finite = runs_cudnn_fused(model)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if self.check_finite:
-                stack.enter_context(capture_with_checked_inputs())
-            stack.enter_context(torch.cuda.graph(self.graph, pool=pool))
+        checked = capture_with_checked_inputs() if self.check_finite else contextlib.nullcontext()
+        with torch.inference_mode(), checked, torch.cuda.graph(self.graph, pool=pool):
             self.static_out = model(self.static_in)
         if not isinstance(self.static_out, Tensor):
             raise TypeError("cuda_graph() supports models that return one tensor")
@@ -97,7 +95,7 @@ class CUDAGraphModule(nn.Module):
                 self._graphs[key] = entry
             else:
                 self._graphs.move_to_end(key)
-            if entry.check_finite and not bool(torch.isfinite(x.sum())):
+            if entry.check_finite and not inputs_finite(x):
                 return self.model(x)  # the exact path: NaN where eager has NaN
             stream = torch.cuda.current_stream(x.device)
             if self._last_done is not None:

@@ -518,10 +518,12 @@ class FusedConv2d(nn.Module):
             if hit is not None:
                 return hit
             # CPU kernels add the bias in the input's dtype (oneDNN's bias, ATen's conv bias): cast
-            # once here rather than on every call. CUDA's epilogue adds a float32 bias.
-            path = key[0][-1]
-            on_cpu = x.device.type == "cpu" and path not in tactics.CUDA_ALGOS
-            b = self.bias.to(dtype if on_cpu or path == tactics.CUDNN_FUSED else torch.float32)
+            # once here rather than on every call. CUDA's epilogue adds a float32 bias; a measured
+            # CUDA path takes it as the candidate that was timed did.
+            if key[0][-1] in tactics.CUDA_PATHS:
+                b = tactics.candidate(key[0][-1]).bias(self, x)
+            else:
+                b = self.bias.to(dtype if x.device.type == "cpu" else torch.float32)
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight

@@ -22,8 +22,8 @@ The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidate
 time, so one cached measurement serves a model fused with ``winograd=False`` as well.
 
 On CUDA (float16/bfloat16, channels-last) the candidates are our tensor-core kernel in each of its
-tile configurations ("tc128x128", "tc128x64", "tc64x64", "tc128x128k64"), cuDNN's convolution followed by our
-epilogue pass ("cudnn", also the accuracy yardstick) and cuDNN's own fused conv-bias-(add)-ReLU
+tile configurations ("tc128x128", "tc128x64", "tc64x64", "tc128x128k64"), cuDNN's convolution
+followed by our epilogue pass ("cudnn", also the accuracy yardstick) and cuDNN's own fused conv-bias-(add)-ReLU
 ("cudnn_fused": ReLU layers, used only where the graph vouched its inputs finite, as its ReLU
 does not keep NaN); timed with CUDA events, the L2 flushed before each call, cached per GPU.
 """
