@@ -68,7 +68,7 @@ build() {
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} RESNET_FUSED_CUDA=1 RESNET_FUSED_EMU=1 MAX_JOBS=16 \
     $PY setup.py build_ext --inplace >"$OUT/build_full.log" 2>&1 || { tail -n 40 "$OUT/build_full.log"; return 1; }
   mkdir -p build && echo "$stamp" >build/.gpu_stamp
-  ldd src/resnet_fused/_C*.so | grep -q libstdc++ || echo "WARNING: libstdc++ linked statically into _C (errors may crash)"
+  grep -A1 "^WARNING: .*libstdc++" "$OUT/build_full.log"  # (setup.py's check of each extension)
   $PY - <<'EOF'
 import torch, resnet_fused
 print("built:", resnet_fused.__file__, "| CUDA kernels:", resnet_fused.cuda_compiled(), "| GPU usable:", resnet_fused.cuda_available())
