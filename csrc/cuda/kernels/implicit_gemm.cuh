@@ -233,40 +233,69 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
   // Epilogue, from the accumulators: lane (g, t4) holds rows g and g + 8, columns 2 t4, 2 t4 + 1
   // of each 16 x 8 fragment.
   const int g = lane / 4, t4 = lane % 4;
-  const int64_t MK = int64_t(M) * p.K;
+  const int row0 = bm + wm * WM + g, col0 = bn + wn * WN + 2 * t4;
+  if (splits > 1) {
+    float* ws = p.workspace + int64_t(blockIdx.z) * M * p.K;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
+          if (row < M && col < p.K)
+            rf::arch::stg(reinterpret_cast<float2*>(ws + int64_t(row) * p.K + col),
+                          float2{acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]});
+        }
+    return;
+  }
+  // The output may be the residual's own buffer (in place), so the compiler keeps every load
+  // after each store written before it: loads and stores interleaved per fragment would each wait
+  // a whole memory round trip. So the bias is loaded once, and each 16-row slice loads all its
+  // residual values before it stores any (a thread reads only the elements it writes). Slices
+  // of 16 rows keep the registers of the main loop's peak (more per batch raised 64x64's).
+  float2 bias[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = col0 + nt * 8;
+    bias[nt] = p.bias && col < p.K ? rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + col)) : float2{0.f, 0.f};
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
+    float2 res[2][NT];
+    if (p.residual) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = bm + wm * WM + mt * 16 + g + half * 8;
-      if (row >= M) continue;
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
+          res[half][nt] =
+              row < M && col < p.K
+                  ? Tr::unpack(rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + (int64_t(row) * p.K + col) / 2))
+                  : float2{0.f, 0.f};
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int col = bn + wn * WN + nt * 8 + 2 * t4;
-        if (col >= p.K) continue;
+        const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
+        if (row >= M || col >= p.K) continue;
         float v0 = acc[mt][nt][2 * half], v1 = acc[mt][nt][2 * half + 1];
-        const int64_t off = int64_t(row) * p.K + col;
-        if (splits > 1) {
-          rf::arch::stg(reinterpret_cast<float2*>(p.workspace + int64_t(blockIdx.z) * MK + off), float2{v0, v1});
-          continue;
-        }
         if (p.bias) {
-          const float2 b = rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + col));
-          v0 += b.x;
-          v1 += b.y;
+          v0 += bias[nt].x;
+          v1 += bias[nt].y;
         }
         if (p.residual) {
-          const float2 r = Tr::unpack(rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + off / 2));
-          v0 += r.x;
-          v1 += r.y;
+          v0 += res[half][nt].x;
+          v1 += res[half][nt].y;
         }
         if (p.relu) {
           v0 = relu_keep_nan(v0);
           v1 = relu_keep_nan(v1);
         }
-        rf::arch::stg(reinterpret_cast<T2*>(p.output) + off / 2, Tr::pack(v0, v1));
+        rf::arch::stg(reinterpret_cast<T2*>(p.output) + (int64_t(row) * p.K + col) / 2, Tr::pack(v0, v1));
       }
-    }
   }
 }
 
