@@ -170,6 +170,7 @@ def test_every_tile_and_split(tile, splits, dtype):
         (1, 3, 64, 7, 2, 31, 29, 3, 1),    # the stem, 3 channels (padded to 4)
         (2, 4, 32, 3, 1, 5, 5, 1, 1),      # 4 channels: 8-byte loads
         (1, 1, 8, 3, 1, 4, 4, 1, 1),       # 1 channel
+        (1, 8, 16, 16, 1, 9, 20, 8, 1),    # the largest filter the loader's masks hold
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -216,11 +217,13 @@ def test_nan_and_inf_propagate_like_eager():
         (dict(k=12), "output channels not a multiple of 8"),
         (dict(c=6), "input channels not a multiple of 4"),
         (dict(residual_dtype=torch.bfloat16), "residual must have the input's dtype"),
+        (dict(ksz=17), "a filter taller or wider than 16"),
     ],
 )
 def test_unsupported_calls_raise(change, match):
     dtype = change.get("dtype", torch.float16)
-    x, wt, b, r, kw = make_case(1, change.get("c", 8), change.get("k", 16), 3, 1, 4, 4, dtype, residual=True)
+    x, wt, b, r, kw = make_case(1, change.get("c", 8), change.get("k", 16), change.get("ksz", 3), 1, 4, 4, dtype,
+                                residual=True)
     if change.get("layout") == "nchw":
         x = x.contiguous()
     if "residual_dtype" in change:

@@ -149,6 +149,12 @@ const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, co
   if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
   if (input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
   if (residual.has_value() && residual->scalar_type() != input.scalar_type()) return "residual of another dtype";
+  if (weight.dim() == 4 && (weight.size(2) > 16 || weight.size(3) > 16)) return "a filter taller or wider than 16";
+  // (after the stem's channels are padded to 4)
+  const int64_t limit = int64_t(1) << 31;
+  if (input.numel() / std::max<int64_t>(input.size(1), 1) * ((input.size(1) + 3) / 4 * 4) >= limit ||
+      weight.numel() / std::max<int64_t>(weight.size(1), 1) * ((weight.size(1) + 3) / 4 * 4) >= limit)
+    return "an input or weight of 2^31 elements or more";
   // (rare: a view 2 bytes into its storage; the CUDA op then takes the cuDNN path)
   if (residual.has_value() && residual->numel() && !aligned(*residual, 4)) return "residual not 4-byte aligned";
   return nullptr;

@@ -90,10 +90,11 @@ const char* conv_unsupported(const ConvParams& p) {
   if (p.C % 4 != 0) return "input channels not a multiple of 4";
   if (p.K % 8 != 0) return "output channels not a multiple of 8";
   if (p.N <= 0 || p.P <= 0 || p.Q <= 0 || p.K <= 0 || p.C <= 0) return "an empty problem";
-  if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.R) * p.S * p.C >= (int64_t(1) << 31) ||
-      int64_t(p.N) * p.H * p.W >= (int64_t(1) << 31) ||
-      int64_t(p.N) * p.P * p.Q / 128 >= (int64_t(1) << 31) - 1)
-    return "more than 2^31 pixels or reduction elements";
+  if (p.R > 16 || p.S > 16) return "a filter taller or wider than 16";
+  // (the loader's element offsets are 32-bit)
+  if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.N) * p.H * p.W * p.C >= (int64_t(1) << 31) ||
+      int64_t(p.K) * p.R * p.S * p.C >= (int64_t(1) << 31))
+    return "an input or weight of 2^31 elements or more";
   const int load_bytes = p.C % 8 == 0 ? 16 : 8;
   if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
   if (!aligned(p.output, 4) || (p.residual && !aligned(p.residual, 4)) || (p.bias && !aligned(p.bias, 8)))

@@ -94,26 +94,43 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
   const T* x = static_cast<const T*>(p.input);
   const T* w = static_cast<const T*>(p.weight);
 
-  // This thread's chunks: column `cc` of rows r0, r0 + kRowsPerPass, ... of each tile. A row of A
-  // is kept as its image's first pixel (n * H * W, under 2^31: conv_unsupported) and the
-  // receptive field's corner; B's rows are r0's plus a fixed stride (no per-row registers).
+  // This thread's chunks: column `cc` of rows r0, r0 + kRowsPerPass, ... of each tile. The
+  // loader is strength-reduced, as CUTLASS's optimized iterators are: a row of A keeps the
+  // element offset of its receptive field's corner (channel 0; negative or past the image where
+  // padding is read, never dereferenced there) and a mask of the filter rows (bits 0-15) and
+  // columns (bits 16-31) that fall inside the image; per step, one offset and one bit pair for
+  // the filter position are shared by all rows. Element offsets fit 32 bits (conv_unsupported).
   const int cc = tid % kChunksPerRow, r0 = tid / kChunksPerRow;
-  int a_pix[kAIters], a_h[kAIters], a_w[kAIters];
-  bool a_ok[kAIters];
+  int a_base[kAIters];
+  uint32_t a_mask[kAIters];
 #pragma unroll
   for (int i = 0; i < kAIters; ++i) {
     const int m = bm + r0 + i * kRowsPerPass;
-    a_ok[i] = m < M;
-    const int mm = a_ok[i] ? m : 0;
-    const int n = mm / PQ, pq = mm - n * PQ;
-    const int pp = pq / p.Q, qq = pq - pp * p.Q;
-    a_pix[i] = n * p.H * p.W;
-    a_h[i] = pp * p.stride_h - p.pad_h;
-    a_w[i] = qq * p.stride_w - p.pad_w;
+    a_base[i] = 0;
+    a_mask[i] = 0;
+    if (m < M) {
+      const int n = m / PQ, pq = m - n * PQ;
+      const int pp = pq / p.Q, qq = pq - pp * p.Q;
+      const int h0 = pp * p.stride_h - p.pad_h, w0 = qq * p.stride_w - p.pad_w;
+      a_base[i] = ((n * p.H + h0) * p.W + w0) * p.C;
+      for (int r = 0; r < p.R; ++r)
+        if (unsigned(h0 + r * p.dil_h) < unsigned(p.H)) a_mask[i] |= 1u << r;
+      for (int s = 0; s < p.S; ++s)
+        if (unsigned(w0 + s * p.dil_w) < unsigned(p.W)) a_mask[i] |= 1u << (16 + s);
+    }
   }
+  // B's rows: bit i says row b_row0 + i * kRowsPerPass is a real output channel.
   const int b_row0 = bn + r0;
-  // Within a row, chunk cc sits in 16-byte unit cc (or cc / 2 for 8-byte chunks).
+  uint32_t b_rows_ok = 0;
+#pragma unroll
+  for (int i = 0; i < kBIters; ++i)
+    if (b_row0 + i * kRowsPerPass < p.K) b_rows_ok |= 1u << i;
+  const int b_base = (b_rows_ok & 1u) ? b_row0 * RSC : 0;
+  // Within a row, chunk cc sits in 16-byte unit cc (or cc / 2 for 8-byte chunks); the swizzle
+  // depends on the row only through row % 8, the same for all of a thread's rows.
   const int unit = kNarrow ? cc >> 1 : cc, unit_byte = kNarrow ? (cc & 1) * 8 : 0;
+  static_assert(kRowsPerPass % 8 == 0, "a thread's rows share their swizzle");
+  const int dst0 = swizzle<kRowBytes>(r0, unit) + unit_byte;
 
   auto copy = [&](char* dst, const T* src, bool ok) {
     if (kNarrow) {
@@ -133,6 +150,15 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
     r = rs / p.S;
     s = rs - r * p.S;
   }
+  // The filter position's offset from a row's corner and its mask bits (r >= 16 only past the
+  // reduction's end, where k_ok is false).
+  int a_off;
+  uint32_t rs_bits;
+  auto position = [&]() {
+    a_off = (r * p.dil_h * p.W + s * p.dil_w) * p.C + c;
+    rs_bits = (1u << (r & 15)) | (1u << (16 + s));
+  };
+  position();
   auto advance = [&]() {
     kk += kBK;
     c += kBK;
@@ -143,25 +169,22 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
         ++r;
       }
     }
+    position();
   };
 
   auto load_tile = [&](int stage) {
     const bool k_ok = kk < RSC;
-    char* sa = smem + stage * kStageBytes;
+    char* sa = smem + stage * kStageBytes + dst0;
     char* sb = sa + BM * kRowBytes;
 #pragma unroll
     for (int i = 0; i < kAIters; ++i) {
-      const int row = r0 + i * kRowsPerPass;
-      const int h = a_h[i] + r * p.dil_h, ww = a_w[i] + s * p.dil_w;
-      const bool ok = a_ok[i] && k_ok && unsigned(h) < unsigned(p.H) && unsigned(ww) < unsigned(p.W);
-      copy(sa + swizzle<kRowBytes>(row, unit) + unit_byte, x + int64_t(a_pix[i] + h * p.W + ww) * p.C + c, ok);
+      const bool ok = k_ok && (a_mask[i] & rs_bits) == rs_bits;
+      copy(sa + i * kRowsPerPass * kRowBytes, x + (a_base[i] + a_off), ok);
     }
 #pragma unroll
     for (int i = 0; i < kBIters; ++i) {
-      const int row = r0 + i * kRowsPerPass;
-      const bool ok = b_row0 + i * kRowsPerPass < p.K;
-      copy(sb + swizzle<kRowBytes>(row, unit) + unit_byte, w + (ok ? int64_t(b_row0 + i * kRowsPerPass) * RSC : 0) + kk,
-           ok && k_ok);
+      const bool ok = k_ok && ((b_rows_ok >> i) & 1u);
+      copy(sb + i * kRowsPerPass * kRowBytes, w + (ok ? b_base + i * kRowsPerPass * RSC + kk : 0), ok);
     }
     advance();
   };

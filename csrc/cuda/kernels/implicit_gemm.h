@@ -40,7 +40,8 @@ struct ConvPlan {
 };
 
 // Why our kernel cannot run p, or nullptr when it can. Needs fp16/bf16, C % 4 == 0 (the launch
-// layer pads a 3-channel input to 4), K % 8 == 0, sizes that fit 32-bit pixel indices.
+// layer pads a 3-channel input to 4), K % 8 == 0, filters up to 16 x 16, inputs and weights of
+// under 2^31 elements (32-bit element offsets).
 const char* conv_unsupported(const ConvParams& p);
 
 // The tile and split-K for p on a GPU with `num_sms` multiprocessors. `tile` / `splits` >= 0
