@@ -37,7 +37,7 @@ def short_name(mangled, home):
     name = subprocess.run([filt, mangled], capture_output=True, text=True).stdout.strip() if filt else mangled
     name = re.sub(r"^void ", "", name)
     name = name.replace("resnet_fused::cuda::", "").replace("(anonymous namespace)::", "")
-    name = re.sub(r"\(Tile\)(\d)", lambda m: ["128x128", "128x64", "64x64", "128x128k64"][int(m.group(1))], name)
+    name = re.sub(r"\(Tile\)(\d)", lambda m: ["128x128", "128x64", "64x64", "128x128k64", "256x128"][int(m.group(1))], name)
     name = re.sub(r"\(DType\)(\d)", lambda m: ["f32", "f16", "bf16"][int(m.group(1))], name)
     return re.sub(r"\(.*\)$", "", name).replace("igemm::", "").replace("__half", "f16").replace("__nv_bfloat16", "bf16")
 
@@ -74,9 +74,9 @@ DYNAMIC_SMEM = r"""
 using namespace resnet_fused::cuda;
 int main() {
   std::printf("conv_kernel<128x128,*> %zu\nconv_kernel<128x64,*> %zu\nconv_kernel<64x64,*> %zu\n"
-              "conv_kernel<128x128k64,*> %zu\n",
+              "conv_kernel<128x128k64,*> %zu\nconv_kernel<256x128,*> %zu\n",
               igemm::smem_bytes<Tile::k128x128>(), igemm::smem_bytes<Tile::k128x64>(), igemm::smem_bytes<Tile::k64x64>(),
-              igemm::smem_bytes<Tile::k128x128k64>());
+              igemm::smem_bytes<Tile::k128x128k64>(), igemm::smem_bytes<Tile::k256x128>());
 }
 """
 

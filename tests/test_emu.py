@@ -148,7 +148,7 @@ def test_resnet50_shapes(shape, dtype):
     check_emulated_conv(x, wt, b, r, True, kw, what=f"{shape} at {hr}x{hr + 2}")
 
 
-@pytest.mark.parametrize("tile", [0, 1, 2, 3], ids=["128x128", "128x64", "64x64", "128x128k64"])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3, 4], ids=["128x128", "128x64", "64x64", "128x128k64", "256x128"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_every_tile_and_split(tile, splits, dtype):
@@ -156,6 +156,16 @@ def test_every_tile_and_split(tile, splits, dtype):
     multiple of 32), for each block tile, with and without split-K."""
     x, wt, b, r, kw = make_case(2, 40, 72, 3, 1, 5, 15, dtype, residual=True, seed=tile * 10 + splits)
     check_emulated_conv(x, wt, b, r, True, kw, tile=tile, splits=splits, what=f"tile {tile} splits {splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_eight_warp_tile_over_several_blocks(dtype):
+    """256x128 (8 warps, 4 x 2) over 2 x 2 blocks, both partial (312 pixels, 136 channels), in place."""
+    x, wt, b, r, kw = make_case(2, 32, 136, 3, 1, 12, 13, dtype, residual=True, seed=5)
+    out = check_emulated_conv(x, wt, b, r, True, kw, tile=4, splits=1, what="256x128 over 2 x 2 blocks")
+    buf = r.clone()
+    E.conv2d_bias_act_(buf, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, 4, 1)
+    torch.testing.assert_close(buf, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

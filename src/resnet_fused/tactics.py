@@ -22,7 +22,7 @@ The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidate
 time, so one cached measurement serves a model fused with ``winograd=False`` as well.
 
 On CUDA (float16/bfloat16, channels-last) the candidates are our tensor-core kernel in each of its
-tile configurations ("tc128x128", "tc128x64", "tc64x64", "tc128x128k64"), cuDNN's convolution
+tile configurations ("tc128x128", "tc128x64", "tc64x64", "tc128x128k64", "tc256x128"), cuDNN's convolution
 followed by our epilogue pass ("cudnn", also the accuracy yardstick) and cuDNN's own fused conv-bias-(add)-ReLU
 ("cudnn_fused": ReLU layers, used only where the graph vouched its inputs finite, as its ReLU
 does not keep NaN); timed with CUDA events, the L2 flushed before each call, cached per GPU.
@@ -50,7 +50,7 @@ from torch import Tensor
 ONEDNN, WINOGRAD, WINOGRAD4, GEMM = "onednn", "winograd", "winograd4", "gemm"
 CUDNN, CUDNN_FUSED = "cudnn", "cudnn_fused"
 #: The CUDA paths that the op cuda_conv2d_bias_act takes by number: our kernel's tiles, cuDNN + epilogue.
-CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, "tc128x128k64": 3, CUDNN: -2}
+CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, "tc128x128k64": 3, "tc256x128": 4, CUDNN: -2}
 CUDA_PATHS = frozenset(CUDA_ALGOS) | {CUDNN_FUSED}
 
 #: Timing: one warm-up call per candidate, then at least this many interleaved timed calls each

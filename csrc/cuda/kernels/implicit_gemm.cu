@@ -74,6 +74,9 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
       case Tile::k128x128k64:
         e = launch_conv_instance<Tile::k128x128k64, kDType, false>(p, plan.splits, stream);
         break;
+      case Tile::k256x128:
+        e = launch_conv_instance<Tile::k256x128, kDType, false>(p, plan.splits, stream);
+        break;
       default:
         e = launch_conv_instance<Tile::k64x64, kDType, false>(p, plan.splits, stream);
         break;
@@ -120,8 +123,8 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   } else {
     plan.tile = Tile::k64x64;
   }
-  const int bm = plan.tile == Tile::k64x64 ? 64 : 128;
-  const int bn = plan.tile == Tile::k128x128 || plan.tile == Tile::k128x128k64 ? 128 : 64;
+  const int bm = plan.tile == Tile::k64x64 ? 64 : plan.tile == Tile::k256x128 ? 256 : 128;
+  const int bn = plan.tile == Tile::k128x128 || plan.tile == Tile::k128x128k64 || plan.tile == Tile::k256x128 ? 128 : 64;
   const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
   if (splits >= 1) {
     // (at most one split per reduction step of the tile: 64 elements for k128x128k64)

@@ -7,7 +7,7 @@
 // GEMM's columns), D = the output [M, K], which is the NHWC output itself.
 //
 // Each block computes a BM x BN tile of D with 4 warps (2 x 2, each a (BM/2) x (BN/2) tile of
-// m16n8k16 mma.sync), stepping through the reduction BK (32 or 64) at a time. A cp.async
+// m16n8k16 mma.sync) or, for 256x128, 8 warps (4 x 2, each 64 x 64), stepping through the reduction BK (32 or 64) at a time. A cp.async
 // pipeline of `Stages` keeps Stages - 1 steps in flight: every thread copies whole 16-byte
 // (8-element) chunks of A and B into shared memory, a chunk outside the image, the matrix or the
 // reduction zero-filled (src-size 0). Shared tiles are rows of 2*BK bytes whose 16-byte units are
@@ -28,27 +28,33 @@
 namespace resnet_fused::cuda {
 namespace igemm {
 
-constexpr int kThreads = 128;
-
-// Block tile BM x BN, reduction step BK (elements; a shared row is 2*BK bytes), pipeline depth.
+// Block tile BM x BN, reduction step BK (elements; a shared row is 2*BK bytes), pipeline depth,
+// warps along M (always 2 along N).
 template <Tile kTile>
 struct Shape;
 template <>
 struct Shape<Tile::k128x128> {
-  static constexpr int BM = 128, BN = 128, BK = 32, Stages = 4;
+  static constexpr int BM = 128, BN = 128, BK = 32, Stages = 4, WarpsM = 2;
 };
 template <>
 struct Shape<Tile::k128x64> {
-  static constexpr int BM = 128, BN = 64, BK = 32, Stages = 4;
+  static constexpr int BM = 128, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
 };
 template <>
 struct Shape<Tile::k64x64> {
-  static constexpr int BM = 64, BN = 64, BK = 32, Stages = 4;
+  static constexpr int BM = 64, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
 };
 template <>
 struct Shape<Tile::k128x128k64> {
-  static constexpr int BM = 128, BN = 128, BK = 64, Stages = 3;
+  static constexpr int BM = 128, BN = 128, BK = 64, Stages = 3, WarpsM = 2;
 };
+template <>
+struct Shape<Tile::k256x128> {
+  static constexpr int BM = 256, BN = 128, BK = 32, Stages = 4, WarpsM = 4;
+};
+
+template <Tile kTile>
+constexpr int kThreadsOf = 32 * Shape<kTile>::WarpsM * 2;
 
 template <Tile kTile>
 constexpr size_t smem_bytes() {
@@ -66,13 +72,14 @@ RF_DEVICE int swizzle(int row, int u) {
 }
 
 template <Tile kTile, DType kDType, bool kNarrow>
-RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits) {
+RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, int splits) {
   using Tr = Traits<kDType>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
   constexpr int kBK = Shape<kTile>::BK, kStages = Shape<kTile>::Stages, kRowBytes = 2 * kBK;
-  constexpr int WM = BM / 2, WN = BN / 2;  // warp tile
+  constexpr int kWarpsM = Shape<kTile>::WarpsM, kThreads = kThreadsOf<kTile>;
+  constexpr int WM = BM / kWarpsM, WN = BN / 2;  // warp tile
   constexpr int MT = WM / 16, NT = WN / 8;  // mma tiles per warp
   constexpr int kVec = kNarrow ? 4 : 8;     // elements per cp.async
   constexpr int kChunksPerRow = kBK / kVec;
@@ -190,7 +197,7 @@ RF_KERNEL void __launch_bounds__(kThreads) conv_kernel(ConvParams p, int splits)
   };
 
   const int warp = tid / 32, lane = tid % 32;
-  const int wm = warp / 2, wn = warp % 2;
+  const int wm = warp / 2, wn = warp % 2;  // (kWarpsM x 2 warps)
   float acc[MT][NT][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -333,11 +340,13 @@ cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
       {{"conv_kernel<64x64,f16>", "conv_kernel<64x64,f16,narrow>"},
        {"conv_kernel<64x64,bf16>", "conv_kernel<64x64,bf16,narrow>"}},
       {{"conv_kernel<128x128k64,f16>", "conv_kernel<128x128k64,f16,narrow>"},
-       {"conv_kernel<128x128k64,bf16>", "conv_kernel<128x128k64,bf16,narrow>"}}};
+       {"conv_kernel<128x128k64,bf16>", "conv_kernel<128x128k64,bf16,narrow>"}},
+      {{"conv_kernel<256x128,f16>", "conv_kernel<256x128,f16,narrow>"},
+       {"conv_kernel<256x128,bf16>", "conv_kernel<256x128,bf16,narrow>"}}};
   const int M = p.N * p.P * p.Q;
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((p.K + BN - 1) / BN), unsigned(splits));
   return rf::arch::launch(kName[int(kTile)][kDType == DType::kBFloat16][kNarrow], &conv_kernel<kTile, kDType, kNarrow>,
-                          grid, dim3(kThreads), smem_bytes<kTile>(), stream, p, splits);
+                          grid, dim3(kThreadsOf<kTile>), smem_bytes<kTile>(), stream, p, splits);
 }
 
 }  // namespace igemm

@@ -29,8 +29,10 @@ struct ConvParams {
 // The block tiles (output pixels x output channels), each one kernel instantiation per dtype in
 // its own .cu. 4 warps (2 x 2); 32-deep reduction steps in a 4-stage cp.async pipeline, or for
 // k128x128k64 64-deep steps in 3 stages (half the barriers per multiply; 96 KiB of shared memory).
-enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2, k128x128k64 = 3 };
-constexpr int kNumTiles = 4;
+// k256x128: 8 warps (4 x 2) of 64 x 64, a quarter less L2 traffic per multiply than 128x128,
+// one block per SM (96 KiB).
+enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2, k128x128k64 = 3, k256x128 = 4 };
+constexpr int kNumTiles = 5;
 
 struct ConvPlan {
   Tile tile = Tile::k128x64;
