@@ -29,28 +29,35 @@ namespace resnet_fused::cuda {
 namespace igemm {
 
 // Block tile BM x BN, reduction step BK (elements; a shared row is 2*BK bytes), pipeline depth,
-// warps along M (always 2 along N).
+// warps along M (always 2 along N), and whether a step reads its first fragments before issuing
+// its copies (the large tiles, 1-2 blocks per SM; it would cost the small ones ~25 registers,
+// one block per SM of occupancy, where more warps hide the wait anyway).
 template <Tile kTile>
 struct Shape;
 template <>
 struct Shape<Tile::k128x128> {
   static constexpr int BM = 128, BN = 128, BK = 32, Stages = 4, WarpsM = 2;
+  static constexpr bool EarlyFragments = true;
 };
 template <>
 struct Shape<Tile::k128x64> {
   static constexpr int BM = 128, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
+  static constexpr bool EarlyFragments = false;
 };
 template <>
 struct Shape<Tile::k64x64> {
   static constexpr int BM = 64, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
+  static constexpr bool EarlyFragments = false;
 };
 template <>
 struct Shape<Tile::k128x128k64> {
   static constexpr int BM = 128, BN = 128, BK = 64, Stages = 3, WarpsM = 2;
+  static constexpr bool EarlyFragments = true;
 };
 template <>
 struct Shape<Tile::k256x128> {
   static constexpr int BM = 256, BN = 128, BK = 32, Stages = 4, WarpsM = 4;
+  static constexpr bool EarlyFragments = true;
 };
 
 template <Tile kTile>
@@ -206,40 +213,37 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  auto compute_stage = [&](int stage) {
-    const char* sa = smem + stage * kStageBytes;
-    const char* sb = sa + BM * kRowBytes;
+  // A warp's fragments of 16-deep slice ks of a stage, and the multiplies that consume them.
+  auto load_fragments = [&](const char* sa, const char* sb, int ks, uint32_t (&af)[MT][4], uint32_t (&bf)[NT][2]) {
 #pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      uint32_t af[MT][4], bf[NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        // lanes 0-15: rows 0-15 at k 0-7 (a0, a1); lanes 16-31: the same rows at k 8-15 (a2, a3)
-        const int row = wm * WM + mt * 16 + (lane % 16);
-        rf::arch::ldmatrix_x4(af[mt], sa + swizzle<kRowBytes>(row, ks * 2 + lane / 16));
-      }
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        // matrices: (n tile 2np, k 0-7), (2np, k 8-15), (2np+1, k 0-7), (2np+1, k 8-15)
-        const int row = wn * WN + np * 16 + (lane % 8) + (lane / 16) * 8;
-        uint32_t r[4];
-        rf::arch::ldmatrix_x4(r, sb + swizzle<kRowBytes>(row, ks * 2 + (lane / 8) % 2));
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (kDType == DType::kHalf) {
-            rf::arch::mma_f16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
-          } else {
-            rf::arch::mma_bf16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
-          }
-        }
+    for (int mt = 0; mt < MT; ++mt) {
+      // lanes 0-15: rows 0-15 at k 0-7 (a0, a1); lanes 16-31: the same rows at k 8-15 (a2, a3)
+      const int row = wm * WM + mt * 16 + (lane % 16);
+      rf::arch::ldmatrix_x4(af[mt], sa + swizzle<kRowBytes>(row, ks * 2 + lane / 16));
     }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      // matrices: (n tile 2np, k 0-7), (2np, k 8-15), (2np+1, k 0-7), (2np+1, k 8-15)
+      const int row = wn * WN + np * 16 + (lane % 8) + (lane / 16) * 8;
+      uint32_t r[4];
+      rf::arch::ldmatrix_x4(r, sb + swizzle<kRowBytes>(row, ks * 2 + (lane / 8) % 2));
+      bf[2 * np][0] = r[0];
+      bf[2 * np][1] = r[1];
+      bf[2 * np + 1][0] = r[2];
+      bf[2 * np + 1][1] = r[3];
+    }
+  };
+  auto multiply = [&](const uint32_t (&af)[MT][4], const uint32_t (&bf)[NT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (kDType == DType::kHalf) {
+          rf::arch::mma_f16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        } else {
+          rf::arch::mma_bf16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        }
+      }
   };
 
   // Prologue: the first kStages - 1 steps in flight (one commit group each, empty past the end).
@@ -253,10 +257,21 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
     // with the stage computed last iteration, which the copies issued next overwrite.
     rf::arch::cp_async_wait<kStages - 2>();
     rf::arch::syncthreads();
+    const char* sa = smem + (it % kStages) * kStageBytes;
+    const char* sb = sa + BM * kRowBytes;
+    // With EarlyFragments the step's first fragments are read before its copies are issued:
+    // shared-memory accesses keep their program order, so the multiplies need not wait behind them.
+    constexpr bool kEarly = Shape<kTile>::EarlyFragments;
+    uint32_t af[MT][4], bf[NT][2];
+    if (kEarly) load_fragments(sa, sb, 0, af, bf);
     const int next = it + kStages - 1;
     if (next < nkt) load_tile(next % kStages);
     rf::arch::cp_async_commit();
-    compute_stage(it % kStages);
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      if (ks > 0 || !kEarly) load_fragments(sa, sb, ks, af, bf);
+      multiply(af, bf);
+    }
   }
   rf::arch::cp_async_wait<0>();
 
