@@ -315,8 +315,27 @@ def test_planted_defect_is_caught(name):
     with pytest.raises(RuntimeError, match=r"csrc/cuda/kernels/implicit_gemm.cuh:\d+: kernel conv_kernel<64x64,f16>.*" + message):
         run_planted(**inject)
     # Without that check the launch passes (its output is poisoned or wrong, unseen by the launch).
-    others_off = dict(check_races=False, check_uninit=False, check_async=False, check_bounds=False)
+    others_off = dict(check_races=False, check_uninit=False, check_async=False, check_bounds=False,
+                      check_global_init=False)
     run_planted(**inject, **others_off)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_planted_unwritten_element_is_caught(splits):
+    """Thread 0 of each block skips its first global store: with split-K the reduction then reads a
+    workspace byte no kernel wrote (what compute-sanitizer's initcheck reports); without, an output
+    element is left as at::empty gave it, which a comparison can miss (stale memory that happens to
+    hold the right value)."""
+    x, wt, b, r, kw = planted_case()
+    args = (x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], False, H100_SMS, 2, splits)
+    E.set_options(drop_global_store=0)
+    message = (r"kernel splitk_reduce_kernel<f16>.*global load of 8 bytes at byte \d+ of 'split-K workspace', which "
+               r"no kernel has written since it was allocated" if splits > 1 else
+               r"the launches left 'output' partly unwritten \(byte \d+ of 9216\)")
+    with pytest.raises(RuntimeError, match=message):
+        E.conv2d_bias_act(*args)
+    E.set_options(drop_global_store=0, check_global_init=False)
+    E.conv2d_bias_act(*args)
 
 
 def test_planted_wrong_fragment_order_fails_the_accuracy_rule():

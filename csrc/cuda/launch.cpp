@@ -29,19 +29,38 @@ struct Buffers {
       list.push_back(rf::emu::Buffer{t.const_data_ptr(), size_t(t.numel()) * t.element_size(), name, writable});
     }
   }
+  // A tensor just allocated (at::empty): reading a byte of it no kernel stored is an error, and
+  // so is leaving one unwritten where `fill` (an output).
+  void add_fresh(const Tensor& t, const char* name, bool fill) {
+    if (t.defined() && t.numel()) {
+      if (fill) filled.push_back(list.size());
+      list.push_back(rf::emu::Buffer::fresh(t.const_data_ptr(), size_t(t.numel()) * t.element_size(), name));
+    }
+  }
+  void check_filled() const {
+    for (const size_t i : filled) {
+      const int64_t at = rf::emu::first_unwritten(list[i]);
+      TORCH_CHECK(at < 0, "resnet_fused emulator: the launches left '", list[i].name, "' partly unwritten (byte ", at,
+                  " of ", list[i].bytes, ")");
+    }
+  }
+  std::vector<size_t> filled;
 };
 cudaStream_t stream_of(const Tensor&) { return nullptr; }
 void check_launch(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "resnet_fused emulator: ", what, ": ", rf::emu::last_error());
 }
-#define RF_RUN(BUFFERS, CALL)                     \
-  [&] {                                           \
-    rf::emu::Buffers scope_((BUFFERS).list);      \
-    return CALL;                                  \
+#define RF_RUN(BUFFERS, CALL)                       \
+  [&] {                                             \
+    rf::emu::Buffers scope_((BUFFERS).list);        \
+    const cudaError_t e_ = CALL;                    \
+    if (e_ == cudaSuccess) (BUFFERS).check_filled(); \
+    return e_;                                      \
   }()
 #else
 struct Buffers {
   void add(const Tensor&, const char*, bool) {}
+  void add_fresh(const Tensor&, const char*, bool) {}
 };
 cudaStream_t stream_of(const Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 void check_launch(cudaError_t e, const char* what) {
@@ -224,8 +243,12 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
   bufs.add(w, "weight", false);
   bufs.add(b, "bias", false);
   if (!inplace) bufs.add(r, "residual", false);
-  bufs.add(out, inplace ? "residual (output, in place)" : "output", true);
-  bufs.add(ws, "split-K workspace", true);
+  if (inplace) {
+    bufs.add(out, "residual (output, in place)", true);
+  } else {
+    bufs.add_fresh(out, "output", true);
+  }
+  bufs.add_fresh(ws, "split-K workspace", false);
   check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(input))), "the fused convolution kernel");
   return out;
 }

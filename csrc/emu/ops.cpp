@@ -77,15 +77,16 @@ std::vector<int64_t> plan(at::IntArrayRef input_size, at::IntArrayRef weight_siz
   return {tile, splits, int64_t(narrow), ws};
 }
 
-void set_options(bool check_races, bool check_uninit, bool check_async, bool check_bounds, int64_t lane_order,
-                 int64_t workers, int64_t skip_barrier, int64_t loosen_wait, int64_t drop_cp_async, bool ignore_zfill,
-                 bool swap_mma_a) {
+void set_options(bool check_races, bool check_uninit, bool check_async, bool check_bounds, bool check_global_init,
+                 int64_t lane_order, int64_t workers, int64_t skip_barrier, int64_t loosen_wait, int64_t drop_cp_async,
+                 bool ignore_zfill, bool swap_mma_a, int64_t drop_global_store) {
   TORCH_CHECK_VALUE(lane_order >= 0 && lane_order <= 2, "resnet_fused_emu: lane_order must be 0, 1 or 2");
   rf::emu::Options& o = rf::emu::options();
   o.check_races = check_races;
   o.check_uninit = check_uninit;
   o.check_async = check_async;
   o.check_bounds = check_bounds;
+  o.check_global_init = check_global_init;
   o.lane_order = int(lane_order);
   o.workers = int(workers);
   o.inject.skip_barrier = int(skip_barrier);
@@ -93,6 +94,7 @@ void set_options(bool check_races, bool check_uninit, bool check_async, bool che
   o.inject.drop_cp_async = int(drop_cp_async);
   o.inject.ignore_zfill = ignore_zfill;
   o.inject.swap_mma_a = swap_mma_a;
+  o.inject.drop_global_store = int(drop_global_store);
 }
 
 void selftest(c10::string_view name) {
@@ -119,8 +121,8 @@ TORCH_LIBRARY(resnet_fused_emu, m) {
         &plan);
   m.def(
       "set_options(bool check_races=True, bool check_uninit=True, bool check_async=True, bool check_bounds=True, "
-      "int lane_order=0, int workers=0, int skip_barrier=-1, int loosen_wait=0, int drop_cp_async=-1, "
-      "bool ignore_zfill=False, bool swap_mma_a=False) -> ()",
+      "bool check_global_init=True, int lane_order=0, int workers=0, int skip_barrier=-1, int loosen_wait=0, "
+      "int drop_cp_async=-1, bool ignore_zfill=False, bool swap_mma_a=False, int drop_global_store=-1) -> ()",
       &set_options);
   m.def("selftest(str name) -> ()", &selftest);
   m.def("selftests() -> str[]", &selftests);

@@ -139,7 +139,7 @@ struct Thread {
   char* stack = nullptr;  // mmap'ed, lowest page a guard
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> groups;
-  int barriers = 0, copies = 0;  // for Inject
+  int barriers = 0, copies = 0, stores = 0;  // for Inject
 #ifdef RF_EMU_TSAN
   void* tsan = nullptr;
 #endif
@@ -618,6 +618,12 @@ void complete(Thread& t, const Copy& c) {
 }  // namespace
 
 // ---- public ---------------------------------------------------------------------------------
+Buffer Buffer::fresh(const void* data, size_t bytes, std::string name) {
+  Buffer b{data, bytes, std::move(name), true};
+  b.written.reset(new std::atomic<uint8_t>[bytes]());  // (value-initialised: all zero)
+  return b;
+}
+
 Buffers::Buffers(std::vector<Buffer> buffers) : previous_size_(tl_buffers.size()) {
   for (auto& b : buffers) tl_buffers.push_back(std::move(b));
 }
@@ -720,6 +726,19 @@ void global_access(const void* p, size_t n, bool write, const char* op, Loc loc)
     const auto lo = reinterpret_cast<uintptr_t>(b.data), hi = lo + b.bytes;
     if (a >= lo && a + n <= hi) {
       if (write && !b.writable) fail(std::string(op) + " writes into '" + b.name + "', a read-only input", loc);
+      if (b.written && w.launch->opt.check_global_init) {
+        const size_t off = a - lo;
+        for (size_t i = 0; i < n; ++i) {
+          if (write) {
+            b.written[off + i].store(1, std::memory_order_relaxed);
+          } else if (!b.written[off + i].load(std::memory_order_relaxed)) {
+            std::ostringstream o;
+            o << op << " of " << n << " bytes at byte " << off << " of '" << b.name << "', which no kernel has "
+              << "written since it was allocated (uninitialised global memory: compute-sanitizer's initcheck)";
+            fail(o.str(), loc);
+          }
+        }
+      }
       return;
     }
     const intptr_t gap = a < lo ? intptr_t(lo - a) : intptr_t(a + n - hi);
@@ -790,6 +809,18 @@ void warp_collective(const char* op, const void* in, size_t in_bytes, void* out,
     switch_to_scheduler();
   }
   if (out_bytes) std::memcpy(out, wp.slots[t.lane].out, out_bytes);
+}
+
+int64_t first_unwritten(const Buffer& b) {
+  if (!b.written || !g_options.check_global_init || !g_options.check_bounds) return -1;
+  for (size_t i = 0; i < b.bytes; ++i)
+    if (!b.written[i].load(std::memory_order_relaxed)) return int64_t(i);
+  return -1;
+}
+
+bool drop_global_store() {
+  Thread& t = T();
+  return t.tid == 0 && t.stores++ == W().launch->opt.inject.drop_global_store;
 }
 
 void cp_async(void* dst, const void* src, int cp_size, int src_size, const char* op, Loc loc) {

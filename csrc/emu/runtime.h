@@ -23,8 +23,10 @@
 // A failure stops the launch; launch() returns the first message.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,12 +46,18 @@ struct Loc {
   }
 };
 
-// A span of global memory a launch may touch.
+// A span of global memory a launch may touch. A fresh buffer (allocated, never written: an output
+// or a workspace) tracks which of its bytes kernels have stored to, and a read of one they have
+// not is an error (compute-sanitizer's initcheck); the record lives as long as the Buffers scope,
+// across the launches made in it.
 struct Buffer {
   const void* data = nullptr;
   size_t bytes = 0;
   std::string name;
   bool writable = false;
+  std::shared_ptr<std::atomic<uint8_t>[]> written;  // null unless fresh
+
+  static Buffer fresh(const void* data, size_t bytes, std::string name);
 };
 
 // The global memory that kernels launched from this OS thread may touch while the object
@@ -74,6 +82,7 @@ struct Inject {
   int drop_cp_async = -1;     // thread 0 of each block skips its n-th cp.async: a tile never loaded
   bool ignore_zfill = false;  // cp.async reads cp-size bytes whatever src-size says: no border predicate
   bool swap_mma_a = false;    // mma.sync takes A registers a1 and a2 swapped: a wrong fragment order
+  int drop_global_store = -1; // thread 0 of each block skips its n-th global store: an element never written
 };
 
 struct Options {
@@ -81,6 +90,8 @@ struct Options {
   bool check_uninit = true;  // shared memory: reads of bytes nothing wrote
   bool check_async = true;   // shared memory: reads of cp.async destinations before the wait
   bool check_bounds = true;  // global memory: inside the launch's buffers, aligned, stores writable
+  bool check_global_init = true;  // global memory (with check_bounds): a fresh buffer's bytes read
+                                  // before a store, or an output's left unwritten
   int lane_order = 0;        // order fibers run in each round: 0 ascending, 1 descending, 2 shuffled
   int workers = 0;           // OS threads running blocks; 0 = one per core
   Inject inject;
@@ -120,6 +131,11 @@ void syncwarp(uint32_t mask, Loc loc);
 
 // Checks a global access of n bytes at p (bounds, alignment to n, writability).
 void global_access(const void* p, size_t n, bool write, const char* op, Loc loc);
+// Whether this global store is the one Inject::drop_global_store skips (counts the thread's stores).
+bool drop_global_store();
+// The first byte of fresh buffer b that no kernel has stored to, or -1 when all were (or b is not
+// fresh, or check_global_init or check_bounds is off).
+int64_t first_unwritten(const Buffer& b);
 // Checks (and records, for the race check) a shared access by this thread.
 void shared_read(const void* p, size_t n, const char* op, Loc loc);
 void shared_write(const void* p, size_t n, const char* op, Loc loc);

@@ -79,6 +79,7 @@ inline T ldg(const T* p, Loc loc = RF_EMU_HERE) {
 }
 template <class T>
 inline void stg(T* p, const T& v, Loc loc = RF_EMU_HERE) {
+  if (::rf::emu::drop_global_store()) return;
   ::rf::emu::global_access(p, sizeof(T), true, "global store", loc);
   std::memcpy(static_cast<void*>(p), &v, sizeof(T));
 }
