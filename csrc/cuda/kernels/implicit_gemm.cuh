@@ -32,33 +32,23 @@ namespace igemm {
 // warps along M (always 2 along N), and whether a step reads its first fragments before issuing
 // its copies (the large tiles, 1-2 blocks per SM; it would cost the small ones ~25 registers,
 // one block per SM of occupancy, where more warps hide the wait anyway).
+template <int kBM, int kBN, int kBK, int kStages, int kWarpsM, bool kEarlyFragments>
+struct TileShape {
+  static constexpr int BM = kBM, BN = kBN, BK = kBK, Stages = kStages, WarpsM = kWarpsM;
+  static constexpr bool EarlyFragments = kEarlyFragments;
+};
 template <Tile kTile>
 struct Shape;
 template <>
-struct Shape<Tile::k128x128> {
-  static constexpr int BM = 128, BN = 128, BK = 32, Stages = 4, WarpsM = 2;
-  static constexpr bool EarlyFragments = true;
-};
+struct Shape<Tile::k128x128> : TileShape<128, 128, 32, 4, 2, true> {};
 template <>
-struct Shape<Tile::k128x64> {
-  static constexpr int BM = 128, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
-  static constexpr bool EarlyFragments = false;
-};
+struct Shape<Tile::k128x64> : TileShape<128, 64, 32, 4, 2, false> {};
 template <>
-struct Shape<Tile::k64x64> {
-  static constexpr int BM = 64, BN = 64, BK = 32, Stages = 4, WarpsM = 2;
-  static constexpr bool EarlyFragments = false;
-};
+struct Shape<Tile::k64x64> : TileShape<64, 64, 32, 4, 2, false> {};
 template <>
-struct Shape<Tile::k128x128k64> {
-  static constexpr int BM = 128, BN = 128, BK = 64, Stages = 3, WarpsM = 2;
-  static constexpr bool EarlyFragments = true;
-};
+struct Shape<Tile::k128x128k64> : TileShape<128, 128, 64, 3, 2, true> {};
 template <>
-struct Shape<Tile::k256x128> {
-  static constexpr int BM = 256, BN = 128, BK = 32, Stages = 4, WarpsM = 4;
-  static constexpr bool EarlyFragments = true;
-};
+struct Shape<Tile::k256x128> : TileShape<256, 128, 32, 4, 4, true> {};
 
 template <Tile kTile>
 constexpr int kThreadsOf = 32 * Shape<kTile>::WarpsM * 2;
