@@ -391,7 +391,7 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
 
 def test_views_that_start_off_alignment():
     """A sliced input (its data 2 bytes past a 16-byte boundary) runs, copied to aligned storage; a
-    misaligned residual is refused with the reason (the GPU op then takes the cuDNN path)."""
+    residual not 16-byte aligned is refused with the reason (the GPU op then takes the cuDNN path)."""
     x, wt, b, r, kw = make_case(1, 16, 32, 3, 1, 5, 6, torch.float16, residual=True)
     xs = torch.randn(x.numel() + 1).half()[1:].view(1, 5, 6, 16).permute(0, 3, 1, 2)
     xs.copy_(x)
@@ -399,8 +399,14 @@ def test_views_that_start_off_alignment():
     out = check_emulated_conv(xs, wt, b, r, True, kw, what="a sliced input")
     torch.testing.assert_close(out, E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True,
                                                       H100_SMS, -1, -1), rtol=0, atol=0)
-    rs = torch.randn(r.numel() + 1).half()[1:].view(1, 5, 6, 32).permute(0, 3, 1, 2)
-    rs.copy_(r)
-    assert rs.is_contiguous(memory_format=CL) and rs.data_ptr() % 4 == 2
-    with pytest.raises(ValueError, match="residual not 4-byte aligned"):
-        E.conv2d_bias_act_(rs, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1)
+    bs = torch.randn(b.numel() + 2)[2:]  # a bias 8 bytes past a 16-byte boundary: copied (read 4 at a time)
+    bs.copy_(b)
+    assert bs.data_ptr() % 16 == 8
+    torch.testing.assert_close(E.conv2d_bias_act(x, wt, bs, r, kw["stride"], kw["padding"], kw["dilation"], True,
+                                                 H100_SMS, -1, -1), out, rtol=0, atol=0)
+    for elements in (1, 2):  # 2 and 4 bytes past a 16-byte boundary: the epilogue moves 16 bytes at a time
+        rs = torch.randn(r.numel() + elements).half()[elements:].view(1, 5, 6, 32).permute(0, 3, 1, 2)
+        rs.copy_(r)
+        assert rs.is_contiguous(memory_format=CL) and rs.data_ptr() % 16 == 2 * elements
+        with pytest.raises(ValueError, match="residual not 16-byte aligned"):
+            E.conv2d_bias_act_(rs, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1)

@@ -102,10 +102,10 @@ Tensor pad_channels(const Tensor& t, int64_t c) {
   return out;
 }
 
-// A float32 bias whose storage is 8-byte aligned (the kernels read it two channels at a time).
+// A float32 bias whose storage is 16-byte aligned (the conv kernel reads it 4 channels at a time).
 Tensor aligned_float_bias(const Tensor& b) {
   Tensor f = b.to(at::kFloat).contiguous();
-  if (reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 8) f = f.clone();
+  if (reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 16) f = f.clone();
   return f;
 }
 
@@ -174,8 +174,8 @@ const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, co
   if (input.numel() / std::max<int64_t>(input.size(1), 1) * ((input.size(1) + 3) / 4 * 4) >= limit ||
       weight.numel() / std::max<int64_t>(weight.size(1), 1) * ((weight.size(1) + 3) / 4 * 4) >= limit)
     return "an input or weight of 2^31 elements or more";
-  // (rare: a view 2 bytes into its storage; the CUDA op then takes the cuDNN path)
-  if (residual.has_value() && residual->numel() && !aligned(*residual, 4)) return "residual not 4-byte aligned";
+  // (rare: a view into its storage; the CUDA op then takes the cuDNN path)
+  if (residual.has_value() && residual->numel() && !aligned(*residual, 16)) return "residual not 16-byte aligned";
   return nullptr;
 }
 

@@ -100,8 +100,9 @@ const char* conv_unsupported(const ConvParams& p) {
     return "an input or weight of 2^31 elements or more";
   const int load_bytes = p.C % 8 == 0 ? 16 : 8;
   if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
-  if (!aligned(p.output, 4) || (p.residual && !aligned(p.residual, 4)) || (p.bias && !aligned(p.bias, 8)))
-    return "output, residual or bias not aligned";
+  // (the epilogue reads and writes 8 channels at a time)
+  if (!aligned(p.output, 16) || (p.residual && !aligned(p.residual, 16)) || (p.bias && !aligned(p.bias, 16)))
+    return "output, residual or bias not 16-byte aligned";
   return nullptr;
 }
 

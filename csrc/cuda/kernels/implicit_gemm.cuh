@@ -7,15 +7,15 @@
 // GEMM's columns), D = the output [M, K], which is the NHWC output itself.
 //
 // Each block computes a BM x BN tile of D with 4 warps (2 x 2, each a (BM/2) x (BN/2) tile of
-// m16n8k16 mma.sync) or, for 256x128, 8 warps (4 x 2, each 64 x 64), stepping through the reduction BK (32 or 64) at a time. A cp.async
-// pipeline of `Stages` keeps Stages - 1 steps in flight: every thread copies whole 16-byte
-// (8-element) chunks of A and B into shared memory, a chunk outside the image, the matrix or the
-// reduction zero-filled (src-size 0). Shared tiles are rows of 2*BK bytes whose 16-byte units are
-// XOR-swizzled by the row (see swizzle), so that the 8 rows an ldmatrix reads fall in different
-// banks. The epilogue
-// works on the accumulators in registers: + bias, + residual, ReLU (NaN kept), one store of
-// two channels per thread per fragment row; with split-K it stores float32 partial sums instead
-// and splitk_reduce_kernel (implicit_gemm.cu) finishes.
+// m16n8k16 mma.sync) or, for 256x128, 8 warps (4 x 2, each 64 x 64), stepping through the
+// reduction BK (32 or 64) at a time. A cp.async pipeline of `Stages` keeps Stages - 1 steps in
+// flight: every thread copies whole 16-byte (8-element) chunks of A and B into shared memory, a
+// chunk outside the image, the matrix or the reduction zero-filled (src-size 0). Shared tiles are
+// rows of 2*BK bytes whose 16-byte units are XOR-swizzled by the row (see swizzle), so that the 8
+// rows an ldmatrix reads fall in different banks. The epilogue stages the float accumulators
+// through that shared memory and applies + bias, + residual, ReLU (NaN kept) to rows of 8
+// channels: one 16-byte residual load and one 16-byte output store each. With split-K it stores
+// float32 partial sums instead and splitk_reduce_kernel (implicit_gemm.cu) finishes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,6 +58,20 @@ constexpr size_t smem_bytes() {
   using S = Shape<kTile>;
   return size_t(S::Stages) * (S::BM + S::BN) * S::BK * 2;
 }
+
+// The epilogue stages the accumulators through shared memory as float rows of BN + 8 (8 banks
+// apart: the fragments' float2 writes are conflict-free), kStagedSlices 16-row slices of every
+// warp row at a time: as many as the pipeline's shared memory holds.
+template <Tile kTile>
+constexpr int staged_slices() {
+  using S = Shape<kTile>;
+  constexpr int kMT = S::BM / S::WarpsM / 16;
+  for (int d = kMT; d > 1; --d)
+    if (kMT % d == 0 && size_t(S::WarpsM) * 16 * d * (S::BN + 8) * 4 <= smem_bytes<kTile>()) return d;
+  return 1;
+}
+template <Tile kTile>
+constexpr int kStagedSlices = staged_slices<kTile>();
 
 // Byte offset of 16-byte unit `u` of row `row` in a swizzled tile of kRowBytes-byte rows. The 8
 // rows an ldmatrix reads at one unit land in 8 different 16-byte bank groups: 64-byte rows (two
@@ -284,53 +298,87 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
         }
     return;
   }
-  // The output may be the residual's own buffer (in place), so the compiler keeps every load
-  // after each store written before it: loads and stores interleaved per fragment would each wait
-  // a whole memory round trip. So the bias is loaded once, and each 16-row slice loads all its
-  // residual values before it stores any (a thread reads only the elements it writes). Slices
-  // of 16 rows keep the registers of the main loop's peak (more per batch raised 64x64's).
-  float2 bias[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = col0 + nt * 8;
-    bias[nt] = p.bias && col < p.K ? rf::arch::ldg(reinterpret_cast<const float2*>(p.bias + col)) : float2{0.f, 0.f};
+  // Every warp is done with the pipeline's shared memory (the last step's fragments): it now holds
+  // the accumulators, a few 16-row slices at a time, so that each thread then takes whole rows of
+  // 8 channels: one 16-byte load of the residual and one 16-byte store of the output per 8
+  // channels (as CUTLASS's epilogue does), instead of 4-byte accesses per fragment. The output
+  // may be the residual's own buffer (in place), so the compiler keeps every load after each store
+  // written before it; a pass loads all its residual chunks before it stores any (a thread reads
+  // only the elements it writes), so a thread waits for memory once per pass.
+  constexpr int kSlices = kStagedSlices<kTile>, kPasses = MT / kSlices;
+  constexpr int kRowFloats = BN + 8, kPassRows = kWarpsM * 16 * kSlices;
+  constexpr int kChunks = BN / 8, kRowsPerStep = kThreads / kChunks, kSteps = kPassRows / kRowsPerStep;
+  static_assert(kThreads % kChunks == 0 && kPassRows % kRowsPerStep == 0, "whole chunks per thread");
+  float* staged = reinterpret_cast<float*>(smem);
+  const int chunk = tid % kChunks, crow = tid / kChunks;
+  const int col = bn + chunk * 8;
+  const bool col_ok = col < p.K;  // (K % 8 == 0: a chunk is wholly in or out)
+  float bias[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (p.bias && col_ok) {
+    const float4 b0 = rf::arch::ldg(reinterpret_cast<const float4*>(p.bias + col));
+    const float4 b1 = rf::arch::ldg(reinterpret_cast<const float4*>(p.bias + col + 4));
+    bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
+    bias[4] = b1.x, bias[5] = b1.y, bias[6] = b1.z, bias[7] = b1.w;
   }
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    float2 res[2][NT];
-    if (p.residual) {
+  for (int pass = 0; pass < kPasses; ++pass) {
+    // The previous pass's (or the main loop's) reads of this memory are done.
+    rf::arch::syncthreads();
+#pragma unroll
+    for (int i = 0; i < kSlices; ++i)
 #pragma unroll
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
-          res[half][nt] =
-              row < M && col < p.K
-                  ? Tr::unpack(rf::arch::ldg(reinterpret_cast<const T2*>(p.residual) + (int64_t(row) * p.K + col) / 2))
-                  : float2{0.f, 0.f};
+          const int mt = pass * kSlices + i;
+          const int srow = wm * 16 * kSlices + i * 16 + g + half * 8, scol = wn * WN + nt * 8 + 2 * t4;
+          rf::arch::sts(reinterpret_cast<float2*>(staged + srow * kRowFloats + scol),
+                        float2{acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]});
         }
+    rf::arch::syncthreads();
+    // Staged row sr is warp row sr / (16 kSlices)'s slice (pass kSlices + (sr % (16 kSlices)) / 16).
+    uint4 res[kSteps];
+    int64_t off[kSteps];
+    bool ok[kSteps];
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const int sr = crow + j * kRowsPerStep;
+      const int row = bm + (sr / (16 * kSlices)) * WM + pass * kSlices * 16 + sr % (16 * kSlices);
+      ok[j] = col_ok && row < M;
+      off[j] = int64_t(row) * p.K + col;
+      res[j] = make_uint4(0u, 0u, 0u, 0u);
+      if (p.residual && ok[j]) res[j] = rf::arch::ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + off[j]));
     }
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
+    for (int j = 0; j < kSteps; ++j) {
+      if (!ok[j]) continue;
+      const int sr = crow + j * kRowsPerStep;
+      const float4 a0 = rf::arch::lds(reinterpret_cast<const float4*>(staged + sr * kRowFloats + chunk * 8));
+      const float4 a1 = rf::arch::lds(reinterpret_cast<const float4*>(staged + sr * kRowFloats + chunk * 8 + 4));
+      float v[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const T2* r2 = reinterpret_cast<const T2*>(&res[j]);
+      uint4 out;
+      T2* o2 = reinterpret_cast<T2*>(&out);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
-        if (row >= M || col >= p.K) continue;
-        float v0 = acc[mt][nt][2 * half], v1 = acc[mt][nt][2 * half + 1];
+      for (int e = 0; e < 4; ++e) {
+        float v0 = v[2 * e], v1 = v[2 * e + 1];
         if (p.bias) {
-          v0 += bias[nt].x;
-          v1 += bias[nt].y;
+          v0 += bias[2 * e];
+          v1 += bias[2 * e + 1];
         }
         if (p.residual) {
-          v0 += res[half][nt].x;
-          v1 += res[half][nt].y;
+          const float2 rv = Tr::unpack(r2[e]);
+          v0 += rv.x;
+          v1 += rv.y;
         }
         if (p.relu) {
           v0 = relu_keep_nan(v0);
           v1 = relu_keep_nan(v1);
         }
-        rf::arch::stg(reinterpret_cast<T2*>(p.output) + (int64_t(row) * p.K + col) / 2, Tr::pack(v0, v1));
+        o2[e] = Tr::pack(v0, v1);
       }
+      rf::arch::stg(reinterpret_cast<uint4*>(static_cast<T*>(p.output) + off[j]), out);
+    }
   }
 }
 
