@@ -282,29 +282,14 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   // Epilogue, from the accumulators: lane (g, t4) holds rows g and g + 8, columns 2 t4, 2 t4 + 1
   // of each 16 x 8 fragment.
   const int g = lane / 4, t4 = lane % 4;
-  const int row0 = bm + wm * WM + g, col0 = bn + wn * WN + 2 * t4;
-  if (splits > 1) {
-    float* ws = p.workspace + int64_t(blockIdx.z) * M * p.K;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int row = row0 + mt * 16 + half * 8, col = col0 + nt * 8;
-          if (row < M && col < p.K)
-            rf::arch::stg(reinterpret_cast<float2*>(ws + int64_t(row) * p.K + col),
-                          float2{acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]});
-        }
-    return;
-  }
   // Every warp is done with the pipeline's shared memory (the last step's fragments): it now holds
   // the accumulators, a few 16-row slices at a time, so that each thread then takes whole rows of
   // 8 channels: one 16-byte load of the residual and one 16-byte store of the output per 8
   // channels (as CUTLASS's epilogue does), instead of 4-byte accesses per fragment. The output
   // may be the residual's own buffer (in place), so the compiler keeps every load after each store
   // written before it; a pass loads all its residual chunks before it stores any (a thread reads
-  // only the elements it writes), so a thread waits for memory once per pass.
+  // only the elements it writes), so a thread waits for memory once per pass. With split-K the
+  // rows go to the workspace as float32 partial sums instead (splitk_reduce_kernel finishes).
   constexpr int kSlices = kStagedSlices<kTile>, kPasses = MT / kSlices;
   constexpr int kRowFloats = BN + 8, kPassRows = kWarpsM * 16 * kSlices;
   constexpr int kChunks = BN / 8, kRowsPerStep = kThreads / kChunks, kSteps = kPassRows / kRowsPerStep;
@@ -313,8 +298,9 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   const int chunk = tid % kChunks, crow = tid / kChunks;
   const int col = bn + chunk * 8;
   const bool col_ok = col < p.K;  // (K % 8 == 0: a chunk is wholly in or out)
+  float* ws = splits > 1 ? p.workspace + int64_t(blockIdx.z) * M * p.K : nullptr;
   float bias[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (p.bias && col_ok) {
+  if (p.bias && col_ok && !ws) {
     const float4 b0 = rf::arch::ldg(reinterpret_cast<const float4*>(p.bias + col));
     const float4 b1 = rf::arch::ldg(reinterpret_cast<const float4*>(p.bias + col + 4));
     bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
@@ -347,7 +333,8 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
       ok[j] = col_ok && row < M;
       off[j] = int64_t(row) * p.K + col;
       res[j] = make_uint4(0u, 0u, 0u, 0u);
-      if (p.residual && ok[j]) res[j] = rf::arch::ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + off[j]));
+      if (p.residual && ok[j] && !ws)
+        res[j] = rf::arch::ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + off[j]));
     }
 #pragma unroll
     for (int j = 0; j < kSteps; ++j) {
@@ -355,6 +342,11 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
       const int sr = crow + j * kRowsPerStep;
       const float4 a0 = rf::arch::lds(reinterpret_cast<const float4*>(staged + sr * kRowFloats + chunk * 8));
       const float4 a1 = rf::arch::lds(reinterpret_cast<const float4*>(staged + sr * kRowFloats + chunk * 8 + 4));
+      if (ws) {
+        rf::arch::stg(reinterpret_cast<float4*>(ws + off[j]), a0);
+        rf::arch::stg(reinterpret_cast<float4*>(ws + off[j] + 4), a1);
+        continue;
+      }
       float v[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
       const T2* r2 = reinterpret_cast<const T2*>(&res[j]);
       uint4 out;
