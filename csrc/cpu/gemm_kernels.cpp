@@ -397,6 +397,16 @@ float* scratch_floats(int64_t n) {
 
 void run_tile(const Tile& t) { kernel().run(t); }
 
+namespace {
+// Asks for the lines of `rows` rows of `cols` floats at row stride ld (a tile's output or residual).
+void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    __builtin_prefetch(p + r * ld);
+    __builtin_prefetch(p + r * ld + cols - 1);
+  }
+}
+}  // namespace
+
 void run_panel(Tile t, int64_t rows, int64_t max_rows) {
   const bool prefetch = t.prefetch != nullptr;
   const Kernel& k = kernel();
@@ -418,6 +428,15 @@ void run_panel(Tile t, int64_t rows, int64_t max_rows) {
       t.prefetch = prefetch && i + mr < rows ? t.a + mr * t.lda : nullptr;
       t.c = c + i * t.ldc;
       t.residual = first && residual ? residual + i * t.ldr : nullptr;
+      // Where the epilogue reads memory (a residual, or the output it accumulates into: the
+      // convolutions' in-place residual), the next tile's rows of it are asked for while this
+      // tile runs, rather than waited for in its epilogue. (Elsewhere the output is written only,
+      // or already in cache (Winograd's products): there the prefetches measured no gain.)
+      if (first && i + mr < rows && (residual || accumulate)) {
+        const int64_t next = std::min(mr, rows - i - mr);
+        prefetch_rows(c + (i + mr) * t.ldc, t.ldc, next, t.cols);
+        if (residual) prefetch_rows(residual + (i + mr) * t.ldr, t.ldr, next, t.cols);
+      }
       k.run(t);
     }
   }
