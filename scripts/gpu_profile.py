@@ -3,8 +3,8 @@
     ncu --section SpeedOfLight --section WarpStateStats -k regex:conv_kernel --launch-skip 2 \\
         --launch-count 1 python scripts/gpu_profile.py --layer "l3 3x3 256" --batch 256
 
---algo picks the path as the tactics do (-1 our kernel's own plan, 0-2 a tile, -2 cuDNN + our
-epilogue). Prints the layer's median time over the calls (CUDA events).
+--algo picks the path as the tactics do (-1 our kernel's own plan, a tile's number in
+resnet_fused.tactics.CUDA_ALGOS, -2 cuDNN + our epilogue). Prints the layer's median time over the calls (CUDA events).
 """
 
 import argparse

@@ -122,15 +122,15 @@ tactics() {  # what each layer of resnet50 fp16 chooses at batch 256 and 1, and 
     && $PY scripts/tune_resnet50.py --device cuda --dtype float16 --batch 1 --compare 50 --json "$OUT/gpu_tactics_resnet50_b1.json"
 }
 
-profile() {  # ncu on three layers of our kernel: compute-bound, memory-bound, split-K
-  local spec name log rc=0
-  for spec in "l3 3x3 256|256" "l1 1x1 64-256 +res|256" "l4 3x3 512|1"; do
-    name=${spec%|*}
-    log="$OUT/ncu_${name//[^a-z0-9]/_}.txt"
-    echo "-- ncu: $name, batch ${spec#*|}"
+profile() {  # ncu on layers of our kernel: compute-bound (the rule's tile and 256x128), memory-bound, split-K
+  local spec name batch algo log rc=0
+  for spec in "l3 3x3 256|256|-1" "l3 3x3 256|256|4" "l1 1x1 64-256 +res|256|-1" "l4 3x3 512|1|-1"; do
+    IFS='|' read -r name batch algo <<<"$spec"
+    log="$OUT/ncu_${name//[^a-z0-9]/_}_$([[ $algo == -1 ]] && echo plan || echo "algo$algo").txt"
+    echo "-- ncu: $name, batch $batch, algo $algo"
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section MemoryWorkloadAnalysis -k regex:conv_kernel --launch-skip 2 --launch-count 1 \
-      $PY scripts/gpu_profile.py --layer "$name" --batch "${spec#*|}" >"$log" 2>&1 || { rc=1; tail -n 3 "$log"; }
+      $PY scripts/gpu_profile.py --layer "$name" --batch "$batch" --algo "$algo" >"$log" 2>&1 || { rc=1; tail -n 3 "$log"; }
     grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Stall|Block Limit|median" \
       "$log" | head -n 24
   done
