@@ -72,6 +72,8 @@ constexpr int staged_slices() {
 }
 template <Tile kTile>
 constexpr int kStagedSlices = staged_slices<kTile>();
+template <Tile kTile>
+constexpr size_t kSmemBytes = smem_bytes<kTile>();
 
 // Byte offset of 16-byte unit `u` of row `row` in a swizzled tile of kRowBytes-byte rows. The 8
 // rows an ldmatrix reads at one unit land in 8 different 16-byte bank groups: 64-byte rows (two
@@ -294,6 +296,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   constexpr int kRowFloats = BN + 8, kPassRows = kWarpsM * 16 * kSlices;
   constexpr int kChunks = BN / 8, kRowsPerStep = kThreads / kChunks, kSteps = kPassRows / kRowsPerStep;
   static_assert(kThreads % kChunks == 0 && kPassRows % kRowsPerStep == 0, "whole chunks per thread");
+  static_assert(size_t(kPassRows) * kRowFloats * 4 <= kSmemBytes<kTile>, "a pass fits the pipeline's shared memory");
   float* staged = reinterpret_cast<float*>(smem);
   const int chunk = tid % kChunks, crow = tid / kChunks;
   const int col = bn + chunk * 8;
