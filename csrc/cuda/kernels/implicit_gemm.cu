@@ -124,12 +124,11 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   } else {
     plan.tile = Tile::k64x64;
   }
-  const int bm = plan.tile == Tile::k64x64 ? 64 : plan.tile == Tile::k256x128 ? 256 : 128;
-  const int bn = plan.tile == Tile::k128x128 || plan.tile == Tile::k128x128k64 || plan.tile == Tile::k256x128 ? 128 : 64;
+  const int bm = kTileBM[int(plan.tile)], bn = kTileBN[int(plan.tile)];
   const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
   if (splits >= 1) {
-    // (at most one split per reduction step of the tile: 64 elements for k128x128k64)
-    plan.splits = std::min(splits, plan.tile == Tile::k128x128k64 ? ceil_div(ktiles, 2) : ktiles);
+    // (at most one split per reduction step of the tile)
+    plan.splits = std::min(splits, ceil_div(int64_t(p.R) * p.S * p.C, kTileBK[int(plan.tile)]));
   } else if (blocks < num_sms / 2 && ktiles >= 16) {
     // Too few output tiles to fill the GPU (late layers at small batch): split the reduction,
     // keeping at least 8 steps of 32 per split.

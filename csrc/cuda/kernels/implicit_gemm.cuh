@@ -52,6 +52,9 @@ struct Shape<Tile::k256x128> : TileShape<256, 128, 32, 4, 4, true> {};
 
 template <Tile kTile>
 constexpr int kThreadsOf = 32 * Shape<kTile>::WarpsM * 2;
+template <Tile kTile>
+constexpr bool kShapePlanned = Shape<kTile>::BM == kTileBM[int(kTile)] && Shape<kTile>::BN == kTileBN[int(kTile)] &&
+                               Shape<kTile>::BK == kTileBK[int(kTile)];
 
 template <Tile kTile>
 constexpr size_t smem_bytes() {
@@ -379,6 +382,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
 
 template <Tile kTile, DType kDType, bool kNarrow>
 cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
+  static_assert(kShapePlanned<kTile>, "the kernel's tile is the one plan_conv plans with (kTileBM/BN/BK)");
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
   static const char* const kName[kNumTiles][2][2] = {
       {{"conv_kernel<128x128,f16>", "conv_kernel<128x128,f16,narrow>"},

@@ -33,6 +33,11 @@ struct ConvParams {
 // one block per SM (96 KiB).
 enum class Tile : int { k128x128 = 0, k128x64 = 1, k64x64 = 2, k128x128k64 = 3, k256x128 = 4 };
 constexpr int kNumTiles = 5;
+// Each tile's rows (output pixels), columns (output channels) and reduction step, for planning
+// on the host (the kernel's Shape is held to them).
+constexpr int kTileBM[kNumTiles] = {128, 128, 64, 128, 256};
+constexpr int kTileBN[kNumTiles] = {128, 64, 64, 128, 128};
+constexpr int kTileBK[kNumTiles] = {32, 32, 32, 64, 32};
 
 struct ConvPlan {
   Tile tile = Tile::k128x64;
