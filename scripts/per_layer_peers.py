@@ -1,4 +1,4 @@
-"""Per-layer time of resnet50 fp32 on CPU: each fused layer against OpenVINO's node for it.
+"""Per-layer time of a ResNet (resnet50 by default) fp32 on CPU: each fused layer against OpenVINO's node for it.
 
 The must-show table of issue 16 ("where a goal is missed: on which layers"): fused layers timed
 with forward hooks (the module's Python included), OpenVINO's nodes with its own PERF_COUNT
@@ -24,13 +24,14 @@ from resnet_fused.modules import FusedConv2d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50", help="any torchvision ResNet by name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = bench.make_model("resnet50")
+    model = bench.make_model(args.model)
     x = torch.randn(args.batch, 3, 224, 224)
 
     import openvino as ov
@@ -84,9 +85,9 @@ def main() -> None:
     for key, (ntype, etype) in ov_kind.items():
         path_ = key.replace("/", ".").replace("downsample.downsample.0", "downsample.0")
         m = re.search(r"((?:layer\d\.\d+\.)?(?:conv\d|downsample\.0))", path_)
-        if ntype == "Convolution" and m:
+        if ntype in ("Convolution", "GroupConvolution") and m:
             ov_conv.setdefault(m.group(1), key)
-    lines = [f"# resnet50 fp32 per layer, batch {args.batch}, {args.threads} threads", "",
+    lines = [f"# {args.model} fp32 per layer, batch {args.batch}, {args.threads} threads", "",
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
              f"{args.rounds} rounds interleaved, medians", "",
              f"whole forward: fused {med(whole['fused']):.2f} ms (with the hooks), openvino "
