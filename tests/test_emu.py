@@ -96,16 +96,19 @@ def test_epilogue(dtype, layout, bias, residual, relu, shape):
 
 
 # ---- the fused convolution kernel --------------------------------------------------------------
-def make_case(n, c, k, ksz, stride, h, w, dtype, residual, pad=None, dil=1, seed=0):
+def make_case(n, c, k, ksz, stride, h, w, dtype, residual, pad=None, dil=1, seed=0, groups=1):
     g = torch.Generator().manual_seed(seed)
     pad = ksz // 2 * dil if pad is None else pad
     x = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=CL)
-    wt = (torch.randn(k, c, ksz, ksz, generator=g) / (c * ksz * ksz) ** 0.5).to(dtype)
+    wt = (torch.randn(k, c // groups, ksz, ksz, generator=g) / (c // groups * ksz * ksz) ** 0.5).to(dtype)
     b = torch.randn(k, generator=g) * 0.5
     ho = (h + 2 * pad - dil * (ksz - 1) - 1) // stride + 1
     wo = (w + 2 * pad - dil * (ksz - 1) - 1) // stride + 1
     r = torch.randn(n, k, ho, wo, generator=g).to(dtype).contiguous(memory_format=CL) if residual else None
-    return x, wt, b, r, dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[dil] * 2)
+    kw = dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[dil] * 2)
+    if groups > 1:
+        kw["groups"] = groups
+    return x, wt, b, r, kw
 
 
 def conv_reference(x, wt, b, r, relu, kw, dtype):
@@ -127,7 +130,8 @@ def terms_magnitude(x, wt, b, r, kw):
 
 
 def check_emulated_conv(x, wt, b, r, relu, kw, tile=-1, splits=-1, what=""):
-    out = E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], relu, H100_SMS, tile, splits)
+    out = E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], relu, H100_SMS, tile, splits,
+                            kw.get("groups", 1))
     assert out.is_contiguous(memory_format=CL), f"{what}: output not channels-last"
     ref = conv_reference(x, wt, b, r, relu, kw, torch.float64)
     eager = conv_reference(x, wt, b, r, relu, kw, x.dtype)
@@ -166,6 +170,58 @@ def test_eight_warp_tile_over_several_blocks(dtype):
     buf = r.clone()
     E.conv2d_bias_act_(buf, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, 4, 1)
     torch.testing.assert_close(buf, out, rtol=0, atol=0)
+
+
+# ResNeXt-50 32x4d's grouped 3x3s (32 groups of 4, 8, 16, 32 channels; stride 2 opening layers 2-4),
+# at reduced size.
+RESNEXT50_GROUPED = [(128, 1, 56), (256, 2, 56), (256, 1, 28), (512, 2, 28), (512, 1, 14), (1024, 2, 14),
+                     (1024, 1, 7)]
+
+
+@pytest.mark.parametrize("shape", RESNEXT50_GROUPED, ids=lambda s: "C{}s{}H{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_resnext50_grouped_shapes(shape, dtype):
+    c, stride, h = shape
+    hr = REDUCED_SIZE[h]
+    x, wt, b, r, kw = make_case(2, c, c, 3, stride, hr, hr + 1, dtype, residual=False, seed=c + stride, groups=32)
+    check_emulated_conv(x, wt, b, r, True, kw, what=f"grouped {shape} at {hr}x{hr + 1}")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "c,k,groups,plan",
+    [(48, 144, 3, (2, 0)),   # groups of 48 output channels: 64-wide blocks end inside a group
+     (256, 256, 2, (2, 0)),  # groups of 128: a block within one group
+     (32, 64, 8, (1, 1))],   # groups of 4 input channels: 8-byte loads (128x64), 8 output channels each
+    ids=["48-144g3", "256g2", "32-64g8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_grouped_blocks_and_splits(splits, c, k, groups, plan, dtype):
+    """The two kernels that take groups (64x64; 128x64 with 8-byte loads), whatever tile is asked
+    for, with blocks that span several groups, part of one, or end inside one; with split-K."""
+    x, wt, b, r, kw = make_case(2, c, k, 3, 1, 5, 7, dtype, residual=True, seed=splits + groups, groups=groups)
+    assert tuple(E.plan(list(x.shape), list(wt.shape), [1, 1], [1, 1], [1, 1], H100_SMS, groups)[::2]) == plan
+    check_emulated_conv(x, wt, b, r, True, kw, tile=0, splits=splits, what=f"{groups} groups, splits {splits}")
+
+
+@pytest.mark.parametrize("c,k,ksz,groups", [(3, 64, 7, 1), (4, 32, 3, 1), (8, 16, 3, 1), (64, 256, 1, 1), (128, 128, 3, 32),
+                                         (256, 256, 3, 32), (1024, 1024, 3, 32), (48, 144, 3, 3), (24, 24, 3, 6)])
+def test_the_tactics_know_which_tile_runs_a_layer(c, k, ksz, groups):
+    """tactics.fixed_cuda_tile (which CUDA candidates are worth timing) agrees with plan_conv: where
+    it names a tile, every tile asked for plans that one; where it names none, each is planned as asked."""
+    from resnet_fused import tactics
+    fixed = tactics.fixed_cuda_tile(groups, c)
+    for tile in range(5):
+        planned = E.plan([1, c, 3, 3], [k, c // groups, ksz, ksz], [1, 1], [ksz // 2] * 2, [1, 1], H100_SMS, groups,
+                         tile)[0]
+        assert planned == (tile if fixed is None else fixed), (tile, planned, fixed)
+
+
+def test_grouped_in_place():
+    x, wt, b, r, kw = make_case(2, 128, 128, 3, 1, 6, 5, torch.float16, residual=True, groups=32)
+    expected = check_emulated_conv(x, wt, b, r, True, kw, what="grouped")
+    buf = r.clone()
+    E.conv2d_bias_act_(buf, x, wt, b, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1, 32)
+    torch.testing.assert_close(buf, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -228,18 +284,20 @@ def test_nan_and_inf_propagate_like_eager():
         (dict(c=6), "input channels not a multiple of 4"),
         (dict(residual_dtype=torch.bfloat16), "residual must have the input's dtype"),
         (dict(ksz=17), "a filter taller or wider than 16"),
+        (dict(c=16, groups=8), "input channels per group not a multiple of 4"),
     ],
 )
 def test_unsupported_calls_raise(change, match):
     dtype = change.get("dtype", torch.float16)
     x, wt, b, r, kw = make_case(1, change.get("c", 8), change.get("k", 16), change.get("ksz", 3), 1, 4, 4, dtype,
-                                residual=True)
+                                residual=True, groups=change.get("groups", 1))
     if change.get("layout") == "nchw":
         x = x.contiguous()
     if "residual_dtype" in change:
         r = r.to(change["residual_dtype"])
     with pytest.raises((ValueError, TypeError), match=match):
-        E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1)
+        E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1,
+                          kw.get("groups", 1))
 
 
 @pytest.mark.parametrize("order", [1, 2], ids=["descending", "shuffled"])
@@ -270,8 +328,11 @@ def conv_configs(draw):
     smallest = max(1, dil * (ksz - 1) + 1 - 2 * pad)  # an output of at least 1x1
     h = draw(st.integers(smallest, 12))
     w = draw(st.integers(smallest, 12))
-    return dict(n=draw(st.integers(1, 3)), c=draw(st.sampled_from([3, 4, 8, 16, 24, 64])),
-                k=draw(st.sampled_from([8, 16, 40, 64, 136])), ksz=ksz, stride=stride, h=h, w=w, pad=pad, dil=dil,
+    c = draw(st.sampled_from([3, 4, 8, 16, 24, 64]))
+    k = draw(st.sampled_from([8, 16, 40, 64, 136]))
+    # groups: any common divisor leaving whole 4-channel chunks per input group
+    groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if c % (4 * g) == 0 and k % g == 0] or [1]))
+    return dict(n=draw(st.integers(1, 3)), c=c, k=k, groups=groups, ksz=ksz, stride=stride, h=h, w=w, pad=pad, dil=dil,
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), residual=draw(st.booleans()),
                 relu=draw(st.booleans()), tile=draw(st.sampled_from([-1, 0, 1, 2, 3])),
                 splits=draw(st.sampled_from([-1, 1, 2, 5])))
@@ -282,7 +343,7 @@ def conv_configs(draw):
 def test_random_configurations(cfg):
     relu, tile, splits = cfg.pop("relu"), cfg.pop("tile"), cfg.pop("splits")
     x, wt, b, r, kw = make_case(cfg["n"], cfg["c"], cfg["k"], cfg["ksz"], cfg["stride"], cfg["h"], cfg["w"], cfg["dtype"],
-                                cfg["residual"], pad=cfg["pad"], dil=cfg["dil"])
+                                cfg["residual"], pad=cfg["pad"], dil=cfg["dil"], groups=cfg["groups"])
     check_emulated_conv(x, wt, b, r, relu, kw, tile=tile, splits=splits, what=str(cfg))
 
 
@@ -359,7 +420,7 @@ def test_emulator_error_names_kernel_block_thread_and_line():
 
 # ---- whole models ----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
     """A fused torchvision ResNet with every convolution run by the emulated GPU kernel, as
@@ -376,10 +437,10 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
         calls.append(self)
         if residual is not None and self.inplace_residual:
             E.conv2d_bias_act_(residual, x, w, self.bias.float(), self.stride, self.padding, self.dilation, self.relu,
-                               H100_SMS, -1, -1)
+                               H100_SMS, -1, -1, self.groups)
             return residual
         return E.conv2d_bias_act(x, w, self.bias.float(), residual, self.stride, self.padding, self.dilation,
-                                 self.relu, H100_SMS, -1, -1)
+                                 self.relu, H100_SMS, -1, -1, self.groups)
 
     monkeypatch.setattr(FusedConv2d, "forward", on_emulated_gpu_kernel)
     model = torchvision_model(name)

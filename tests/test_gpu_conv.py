@@ -18,15 +18,16 @@ pytestmark = [needs_cuda, pytest.mark.cuda]
 CL = torch.channels_last
 
 
-def case(n, c, k, ksz, stride, h, dtype, residual, seed=0):
+def case(n, c, k, ksz, stride, h, dtype, residual, seed=0, groups=1):
     g = torch.Generator(device="cuda").manual_seed(seed)
     pad = ksz // 2
+    cg = c // groups
     x = torch.randn(n, c, h, h, device="cuda", generator=g).to(dtype).contiguous(memory_format=CL)
-    w = (torch.randn(k, c, ksz, ksz, device="cuda", generator=g) / (c * ksz * ksz) ** 0.5).to(dtype)
+    w = (torch.randn(k, cg, ksz, ksz, device="cuda", generator=g) / (cg * ksz * ksz) ** 0.5).to(dtype)
     b = torch.randn(k, device="cuda", generator=g) * 0.5
     ho = (h + 2 * pad - ksz) // stride + 1
     r = torch.randn(n, k, ho, ho, device="cuda", generator=g).to(dtype).contiguous(memory_format=CL) if residual else None
-    return x, w, b, r, dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[1, 1], groups=1)
+    return x, w, b, r, dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[1, 1], groups=groups)
 
 
 def eager(x, w, b, r, kw, dtype, fmt=CL):
@@ -74,6 +75,25 @@ def test_every_tile_full_size(algo, shape):
         torch.ops.resnet_fused.cuda_conv2d_bias_act_.default(buf, x, w, b, kw["stride"], kw["padding"],
                                                              kw["dilation"], 1, True, algo)
         torch.testing.assert_close(buf, out, rtol=0, atol=0)
+
+
+# ResNeXt-50 32x4d's grouped 3x3s at full size (32 groups of 4, 8, 16 and 32 channels).
+RESNEXT50_GROUPED = [(128, 1, 56), (256, 2, 56), (256, 1, 28), (512, 2, 28), (512, 1, 14), (1024, 2, 14),
+                     (1024, 1, 7)]
+
+
+@pytest.mark.parametrize("shape", RESNEXT50_GROUPED, ids=lambda s: "C{}s{}H{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("n", [1, 8])
+def test_resnext50_grouped_full_size(shape, dtype, n):
+    """Our kernel (the op's own choice takes it for groups of 4+ channels), in place too."""
+    c, stride, h = shape
+    x, w, b, r, kw = case(n, c, c, 3, stride, h, dtype, True, groups=32)
+    assert not torch.ops.resnet_fused._cuda_conv_unsupported(x, w, r, 32)
+    out = check(x, w, b, r, kw, f"grouped {shape} batch {n}")
+    buf = r.clone()
+    resnet_fused.ops.conv2d_bias_act_(buf, x, w, b, relu=True, **kw)
+    torch.testing.assert_close(buf, out, rtol=0, atol=0)
 
 
 def test_in_place_matches_out_of_place():

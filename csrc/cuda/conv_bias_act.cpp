@@ -96,7 +96,7 @@ Tensor conv_algo(const Tensor& input, const Tensor& weight, const std::optional<
     return at::empty(out_shape, input.options().memory_format(fmt));
   }
   if (ours) {
-    return fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/false,
+    return fused_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, /*inplace=*/false,
                       num_sms(input), algo >= 0 ? algo : -1);
   }
   Tensor out = cudnn_conv(input, weight, stride, padding, dilation, groups, fmt);
@@ -123,7 +123,7 @@ void conv_algo_(Tensor& residual, const Tensor& input, const Tensor& weight, con
     return;
   }
   if (ours) {
-    fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, /*inplace=*/true, num_sms(input),
+    fused_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, /*inplace=*/true, num_sms(input),
                algo >= 0 ? algo : -1);
     return;
   }

@@ -114,8 +114,9 @@ int64_t conv_out(int64_t in, int64_t k, int64_t s, int64_t pad, int64_t dil) {
 }
 
 ConvParams shape_params(at::IntArrayRef in, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation) {
+                        at::IntArrayRef dilation, int64_t groups) {
   ConvParams p;
+  p.groups = int(groups);
   p.N = int(in[0]);
   p.C = int(in[1]);
   p.H = int(in[2]);
@@ -131,7 +132,7 @@ ConvParams shape_params(at::IntArrayRef in, at::IntArrayRef w, at::IntArrayRef s
   p.dil_w = int(dilation[1]);
   p.P = int(conv_out(in[2], w[2], stride[0], padding[0], dilation[0]));
   p.Q = int(conv_out(in[3], w[3], stride[1], padding[1], dilation[1]));
-  if (p.C < 4) p.C = 4;
+  if (p.C < 4 && groups == 1) p.C = 4;
   return p;
 }
 
@@ -163,10 +164,11 @@ void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, co
 const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
                                    int64_t groups) {
   if (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16) return "only float16 and bfloat16";
-  if (groups != 1) return "grouped convolution";
   if (!is_channels_last(input)) return "input not channels-last";
   if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
-  if (input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
+  if (groups == 1 && input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
+  // (grouped: no padding; each group's channels are whole 8- or 16-byte chunks)
+  if (groups > 1 && (input.size(1) / groups) % 4 != 0) return "input channels per group not a multiple of 4";
   if (residual.has_value() && residual->scalar_type() != input.scalar_type()) return "residual of another dtype";
   if (weight.dim() == 4 && (weight.size(2) > 16 || weight.size(3) > 16)) return "a filter taller or wider than 16";
   // (after the stem's channels are padded to 4)
@@ -181,17 +183,19 @@ const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, co
 
 std::tuple<int64_t, int64_t, bool, int64_t> fused_conv_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size,
                                                             at::IntArrayRef stride, at::IntArrayRef padding,
-                                                            at::IntArrayRef dilation, int64_t num_sms) {
-  ConvParams p = shape_params(input_size, weight_size, stride, padding, dilation);
+                                                            at::IntArrayRef dilation, int64_t num_sms, int64_t groups,
+                                                            int64_t tile) {
+  ConvParams p = shape_params(input_size, weight_size, stride, padding, dilation, groups);
   p.dtype = DType::kHalf;
-  const ConvPlan plan = plan_conv(p, int(num_sms));
+  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile));
   return {int64_t(plan.tile), plan.splits, plan.narrow_loads, int64_t(plan.workspace_bytes)};
 }
 
 Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                   const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation, bool relu, bool inplace, int64_t num_sms, int64_t tile, int64_t splits) {
-  if (const char* why = fused_conv_unsupported(input, weight, residual, 1)) {
+                  at::IntArrayRef dilation, int64_t groups, bool relu, bool inplace, int64_t num_sms, int64_t tile,
+                  int64_t splits) {
+  if (const char* why = fused_conv_unsupported(input, weight, residual, groups)) {
     TORCH_CHECK_VALUE(false, "resnet_fused: the fused convolution kernel cannot run this call: ", why);
   }
   TORCH_CHECK_VALUE(!inplace || residual.has_value(), "resnet_fused: in place needs a residual");
@@ -210,18 +214,18 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
   }
   if (out.numel() == 0) return out;
   Tensor x = input, w = weight.contiguous(cl);
-  if (x.size(1) < 4) {
+  if (groups == 1 && x.size(1) < 4) {
     x = pad_channels(x, 4);
     w = pad_channels(w, 4);
   }
-  const int load_bytes = x.size(1) % 8 == 0 ? 16 : 8;
+  const int load_bytes = w.size(1) % 8 == 0 ? 16 : 8;  // (input channels per group)
   x = aligned_channels_last(x, load_bytes);
   w = aligned_channels_last(w, load_bytes);
   const Tensor b = bias.has_value() ? aligned_float_bias(*bias) : Tensor();
   Tensor r;
   if (residual.has_value()) r = inplace ? out : residual->contiguous(cl);
 
-  ConvParams p = shape_params(input.sizes(), weight.sizes(), stride, padding, dilation);
+  ConvParams p = shape_params(input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   p.input = x.const_data_ptr();
   p.weight = w.const_data_ptr();
   p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;

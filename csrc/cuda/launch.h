@@ -16,8 +16,9 @@ void run_epilogue(const at::Tensor& src, const at::Tensor& dst, const at::Tensor
                   const at::Tensor* residual, bool relu, bool channels_last);
 
 // Why our fused convolution kernel cannot take this call (nullptr: it can): float16/bfloat16,
-// channels-last input, groups 1, output channels a multiple of 8, input channels a multiple
-// of 4 or fewer than 4 (padded to 4), the epilogue's operands in the input's dtype.
+// channels-last input, output channels a multiple of 8, input channels a multiple of 4 or fewer
+// than 4 (padded to 4), grouped: input channels per group a multiple of 4, the epilogue's
+// operands in the input's dtype.
 const char* fused_conv_unsupported(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& residual, int64_t groups);
 
@@ -27,13 +28,15 @@ const char* fused_conv_unsupported(const at::Tensor& input, const at::Tensor& we
 // num_sms sizes the grid decisions (split-K); tile / splits >= 0 force a configuration.
 at::Tensor fused_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, bool relu, bool inplace, int64_t num_sms, int64_t tile = -1,
-                      int64_t splits = -1);
+                      at::IntArrayRef dilation, int64_t groups, bool relu, bool inplace, int64_t num_sms,
+                      int64_t tile = -1, int64_t splits = -1);
 
-// The plan fused_conv would run for these shapes: (tile, splits, narrow loads, workspace bytes).
+// The plan fused_conv would run for these shapes (tile >= 0: asked for that tile): (tile, splits,
+// narrow loads, workspace bytes).
 std::tuple<int64_t, int64_t, bool, int64_t> fused_conv_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size,
                                                             at::IntArrayRef stride, at::IntArrayRef padding,
-                                                            at::IntArrayRef dilation, int64_t num_sms);
+                                                            at::IntArrayRef dilation, int64_t num_sms,
+                                                            int64_t groups = 1, int64_t tile = -1);
 
 // Runs the conformance kernel (kernels/conformance.h): op, per-lane inputs [32, 16] int32, the
 // tile [128] int32; returns every lane's words [32, 4] int32.

@@ -51,18 +51,20 @@ Tensor epilogue(const Tensor& src, const std::optional<Tensor>& bias, const std:
 
 Tensor conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, bool relu, int64_t num_sms, int64_t tile, int64_t splits) {
+                       at::IntArrayRef dilation, bool relu, int64_t num_sms, int64_t tile, int64_t splits,
+                       int64_t groups) {
   check_cpu(input, "input");
-  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
-  return cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, false, num_sms, tile, splits);
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+  return cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, false, num_sms, tile,
+                          splits);
 }
 
 void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                      int64_t num_sms, int64_t tile, int64_t splits) {
+                      int64_t num_sms, int64_t tile, int64_t splits, int64_t groups) {
   check_cpu(input, "input");
-  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, 1);
-  cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, relu, true, num_sms, tile, splits);
+  check_conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+  cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, true, num_sms, tile, splits);
 }
 
 Tensor conformance(const Tensor& in, const Tensor& tile, int64_t op) {
@@ -71,10 +73,11 @@ Tensor conformance(const Tensor& in, const Tensor& tile, int64_t op) {
 }
 
 std::vector<int64_t> plan(at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t num_sms) {
-  const auto [tile, splits, narrow, ws] =
-      cuda::fused_conv_plan(input_size, weight_size, stride, padding, dilation, num_sms);
-  return {tile, splits, int64_t(narrow), ws};
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t num_sms, int64_t groups,
+                          int64_t tile) {
+  const auto [planned, splits, narrow, ws] =
+      cuda::fused_conv_plan(input_size, weight_size, stride, padding, dilation, num_sms, groups, tile);
+  return {planned, splits, int64_t(narrow), ws};
 }
 
 void set_options(bool check_races, bool check_uninit, bool check_async, bool check_bounds, bool check_global_init,
@@ -112,12 +115,12 @@ TORCH_LIBRARY(resnet_fused_emu, m) {
   m.def("epilogue(Tensor src, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
   m.def(
       "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
-      "int[2] padding, int[2] dilation, bool relu, int num_sms=132, int tile=-1, int splits=-1) -> Tensor");
+      "int[2] padding, int[2] dilation, bool relu, int num_sms=132, int tile=-1, int splits=-1, int groups=1) -> Tensor");
   m.def(
       "conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
-      "int[2] padding, int[2] dilation, bool relu, int num_sms=132, int tile=-1, int splits=-1) -> ()");
+      "int[2] padding, int[2] dilation, bool relu, int num_sms=132, int tile=-1, int splits=-1, int groups=1) -> ()");
   m.def("conformance(Tensor inputs, Tensor tile, int op) -> Tensor");
-  m.def("plan(int[] input_size, int[] weight_size, int[2] stride, int[2] padding, int[2] dilation, int num_sms=132) -> int[]",
+  m.def("plan(int[] input_size, int[] weight_size, int[2] stride, int[2] padding, int[2] dilation, int num_sms=132, int groups=1, int tile=-1) -> int[]",
         &plan);
   m.def(
       "set_options(bool check_races=True, bool check_uninit=True, bool check_async=True, bool check_bounds=True, "

@@ -275,6 +275,19 @@ class CudaCandidate(Candidate):
         return layer.dense_weight().to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
+def fixed_cuda_tile(groups: int, in_channels: int) -> Optional[int]:
+    """The tile our CUDA kernel runs a layer with whatever tile is asked for (plan_conv in
+    csrc/cuda/kernels/implicit_gemm.cu), or None where every tile can: channels per group not a
+    multiple of 8 (the stem, padded to 4; ResNeXt's 4-wide groups) run the one kernel with 8-byte
+    loads (128x64), other grouped layers the one 64x64 kernel compiled for groups. Only that
+    candidate is timed for them: the others would time the same kernel again."""
+    if (in_channels // groups) % 8:
+        return CUDA_ALGOS["tc128x64"]
+    if groups > 1:
+        return CUDA_ALGOS["tc64x64"]
+    return None
+
+
 class CudaAlgo(CudaCandidate):
     """One path of the op cuda_conv2d_bias_act: a tile configuration of our kernel (split-K as its
     plan says), or cuDNN's convolution and our epilogue pass ("cudnn")."""
@@ -285,7 +298,11 @@ class CudaAlgo(CudaCandidate):
     def applies(self, layer, x):
         if not super().applies(layer, x):
             return False
-        return self.algo < 0 or not torch.ops.resnet_fused._cuda_conv_unsupported(x, layer.weight, None, layer.groups)
+        if self.algo < 0:
+            return True
+        fixed = fixed_cuda_tile(layer.groups, x.shape[1])
+        return (fixed is None or fixed == self.algo) and not torch.ops.resnet_fused._cuda_conv_unsupported(
+            x, layer.weight, None, layer.groups)
 
     def run(self, layer, x, w, b, residual):
         return torch.ops.resnet_fused.cuda_conv2d_bias_act.default(

@@ -63,6 +63,8 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
   cudaError_t e;
   if (plan.narrow_loads) {
     e = launch_conv_instance<Tile::k128x64, kDType, true>(p, plan.splits, stream);
+  } else if (p.groups > 1) {
+    e = launch_conv_instance<Tile::k64x64, kDType, false, true>(p, plan.splits, stream);
   } else {
     switch (plan.tile) {
       case Tile::k128x128:
@@ -90,7 +92,9 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
 
 const char* conv_unsupported(const ConvParams& p) {
   if (p.dtype != DType::kHalf && p.dtype != DType::kBFloat16) return "only float16 and bfloat16";
+  if (p.groups < 1 || p.C % p.groups != 0 || p.K % p.groups != 0) return "channels not divisible by the groups";
   if (p.C % 4 != 0) return "input channels not a multiple of 4";
+  if ((p.C / p.groups) % 4 != 0) return "input channels per group not a multiple of 4";
   if (p.K % 8 != 0) return "output channels not a multiple of 8";
   if (p.N <= 0 || p.P <= 0 || p.Q <= 0 || p.K <= 0 || p.C <= 0) return "an empty problem";
   if (p.R > 16 || p.S > 16) return "a filter taller or wider than 16";
@@ -98,7 +102,7 @@ const char* conv_unsupported(const ConvParams& p) {
   if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.N) * p.H * p.W * p.C >= (int64_t(1) << 31) ||
       int64_t(p.K) * p.R * p.S * p.C >= (int64_t(1) << 31))
     return "an input or weight of 2^31 elements or more";
-  const int load_bytes = p.C % 8 == 0 ? 16 : 8;
+  const int load_bytes = (p.C / p.groups) % 8 == 0 ? 16 : 8;
   if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
   // (the epilogue reads and writes 8 channels at a time)
   if (!aligned(p.output, 16) || (p.residual && !aligned(p.residual, 16)) || (p.bias && !aligned(p.bias, 16)))
@@ -106,13 +110,23 @@ const char* conv_unsupported(const ConvParams& p) {
   return nullptr;
 }
 
+// The longest reduction of a block of bn output channels (the kernel's g_first..g_last): R*S
+// times the input channels of the groups its channels belong to (all of them when ungrouped).
+int64_t block_reduction(const ConvParams& p, int bn) {
+  const int64_t cin_g = p.C / p.groups, kout_g = p.K / p.groups;
+  int64_t most = 0;
+  for (int64_t k0 = 0; k0 < p.K; k0 += bn) most = std::max(most, (std::min<int64_t>(k0 + bn, p.K) - 1) / kout_g - k0 / kout_g + 1);
+  return int64_t(p.R) * p.S * cin_g * most;
+}
+
 ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   ConvPlan plan;
   const int64_t M = int64_t(p.N) * p.P * p.Q;
-  const int ktiles = ceil_div(int64_t(p.R) * p.S * p.C, 32);  // steps of 32 reduction elements
-  plan.narrow_loads = p.C % 8 != 0;
+  plan.narrow_loads = (p.C / p.groups) % 8 != 0;
   if (plan.narrow_loads) {
     plan.tile = Tile::k128x64;  // the one instantiation with 8-byte loads
+  } else if (p.groups > 1) {
+    plan.tile = Tile::k64x64;  // the one with 16-byte loads that takes groups
   } else if (tile >= 0 && tile < kNumTiles) {
     plan.tile = Tile(tile);
   } else if (p.K <= 64) {
@@ -126,9 +140,11 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   }
   const int bm = kTileBM[int(plan.tile)], bn = kTileBN[int(plan.tile)];
   const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
+  const int64_t reduction = block_reduction(p, bn);
+  const int ktiles = ceil_div(reduction, 32);  // steps of 32 reduction elements
   if (splits >= 1) {
     // (at most one split per reduction step of the tile)
-    plan.splits = std::min(splits, ceil_div(int64_t(p.R) * p.S * p.C, kTileBK[int(plan.tile)]));
+    plan.splits = std::min(splits, ceil_div(reduction, kTileBK[int(plan.tile)]));
   } else if (blocks < num_sms / 2 && ktiles >= 16) {
     // Too few output tiles to fill the GPU (late layers at small batch): split the reduction,
     // keeping at least 8 steps of 32 per split.

@@ -4,7 +4,9 @@
 //
 // The GEMM view: A = the input seen as [M = N*P*Q, R*S*C] (rows gathered on the fly: an output
 // pixel's receptive field, zero outside the image), B = the weight [K, R*S*C] (its rows are the
-// GEMM's columns), D = the output [M, K], which is the NHWC output itself.
+// GEMM's columns), D = the output [M, K], which is the NHWC output itself. Grouped (kGrouped
+// instantiations): a block's reduction runs over the input channels of the groups its output
+// channels belong to, with B block-diagonal (zeros outside each channel's own group).
 //
 // Each block computes a BM x BN tile of D with 4 warps (2 x 2, each a (BM/2) x (BN/2) tile of
 // m16n8k16 mma.sync) or, for 256x128, 8 warps (4 x 2, each 64 x 64), stepping through the
@@ -87,7 +89,7 @@ RF_DEVICE int swizzle(int row, int u) {
   return row * kRowBytes + ((kRowBytes == 64 ? u ^ ((row >> 1) & 3) : u ^ (row & 7)) << 4);
 }
 
-template <Tile kTile, DType kDType, bool kNarrow>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
 RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, int splits) {
   using Tr = Traits<kDType>;
   using T = typename Tr::T;
@@ -108,8 +110,19 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   const int tid = int(threadIdx.x);
   const int M = p.N * p.P * p.Q;
   const int PQ = p.P * p.Q;
-  const int RSC = p.R * p.S * p.C;
   const int bm = int(blockIdx.x) * BM, bn = int(blockIdx.y) * BN;
+  // Grouped: the block's output channels [bn, bn + BN) belong to groups g_first..g_last, so its
+  // reduction runs over those groups' input channels, [c_base, c_base + Cr), each output channel's
+  // weight zero outside its own group (B's chunks of other groups are zero-filled, not read): a
+  // block-diagonal product, as ResNeXt's 4-32 channel groups need. Ungrouped: c_base 0, Cr = C.
+  // (kGrouped: the instantiations that take groups; the others run groups 1 only, as compiled.)
+  const int groups = kGrouped ? p.groups : 1;
+  const int cin_g = p.C / groups, kout_g = p.K / groups;
+  const int g_first = kGrouped ? bn / kout_g : 0;
+  const int g_last = kGrouped ? ((bn + BN < p.K ? bn + BN : p.K) - 1) / kout_g : 0;
+  const int c_base = g_first * cin_g, Cr = (g_last - g_first + 1) * cin_g;
+  const int RSC = p.R * p.S * Cr;   // this block's reduction
+  const int RSg = p.R * p.S * cin_g;  // a weight row
   const int ktiles = (RSC + kBK - 1) / kBK;
   const int kt_begin = int(int64_t(blockIdx.z) * ktiles / splits);
   const int nkt = int(int64_t(blockIdx.z + 1) * ktiles / splits) - kt_begin;
@@ -135,20 +148,21 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
       const int n = m / PQ, pq = m - n * PQ;
       const int pp = pq / p.Q, qq = pq - pp * p.Q;
       const int h0 = pp * p.stride_h - p.pad_h, w0 = qq * p.stride_w - p.pad_w;
-      a_base[i] = ((n * p.H + h0) * p.W + w0) * p.C;
+      a_base[i] = ((n * p.H + h0) * p.W + w0) * p.C + c_base;
       for (int r = 0; r < p.R; ++r)
         if (unsigned(h0 + r * p.dil_h) < unsigned(p.H)) a_mask[i] |= 1u << r;
       for (int s = 0; s < p.S; ++s)
         if (unsigned(w0 + s * p.dil_w) < unsigned(p.W)) a_mask[i] |= 1u << (16 + s);
     }
   }
-  // B's rows: bit i says row b_row0 + i * kRowsPerPass is a real output channel.
+  // B's rows: b_row0 + i * kRowsPerPass (output channels); bit i of b_rows_ok says row i is one
+  // of the K (the ungrouped kernels' test; grouped ones test b_lo below).
   const int b_row0 = bn + r0;
   uint32_t b_rows_ok = 0;
 #pragma unroll
   for (int i = 0; i < kBIters; ++i)
     if (b_row0 + i * kRowsPerPass < p.K) b_rows_ok |= 1u << i;
-  const int b_base = (b_rows_ok & 1u) ? b_row0 * RSC : 0;
+  const int b_base = (b_rows_ok & 1u) ? b_row0 * RSg : 0;
   // Within a row, chunk cc sits in 16-byte unit cc (or cc / 2 for 8-byte chunks); the swizzle
   // depends on the row only through row % 8, the same for all of a thread's rows.
   const int unit = kNarrow ? cc >> 1 : cc, unit_byte = kNarrow ? (cc & 1) * 8 : 0;
@@ -168,25 +182,36 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   int kk = kt_begin * kBK + cc * kVec;
   int r, s, c;
   {
-    const int rs = kk / p.C;
-    c = kk - rs * p.C;
+    const int rs = kk / Cr;
+    c = kk - rs * Cr;
     r = rs / p.S;
     s = rs - r * p.S;
   }
   // The filter position's offset from a row's corner and its mask bits (r >= 16 only past the
-  // reduction's end, where k_ok is false).
-  int a_off;
+  // reduction's end, where k_ok is false); the chunk's offset in a weight row (ungrouped: kk),
+  // and, grouped, b_lo: thread row i reads a weight chunk iff i * kRowsPerPass - b_lo < K/groups,
+  // i.e. its output channel is of the chunk's group (it reads zeros for the others').
+  const bool grouped = kGrouped && groups > 1;
+  int a_off, b_off, b_lo = 0;
   uint32_t rs_bits;
   auto position = [&]() {
     a_off = (r * p.dil_h * p.W + s * p.dil_w) * p.C + c;
     rs_bits = (1u << (r & 15)) | (1u << (16 + s));
+    if (grouped) {
+      const int c_group = c / cin_g;
+      b_off = (r * p.S + s) * cin_g + c - c_group * cin_g;
+      b_lo = (g_first + c_group) * kout_g - b_row0;
+    } else {
+      b_off = kk;
+      b_lo = -b_row0;  // (the row is one of the K: the same test as b_rows_ok)
+    }
   };
   position();
   auto advance = [&]() {
     kk += kBK;
     c += kBK;
-    while (c >= p.C) {  // once per step when C >= 32; several times for 4 or 8 channels
-      c -= p.C;
+    while (c >= Cr) {  // once per step when Cr >= 32; several times for 4 or 8 channels
+      c -= Cr;
       if (++s == p.S) {
         s = 0;
         ++r;
@@ -206,8 +231,9 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
     }
 #pragma unroll
     for (int i = 0; i < kBIters; ++i) {
-      const bool ok = k_ok && ((b_rows_ok >> i) & 1u);
-      copy(sb + i * kRowsPerPass * kRowBytes, w + (ok ? b_base + i * kRowsPerPass * RSC + kk : 0), ok);
+      const bool row_ok = kGrouped ? unsigned(i * kRowsPerPass - b_lo) < unsigned(kout_g) : ((b_rows_ok >> i) & 1u);
+      const bool ok = k_ok && row_ok;
+      copy(sb + i * kRowsPerPass * kRowBytes, w + (ok ? b_base + i * kRowsPerPass * RSg + b_off : 0), ok);
     }
     advance();
   };
@@ -380,7 +406,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   }
 }
 
-template <Tile kTile, DType kDType, bool kNarrow>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
 cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
   static_assert(kShapePlanned<kTile>, "the kernel's tile is the one plan_conv plans with (kTileBM/BN/BK)");
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
@@ -395,17 +421,21 @@ cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
        {"conv_kernel<128x128k64,bf16>", "conv_kernel<128x128k64,bf16,narrow>"}},
       {{"conv_kernel<256x128,f16>", "conv_kernel<256x128,f16,narrow>"},
        {"conv_kernel<256x128,bf16>", "conv_kernel<256x128,bf16,narrow>"}}};
+  static const char* const kGroupedName[2] = {"conv_kernel<64x64,f16,grouped>", "conv_kernel<64x64,bf16,grouped>"};
+  static_assert(!kGrouped || kNarrow || kTile == Tile::k64x64, "named: the wide grouped kernel is 64x64");
   const int M = p.N * p.P * p.Q;
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((p.K + BN - 1) / BN), unsigned(splits));
-  return rf::arch::launch(kName[int(kTile)][kDType == DType::kBFloat16][kNarrow], &conv_kernel<kTile, kDType, kNarrow>,
+  const char* name = kGrouped && !kNarrow ? kGroupedName[kDType == DType::kBFloat16]
+                                           : kName[int(kTile)][kDType == DType::kBFloat16][kNarrow];
+  return rf::arch::launch(name, &conv_kernel<kTile, kDType, kNarrow, kGrouped>,
                           grid, dim3(kThreadsOf<kTile>), smem_bytes<kTile>(), stream, p, splits);
 }
 
 }  // namespace igemm
 
-template <Tile kTile, DType kDType, bool kNarrow>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
 cudaError_t launch_conv_instance(const ConvParams& p, int splits, cudaStream_t stream) {
-  return igemm::launch<kTile, kDType, kNarrow>(p, splits, stream);
+  return igemm::launch<kTile, kDType, kNarrow, kGrouped>(p, splits, stream);
 }
 
 }  // namespace resnet_fused::cuda

@@ -15,13 +15,14 @@ namespace resnet_fused::cuda {
 
 struct ConvParams {
   const void* input = nullptr;     // [N, H, W, C], dense
-  const void* weight = nullptr;    // [K, R, S, C], dense (a channels-last [K, C, R, S] weight)
+  const void* weight = nullptr;    // [K, R, S, C / groups], dense (a channels-last [K, C / groups, R, S] weight)
   const float* bias = nullptr;     // [K] or null
   const void* residual = nullptr;  // [N, P, Q, K] or null; may be `output` itself (in place)
   void* output = nullptr;          // [N, P, Q, K]
   float* workspace = nullptr;      // [splits, N*P*Q, K] float32 partial sums when splits > 1
   int N = 0, H = 0, W = 0, C = 0, K = 0, R = 1, S = 1, P = 0, Q = 0;
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  int groups = 1;  // output channel k sees input channels [g C/groups, (g + 1) C/groups), g = k / (K/groups)
   bool relu = false;
   DType dtype = DType::kHalf;
 };
@@ -42,13 +43,13 @@ constexpr int kTileBK[kNumTiles] = {32, 32, 32, 64, 32};
 struct ConvPlan {
   Tile tile = Tile::k128x64;
   int splits = 1;            // split-K: partial sums in the workspace, then a reduction kernel
-  bool narrow_loads = false; // 8-byte loads (C % 8 != 0, C % 4 == 0: the padded 3-channel stem)
+  bool narrow_loads = false; // 8-byte loads (channels per group % 8 != 0: the padded 3-channel stem, ResNeXt's 4-wide groups)
   size_t workspace_bytes = 0;
 };
 
-// Why our kernel cannot run p, or nullptr when it can. Needs fp16/bf16, C % 4 == 0 (the launch
-// layer pads a 3-channel input to 4), K % 8 == 0, filters up to 16 x 16, inputs and weights of
-// under 2^31 elements (32-bit element offsets).
+// Why our kernel cannot run p, or nullptr when it can. Needs fp16/bf16, input channels per group
+// a multiple of 4 (the launch layer pads a 3-channel input to 4), K % 8 == 0, filters up to
+// 16 x 16, inputs and weights of under 2^31 elements (32-bit element offsets).
 const char* conv_unsupported(const ConvParams& p);
 
 // The tile and split-K for p on a GPU with `num_sms` multiprocessors. `tile` / `splits` >= 0
@@ -58,8 +59,11 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile = -1, int splits =
 // Runs the plan on `stream` (p.workspace must hold plan.workspace_bytes).
 cudaError_t launch_conv(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream);
 
-// One instantiation per tile, dtype and load width (implicit_gemm_*.cu).
-template <Tile kTile, DType kDType, bool kNarrow>
+// One instantiation per tile, dtype and load width (implicit_gemm_*.cu). kGrouped: it takes
+// p.groups > 1 (the 8-byte-load kernel, whose register count it leaves at the same occupancy, and
+// a 64x64 one, implicit_gemm_64x64g_*.cu); the others are compiled for groups 1 (the grouped
+// loader's state costs the large tiles 5-20 registers, the small ones a block per SM).
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped = kNarrow>
 cudaError_t launch_conv_instance(const ConvParams& p, int splits, cudaStream_t stream);
 
 }  // namespace resnet_fused::cuda
