@@ -9,9 +9,10 @@
 #                                         # kernel: in that order (priority)
 #   bash scripts/gpu_session.sh compile   # right after (the build is kept while the machine is warm):
 #                                         # torch.compile max-autotune beside eager_cl and fused
+#   bash scripts/gpu_session.sh resnext   # resnext50_32x4d fp16 (our grouped kernel), batch 1 and 256
 #
 # Stages can also be named one by one: build golden test tactics layers bench sanitize profile
-# compile. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
+# compile resnext. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
 # on after a failed stage; SANITIZERS lists compute-sanitizer's tools to run; a summary table is
 # printed last. Results go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
 # logs, benchmark JSON/markdown. Copy the golden file to tests/golden/ and the benchmark results
@@ -31,7 +32,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
 [[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize profile)
-[[ ${stages[0]} == compile && ${#stages[@]} -eq 1 ]] && stages=(build compile)
+[[ ${stages[0]} =~ ^(compile|resnext)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
 declare -A RESULT SECONDS_TAKEN
 
 run_stage() {  # name budget_seconds command...
@@ -144,8 +145,15 @@ compile_max() {  # max-autotune compiles for minutes: its own stage, largest bat
     --variants eager_cl fused compile_max
 }
 
+resnext() {  # the grouped 3x3s on our kernel, per layer and (tactics choosing) in the whole model, against cuDNN's paths
+  $PY -m resnet_fused.bench --model resnext50_32x4d --device cuda --dtype float16 --layers --batch 256 --out "$OUT" \
+    --tag b256 \
+    && $PY -m resnet_fused.bench --model resnext50_32x4d --device cuda --dtype float16 --batch 1 256 --out "$OUT" \
+    --variants eager_cl jit_opt fused_cudnn fused
+}
+
 export OUT PY
-export -f build gpu_tests sanitize layers bench tactics profile compile_max
+export -f build gpu_tests sanitize layers bench tactics profile compile_max resnext
 environment
 for s in "${stages[@]}"; do
   case $s in
@@ -158,7 +166,8 @@ for s in "${stages[@]}"; do
     sanitize) run_stage sanitize 150 sanitize ;;
     profile) run_stage profile 120 profile ;;
     compile) run_stage compile 420 compile_max ;;
-    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile | all)"; exit 2 ;;
+    resnext) run_stage resnext 150 resnext ;;
+    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile resnext | all)"; exit 2 ;;
   esac
 done
 

@@ -19,25 +19,28 @@ CL = torch.channels_last
 def main():
     torch.manual_seed(0)
     bad = 0
-    cases = [  # n, c, k, kernel, stride, h, residual: every tile, split-K (batch 1, layer4), the stem
-        (2, 64, 256, 1, 1, 14, True), (1, 512, 512, 3, 1, 7, False), (2, 3, 64, 7, 2, 32, False),
-        (4, 256, 512, 1, 2, 14, False), (8, 128, 128, 3, 1, 28, True),
+    cases = [  # n, c, k, kernel, stride, h, residual, groups: every tile, split-K (batch 1, layer4), the stem,
+        # the grouped kernels (ResNeXt's 8- and 4-channel groups)
+        (2, 64, 256, 1, 1, 14, True, 1), (1, 512, 512, 3, 1, 7, False, 1), (2, 3, 64, 7, 2, 32, False, 1),
+        (4, 256, 512, 1, 2, 14, False, 1), (8, 128, 128, 3, 1, 28, True, 1), (2, 256, 256, 3, 1, 14, False, 32),
+        (2, 128, 128, 3, 2, 14, False, 32),
     ]
     for dtype in (torch.float16, torch.bfloat16):
-        for n, c, k, ksz, stride, h, residual in cases:
+        for n, c, k, ksz, stride, h, residual, groups in cases:
             x = torch.randn(n, c, h, h).to(dtype).contiguous(memory_format=CL)
-            w = (torch.randn(k, c, ksz, ksz) / (c * ksz * ksz) ** 0.5).to(dtype)
+            w = (torch.randn(k, c // groups, ksz, ksz) / (c // groups * ksz * ksz) ** 0.5).to(dtype)
             b = torch.randn(k)
             ho = (h + 2 * (ksz // 2) - ksz) // stride + 1
             r = torch.randn(n, k, ho, ho).to(dtype).contiguous(memory_format=CL) if residual else None
             out = resnet_fused.ops.conv2d_bias_act(x.cuda(), w.cuda(), b.cuda(), r.cuda() if residual else None,
-                                                   stride=stride, padding=ksz // 2, relu=True).cpu()
-            ref = F.conv2d(x.double(), w.double(), b.double(), stride, ksz // 2)
+                                                   stride=stride, padding=ksz // 2, groups=groups, relu=True).cpu()
+            ref = F.conv2d(x.double(), w.double(), b.double(), stride, ksz // 2, 1, groups)
             ref = (ref + r.double() if residual else ref).relu()
             err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
             ok = err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
             bad += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} conv {dtype} n{n} c{c} k{k} {ksz}x{ksz}/s{stride} {h}x{h}: rel err {err:.2e}")
+            print(f"{'ok  ' if ok else 'FAIL'} conv {dtype} n{n} c{c} k{k} g{groups} {ksz}x{ksz}/s{stride} {h}x{h}: "
+                  f"rel err {err:.2e}")
     a = torch.randn(2, 64, 9, 9, dtype=torch.float16)
     ok = torch.equal(resnet_fused.ops.add_relu(a.cuda(), a.cuda()).cpu(), (a.float() + a.float()).relu().half())
     bad += not ok

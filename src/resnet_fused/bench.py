@@ -335,6 +335,18 @@ RESNET50_LAYERS = [  # (name, C, K, kernel, stride, H, residual)
     ("l4 ds 1x1/2 1024-2048", 1024, 2048, 1, 2, 14, False),
     ("l4 1x1 2048-512", 2048, 512, 1, 1, 7, False),
 ]
+# ResNeXt-50 32x4d's grouped 3x3s (32 groups of 4, 8, 16, 32 channels), with their groups last: its
+# 1x1s and stem are ResNet-50's shapes at other widths.
+RESNEXT50_GROUPED_LAYERS = [
+    ("l1 3x3 128 g32", 128, 128, 3, 1, 56, False, 32),
+    ("l2 3x3/2 256 g32", 256, 256, 3, 2, 56, False, 32),
+    ("l2 3x3 256 g32", 256, 256, 3, 1, 28, False, 32),
+    ("l3 3x3/2 512 g32", 512, 512, 3, 2, 28, False, 32),
+    ("l3 3x3 512 g32", 512, 512, 3, 1, 14, False, 32),
+    ("l4 3x3/2 1024 g32", 1024, 1024, 3, 2, 14, False, 32),
+    ("l4 3x3 1024 g32", 1024, 1024, 3, 1, 7, False, 32),
+]
+LAYER_TABLES = {"resnet50": RESNET50_LAYERS, "resnext50_32x4d": RESNEXT50_GROUPED_LAYERS}
 
 
 def measure_peaks(device: str, dtype: torch.dtype, timer: Timer) -> dict:
@@ -360,9 +372,13 @@ def run_layer_benchmark(args) -> dict:
     batch = args.batch[0]
     rows = []
     esize = torch.tensor([], dtype=dtype).element_size()
-    for name, c, k, kernel, stride, h, residual in progress(RESNET50_LAYERS, len(RESNET50_LAYERS), "layers"):
+    if args.model not in LAYER_TABLES:
+        raise SystemExit(f"--layers has tables for {sorted(LAYER_TABLES)}, not {args.model}")
+    table = LAYER_TABLES[args.model]
+    for name, c, k, kernel, stride, h, residual, *grouping in progress(table, len(table), "layers"):
+        groups = grouping[0] if grouping else 1
         pad = kernel // 2
-        conv = nn.Conv2d(c, k, kernel, stride, pad, bias=False)
+        conv = nn.Conv2d(c, k, kernel, stride, pad, bias=False, groups=groups)
         bn = nn.BatchNorm2d(k).eval()
         with torch.no_grad():
             bn.running_mean.uniform_(-0.3, 0.3)
@@ -398,11 +414,11 @@ def run_layer_benchmark(args) -> dict:
             bf = b.to(device=device, dtype=dtype)
             if residual:
                 cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_add_relu(
-                    x, wf, r, 1.0, bf, [stride] * 2, [pad] * 2, [1, 1], 1)
+                    x, wf, r, 1.0, bf, [stride] * 2, [pad] * 2, [1, 1], groups)
             else:
                 cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_relu(
-                    x, wf, bf, [stride] * 2, [pad] * 2, [1, 1], 1)
-        flops = 2 * batch * k * ho * ho * c * kernel * kernel
+                    x, wf, bf, [stride] * 2, [pad] * 2, [1, 1], groups)
+        flops = 2 * batch * k * ho * ho * c // groups * kernel * kernel
         nbytes = esize * (x.numel() + w.numel() + batch * k * ho * ho * (2 if residual else 1))
         floor_ms = max(flops / peaks["flops_per_s"], nbytes / peaks["bytes_per_s"]) * 1e3
         bound = "compute" if flops / peaks["flops_per_s"] > nbytes / peaks["bytes_per_s"] else "memory"
@@ -648,7 +664,7 @@ def main(argv: Optional[list] = None) -> dict:
     print(text)
     if not args.no_save:
         os.makedirs(args.out, exist_ok=True)
-        kind = "layers" if args.layers else args.model
+        kind = ("layers" if args.model == "resnet50" else f"layers_{args.model}") if args.layers else args.model
         dev = "gpu" if args.device == "cuda" else "cpu"
         stem = os.path.join(args.out, f"{dev}_{kind}_{args.dtype}{('_' + args.tag) if args.tag else ''}")
         with open(stem + ".json", "w") as f:
