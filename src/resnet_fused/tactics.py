@@ -74,6 +74,9 @@ WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 # 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved)
 # (CUDA records live under their own machine ids: the version did not move for them)
 _CACHE_VERSION = 5
+#: Part of a CUDA machine's key: moves when our CUDA kernels change what they run or how fast
+#: (2: grouped convolutions on our kernel), so that choices measured on the old ones are not reused.
+_CUDA_KERNELS_VERSION = 2
 
 
 # --- candidates -------------------------------------------------------------------------------
@@ -397,11 +400,12 @@ def _cpu_identity() -> tuple:
 def machine_key(device: Optional[torch.device] = None) -> dict:
     """What a measurement holds for: the CPU (model name, ISA flags), torch and oneDNN versions,
     and the thread count; on CUDA the GPU (name, compute capability, multiprocessors), torch,
-    CUDA and cuDNN versions."""
+    CUDA and cuDNN versions, and our CUDA kernels' version."""
     if device is not None and device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return {"gpu": p.name, "cc": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+                "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                "kernels": _CUDA_KERNELS_VERSION}
     model, isa = _cpu_identity()
     return {"cpu": model, "isa": isa, "torch": torch.__version__, "onednn": _onednn_version(),
             "threads": torch.get_num_threads()}
