@@ -64,6 +64,17 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("gemm_unpack(Tensor packed, int out_channels) -> Tensor");
   // Which register-tile kernel the matrix products run on this CPU: "avx512", "avx2" or "generic".
   m.def("gemm_isa() -> str");
+  // Grouped convolutions (ResNeXt's 3x3s), CPU float32 on AVX-512, with the epilogue in
+  // registers: the weight packed once ([K/16, kh, kw, C/groups, 16]); out of place and into the
+  // residual; and why a layer of these channels cannot run on it here ("" if it can).
+  m.def("grouped_prepack(Tensor weight, int groups) -> Tensor");
+  m.def(
+      "grouped_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int[2] stride, int[2] padding, int groups, bool relu) -> Tensor");
+  m.def(
+      "grouped_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int groups, bool relu) -> ()");
+  m.def("grouped_conv_unsupported(int in_channels, int out_channels, int groups) -> str");
   // max_pool2d (dilation 1) of a float32 CPU input, channels-last out, without the indices
   // PyTorch's CPU kernel computes and drops (ResNet's pool after the stem).
   m.def("max_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False) -> Tensor");

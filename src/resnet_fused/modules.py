@@ -399,7 +399,7 @@ class FusedConv2d(nn.Module):
         (2-3x slower per layer), so the regime names them. The master part names the tensor the
         weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
         the image size is left out. The regime ends with the kernel the layer runs ("winograd",
-        "winograd4", "gemm" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
+        "winograd4", "gemm", "grouped" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
         w, b = self.weight, self.bias
         regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
                   x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
@@ -410,7 +410,7 @@ class FusedConv2d(nn.Module):
         return (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm, x.device.type)
 
     def _path(self, x: Tensor) -> str:
-        """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", or "" (the oneDNN
+        """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", "grouped", or "" (the oneDNN
         convolution; every other device and dtype). With ``tune`` the measured choice for x's
         shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
         without, the rules (_winograd_fits, then _gemm_fits). On CUDA in float16/bfloat16 with
@@ -431,6 +431,8 @@ class FusedConv2d(nn.Module):
             return "winograd"
         if self._gemm_fits(x):
             return "gemm"
+        if self.groups > 1 and tactics.candidate(tactics.GROUPED).applies(self, x):
+            return tactics.GROUPED
         return ""
 
     def _gemm_fits(self, x: Tensor) -> bool:
@@ -527,7 +529,7 @@ class FusedConv2d(nn.Module):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4):
+            elif key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4, tactics.GROUPED):
                 w = tactics.candidate(key[0][-1]).prepare(self, x)
             elif key[0][-1] == "gemm":
                 # Packed in panels once (the same for every input regime); the panels replace a
@@ -593,6 +595,13 @@ class FusedConv2d(nn.Module):
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
                                                                        self.relu, self.out_channels)
+        if path == tactics.GROUPED:
+            # (exact NaN semantics whatever assume_finite says: the epilogue is ours)
+            c = tactics.candidate(path)
+            if residual is not None and self.inplace_residual:
+                c.run_(self, x, w, b, residual)
+                return residual
+            return c.run(self, x, w, b, residual)
         if path == tactics.CUDNN_FUSED and not (assume_finite and inputs_verified() and tactics.cuda_backend() == "ours"):
             # NaN kept: cuDNN + our epilogue (the bias rounded as cuDNN's fused op takes it)
             path, b = tactics.CUDNN, b.to(torch.float32)

@@ -188,6 +188,24 @@ def _gemm_prepack_fake(weight):
     return weight.new_empty(((k + 31) // 32, kh, kw, c, 32))
 
 
+@torch.library.register_fake("resnet_fused::grouped_prepack")
+def _grouped_prepack_fake(weight, groups):
+    k, cg, kh, kw = weight.shape
+    return weight.new_empty((k // 16, kh, kw, cg, 16))
+
+
+@torch.library.register_fake("resnet_fused::grouped_conv2d_bias_act")
+def _grouped_conv2d_bias_act_fake(input, weight, bias, residual, stride, padding, groups, relu):
+    logical = (weight.shape[0] * 16, weight.shape[3], weight.shape[1], weight.shape[2])
+    shape = conv_output_size(input.shape, logical, stride, padding, [1, 1])
+    return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("resnet_fused::grouped_conv2d_bias_act_")
+def _grouped_conv2d_bias_act_inplace_fake(residual, input, weight, bias, stride, padding, groups, relu):
+    return None
+
+
 @torch.library.register_fake("resnet_fused::gemm_unpack")
 def _gemm_unpack_fake(packed, out_channels):
     return packed.new_empty(_gemm_logical_shape(packed, out_channels)).contiguous(memory_format=torch.channels_last)

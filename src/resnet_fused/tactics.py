@@ -1,9 +1,10 @@
 """Measured per-layer kernel choice ("tactics"), on the CPU and on CUDA.
 
-On CPU in float32 a fused layer can run one of four kernels: oneDNN's convolution with post-ops
+On CPU in float32 a fused layer can run one of five kernels: oneDNN's convolution with post-ops
 on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd") or F(4x4, 3x3)
-("winograd4", csrc/cpu/winograd.cpp), or our blocked matrix products ("gemm",
-csrc/cpu/gemm_conv.cpp). Each is a :class:`Candidate`:
+("winograd4", csrc/cpu/winograd.cpp), our blocked matrix products ("gemm",
+csrc/cpu/gemm_conv.cpp), or, for grouped layers, our grouped kernel ("grouped",
+csrc/cpu/grouped_conv.cpp). Each is a :class:`Candidate`:
 it says whether it can run a layer for an input, how to prepare the weight, how to run, and
 keeps the rule of thumb that picked it before anything was measured (:meth:`Candidate.rule`).
 
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ONEDNN, WINOGRAD, WINOGRAD4, GEMM = "onednn", "winograd", "winograd4", "gemm"
+ONEDNN, WINOGRAD, WINOGRAD4, GEMM, GROUPED = "onednn", "winograd", "winograd4", "gemm", "grouped"
 CUDNN, CUDNN_FUSED = "cudnn", "cudnn_fused"
 #: The CUDA paths that the op cuda_conv2d_bias_act takes by number: our kernel's tiles, cuDNN + epilogue.
 CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, "tc128x128k64": 3, "tc256x128": 4, CUDNN: -2}
@@ -91,9 +92,9 @@ def _is_channels_last(x: Tensor) -> bool:
 
 def cpu_float32_prepacked(layer, x: Tensor) -> bool:
     """What every CPU candidate needs: a prepacked layer (``prepack=True``), a float32 channels-
-    last 4-D CPU input, groups 1, dilation 1. Anything else runs the one native path."""
+    last 4-D CPU input, dilation 1. Anything else runs the one native path."""
     return bool(layer.prepack and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and layer.groups == 1 and list(layer.dilation) == [1, 1] and _is_channels_last(x))
+                and list(layer.dilation) == [1, 1] and _is_channels_last(x))
 
 
 def _bias(layer) -> Tensor:
@@ -172,7 +173,8 @@ class Winograd(Candidate):
     tile = 2  # output tile: F(tile x tile, 3x3), (tile + 2)^2 positions
 
     def applies(self, layer, x):
-        return (super().applies(layer, x) and tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1]
+        return (super().applies(layer, x) and layer.groups == 1 and tuple(layer.kernel_size) == (3, 3)
+                and list(layer.stride) == [1, 1]
                 and list(layer.padding) == [1, 1]
                 and (self.tile + 2) ** 2 * layer.in_channels * layer.out_channels * 4 <= WINOGRAD_MAX_WEIGHT_BYTES)
 
@@ -181,7 +183,8 @@ class Winograd(Candidate):
         evicted before each call): at least 32 input and output channels (the transforms cost as
         much as the products below that), and at least 16 tiles and at most 512 KiB of
         transformed weight per tile (too few tiles do not pay for reading the weight)."""
-        if not (tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1] and list(layer.padding) == [1, 1]):
+        if not (tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1] and list(layer.padding) == [1, 1]
+                and getattr(layer, "groups", 1) == 1):
             return False
         c, k = layer.in_channels, layer.out_channels
         if min(c, k) < 32 or 16 * c * k * 4 > WINOGRAD_MAX_WEIGHT_BYTES:
@@ -220,13 +223,16 @@ class Gemm(Candidate):
     name = GEMM
     switch = "gemm"
 
+    def applies(self, layer, x):
+        return super().applies(layer, x) and layer.groups == 1
+
     def rule(self, layer, x):
         """1x1s with no padding on AVX-512 CPUs: there our kernel matched or beat oneDNN's 1x1
         kernels on ResNet-50's shapes and skips oneDNN's per-call cost (benchmarks/results). The
         AVX2 kernel has been measured only on an AVX-512 CPU held to AVX2, where it won on some
         shapes and lost on others: on AVX2 CPUs only measuring (tune=True) picks it."""
         return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
-                and _gemm_isa() == "avx512")
+                and getattr(layer, "groups", 1) == 1 and _gemm_isa() == "avx512")
 
     def prepare(self, layer, x):
         w = layer.weight
@@ -243,8 +249,37 @@ class Gemm(Candidate):
                                                              layer.relu, layer.out_channels)
 
 
+class Grouped(Candidate):
+    """Grouped convolutions (ResNeXt's 3x3s) on our AVX-512 kernel (csrc/cpu/grouped_conv.cpp):
+    groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels, the
+    weight packed once, the epilogue in registers."""
+
+    name = GROUPED
+
+    def applies(self, layer, x):
+        return (super().applies(layer, x) and layer.groups > 1
+                and not torch.ops.resnet_fused.grouped_conv_unsupported(x.shape[1], layer.out_channels, layer.groups))
+
+    def rule(self, layer, x):
+        """Wherever it applies: in resnext50_32x4d it made the whole model faster at batch 1 than
+        oneDNN's grouped convolution there, and no slower at batch 8 (cpu_grouped_resnext50.md in
+        benchmarks/results)."""
+        return True
+
+    def prepare(self, layer, x):
+        return torch.ops.resnet_fused.grouped_prepack.default(layer.dense_weight().to(torch.float32), layer.groups)
+
+    def run(self, layer, x, w, b, residual):
+        return torch.ops.resnet_fused.grouped_conv2d_bias_act.default(x, w, b, residual, layer.stride, layer.padding,
+                                                                      layer.groups, layer.relu)
+
+    def run_(self, layer, x, w, b, residual):
+        torch.ops.resnet_fused.grouped_conv2d_bias_act_.default(residual, x, w, b, layer.stride, layer.padding,
+                                                                layer.groups, layer.relu)
+
+
 #: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.
-CANDIDATES: list = [Winograd(), Winograd4(), Gemm(), OneDNN()]
+CANDIDATES: list = [Winograd(), Winograd4(), Gemm(), Grouped(), OneDNN()]
 
 
 # --- CUDA candidates --------------------------------------------------------------------------
