@@ -1,8 +1,12 @@
 """The CPU grouped-convolution kernel (csrc/cpu/grouped_conv.cpp): ResNeXt's grouped 3x3s and the
 edges of each of its inner loops against float64 and eager under the accuracy rule, in place, NaN
-and Inf, bad input, and where a fused model runs it. It needs AVX-512; elsewhere it says so."""
+and Inf, bad input, and where a fused model runs it; its AVX2 kernel too on an AVX-512 machine. It
+needs AVX2 and FMA or AVX-512; elsewhere it says so."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,6 +74,26 @@ def test_edges(c, k, groups, kernel, stride, h, w, padding, residual, relu, bias
     x, wt, b, res, kw = make_inputs(2, c, k, kernel, stride, h, w, groups=groups, residual=residual, bias=bias,
                                     channels_last=True, padding=padding)
     check(x, wt, b, res, relu, kw, what=f"C{c} K{k} g{groups} {kernel}x{kernel}/{stride} {h}x{w} p{padding}")
+
+
+def test_the_avx2_kernel_on_this_cpu():
+    """On an AVX-512 machine, the AVX2 kernel (RESNET_FUSED_CPU_ISA=avx2, which AVX2-only CPUs run)
+    against float64 and eager on each inner loop: groups of 4, 8, 16 and 32, strided, a remainder tile."""
+    if ops.gemm_isa() != "avx512":
+        pytest.skip("this CPU runs the AVX2 kernel (or none) by default: the tests above cover it")
+    code = (
+        "import torch; from test_grouped_conv import check; from test_ops import make_inputs;"
+        "[check(*make_inputs(2, c, c, 3, s, h, h + 3, groups=g, residual=True, channels_last=True)[:4], True,"
+        "       make_inputs(2, c, c, 3, s, h, h + 3, groups=g, residual=True, channels_last=True)[4], 'avx2')"
+        " for c, g, s, h in [(128, 32, 1, 9), (256, 32, 2, 9), (512, 32, 1, 6), (1024, 32, 2, 6), (48, 3, 1, 5)]];"
+        "print('ok')"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, RESNET_FUSED_CPU_ISA="avx2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(os.path.dirname(resnet_fused.__file__))
+                                                    if resnet_fused.__file__ else None) if p)
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("c,groups", [(128, 32), (256, 32), (512, 32)])

@@ -1,5 +1,6 @@
 // Grouped convolutions on CPU (ResNeXt's 3x3s: 32 groups of 4, 8, 16 or 32 channels), float32,
-// channels-last, with bias, residual and ReLU applied in registers before the one store. AVX-512.
+// channels-last, with bias, residual and ReLU applied in registers before the one store. AVX-512,
+// and AVX2 + FMA (each 16-channel block as two 256-bit halves, 4 pixels a tile).
 //
 // The weight is packed once (grouped_prepack) as [K/16, kh*kw, cin_g, 16]: for a block of 16
 // output channels, a filter tap and an input channel j of their group, the 16 weights. Each
@@ -19,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -38,7 +41,11 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kRows = 8;  // output pixels per tile (accumulators), along the output row
+constexpr int kRows = 8;  // output pixels per tile (accumulators), along the output row (AVX-512)
+// AVX2: two 256-bit accumulators a pixel; 6 pixels (12 of the 16 registers) where a step needs two
+// more for weights, 4 where groups of 4 keep four weight vectors.
+constexpr int kRowsAvx2 = 6;
+constexpr int rows_avx2(int mode) { return mode == 4 ? 4 : kRowsAvx2; }
 
 struct Geometry {
   int64_t N, C, H, W, K, kh, kw, sh, sw, ph, pw, OH, OW, groups, cin_g, kout_g;
@@ -52,16 +59,23 @@ int mode_of(int64_t cin_g, int64_t kout_g) {
   return 0;
 }
 
-bool cpu_has_avx512() {
+// The kernel this CPU runs: "avx512", "avx2" or "" (none). RESNET_FUSED_CPU_ISA=avx2|generic
+// narrows it as it narrows the matrix-product kernels (gemm_kernels.cpp, which checks the value).
+std::string grouped_isa() {
+  static const std::string isa = []() -> std::string {
 #if RF_GROUPED_X86
-  static const bool ok = [] {
+    const char* env = std::getenv("RESNET_FUSED_CPU_ISA");
+    const std::string want = env ? env : "";
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return ok;
-#else
-  return false;
+    const bool avx512 = __builtin_cpu_supports("avx512f") != 0;
+    const bool avx2 = __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+    if (want == "generic") return "";
+    if (avx512 && want != "avx2") return "avx512";
+    if (avx2) return "avx2";
 #endif
+    return "";
+  }();
+  return isa;
 }
 
 #if RF_GROUPED_X86
@@ -77,7 +91,7 @@ __attribute__((target("avx512f"))) void tile(const Geometry& g, const float* con
   for (int p = 0; p < kRows; ++p) acc[p] = b;
   const int64_t J = g.cin_g;
   const float* w = wp + ob * ntaps * J * 16;
-  if (kMode == 16) {
+  if constexpr (kMode == 16) {
     const int64_t cb = (16 * ob / g.kout_g) * g.cin_g;  // the block's group's first input channel
     for (int64_t t = 0; t < ntaps; ++t) {
       const float* const* x = taps + t * kRows;
@@ -105,7 +119,7 @@ __attribute__((target("avx512f"))) void tile(const Geometry& g, const float* con
 #pragma GCC unroll 8
       for (int p = 0; p < kRows; ++p) {
         const __m512 xv = _mm512_loadu_ps(x[p] + cb);
-        if (kMode == 4) {
+        if constexpr (kMode == 4) {
           acc[p] = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x00), wv[0], acc[p]);
           acc[p] = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0x55), wv[1], acc[p]);
           acc[p] = _mm512_fmadd_ps(_mm512_permute_ps(xv, 0xAA), wv[2], acc[p]);
@@ -118,12 +132,105 @@ __attribute__((target("avx512f"))) void tile(const Geometry& g, const float* con
     }
   }
   const __m512 zero = _mm512_setzero_ps();
-  for (int p = 0; p < rows; ++p) {
+  // (unrolled over every accumulator, so that each stays a register in the loops above)
+#pragma GCC unroll 8
+  for (int p = 0; p < kRows; ++p) {
+    if (p >= rows) break;
     float* o = out + p * g.K + 16 * ob;
     __m512 v = acc[p];
     if (residual) v = _mm512_add_ps(v, _mm512_loadu_ps(residual + p * g.K + 16 * ob));
     if (relu) v = _mm512_max_ps(zero, v);  // (NaN stays NaN: max returns its second operand)
     _mm512_storeu_ps(o, v);
+  }
+}
+
+// Groups of 4 on AVX2: one 256-bit half (two groups) of a block, for a tap: acc[p] += the
+// half's 8 input channels at x[p] + off, channel j of each group spread over its lanes, times wt's
+// four weight vectors (16 floats apart).
+template <int kPx>
+__attribute__((target("avx2,fma"), always_inline)) inline void groups_of_4_avx2(__m256 (&acc)[kPx],
+                                                                              const float* const* x, int64_t off,
+                                                                              const float* wt) {
+  __m256 wv[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(wt + 16 * j);
+#pragma GCC unroll 6
+  for (int p = 0; p < kPx; ++p) {
+    const __m256 xv = _mm256_loadu_ps(x[p] + off);
+    acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0x00), wv[0], acc[p]);
+    acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0x55), wv[1], acc[p]);
+    acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0xAA), wv[2], acc[p]);
+    acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0xFF), wv[3], acc[p]);
+  }
+}
+
+// The same on AVX2 + FMA: the block's 16 channels as two 256-bit halves (lo, hi), rows_avx2 pixels.
+// Groups of 8 are the halves themselves (a broadcast per half); groups of 4 are their 128-bit lanes.
+template <int kMode>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Geometry& g, const float* const* taps, int64_t ntaps,
+                                                   const float* wp, const float* bias, const float* residual,
+                                                   float* out, int64_t ob, int rows, bool relu) {
+  constexpr int kPx = rows_avx2(kMode);
+  __m256 lo[kPx], hi[kPx];
+  const __m256 bl = bias ? _mm256_loadu_ps(bias + 16 * ob) : _mm256_setzero_ps();
+  const __m256 bh = bias ? _mm256_loadu_ps(bias + 16 * ob + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int p = 0; p < kPx; ++p) lo[p] = bl, hi[p] = bh;
+  const int64_t J = g.cin_g;
+  const float* w = wp + ob * ntaps * J * 16;
+  if constexpr (kMode == 16) {
+    const int64_t cb = (16 * ob / g.kout_g) * g.cin_g;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const float* const* x = taps + t * kRows;
+      const float* wt = w + t * J * 16;
+      for (int64_t j = 0; j < J; ++j) {
+        const __m256 wl = _mm256_loadu_ps(wt + 16 * j), wh = _mm256_loadu_ps(wt + 16 * j + 8);
+#pragma GCC unroll 6
+        for (int p = 0; p < kPx; ++p) {
+          const __m256 xb = _mm256_broadcast_ss(x[p] + cb + j);
+          lo[p] = _mm256_fmadd_ps(xb, wl, lo[p]);
+          hi[p] = _mm256_fmadd_ps(xb, wh, hi[p]);
+        }
+      }
+    }
+  } else if constexpr (kMode == 8) {
+    const int64_t cb = 16 * ob;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const float* const* x = taps + t * kRows;
+      const float* wt = w + t * 8 * 16;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256 wl = _mm256_loadu_ps(wt + 16 * j), wh = _mm256_loadu_ps(wt + 16 * j + 8);
+#pragma GCC unroll 6
+        for (int p = 0; p < kPx; ++p) {
+          lo[p] = _mm256_fmadd_ps(_mm256_broadcast_ss(x[p] + cb + j), wl, lo[p]);
+          hi[p] = _mm256_fmadd_ps(_mm256_broadcast_ss(x[p] + cb + 8 + j), wh, hi[p]);
+        }
+      }
+    }
+  } else {
+    const int64_t cb = 16 * ob;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const float* const* x = taps + t * kRows;
+      const float* wt = w + t * 4 * 16;
+      // (each half in turn, so that four weight vectors are live, not eight)
+      groups_of_4_avx2<kPx>(lo, x, cb, wt);
+      groups_of_4_avx2<kPx>(hi, x, cb + 8, wt + 8);
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int p = 0; p < kPx; ++p) {
+    if (p >= rows) break;
+    float* o = out + p * g.K + 16 * ob;
+    __m256 vl = lo[p], vh = hi[p];
+    if (residual) {
+      vl = _mm256_add_ps(vl, _mm256_loadu_ps(residual + p * g.K + 16 * ob));
+      vh = _mm256_add_ps(vh, _mm256_loadu_ps(residual + p * g.K + 16 * ob + 8));
+    }
+    if (relu) vl = _mm256_max_ps(zero, vl), vh = _mm256_max_ps(zero, vh);  // (NaN kept)
+    _mm256_storeu_ps(o, vl);
+    _mm256_storeu_ps(o + 8, vh);
   }
 }
 #endif
@@ -132,8 +239,10 @@ void run(const Geometry& g, const float* x, const float* wp, const float* bias, 
          bool relu) {
 #if RF_GROUPED_X86
   const int mode = mode_of(g.cin_g, g.kout_g);
+  const bool avx512 = grouped_isa() == "avx512";
+  const int64_t tile_px = avx512 ? kRows : rows_avx2(mode);
   const int64_t ntaps = g.kh * g.kw;
-  const int64_t col_tiles = (g.OW + kRows - 1) / kRows;
+  const int64_t col_tiles = (g.OW + tile_px - 1) / tile_px;
   const int64_t tiles = g.N * g.OH * col_tiles, blocks = g.K / 16;
   // Items: a tile and a run of output-channel blocks, at least 4 items a thread where the layer
   // allows (late layers at batch 1 have a few tiles and many blocks).
@@ -147,8 +256,8 @@ void run(const Geometry& g, const float* x, const float* wp, const float* bias, 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile_id = item / runs, run_id = item % runs;
       const int64_t ct = tile_id % col_tiles, oh = (tile_id / col_tiles) % g.OH, n = tile_id / (col_tiles * g.OH);
-      const int64_t ow0 = ct * kRows;
-      const int rows = int(std::min<int64_t>(kRows, g.OW - ow0));
+      const int64_t ow0 = ct * tile_px;
+      const int rows = int(std::min<int64_t>(tile_px, g.OW - ow0));
       for (int64_t r = 0; r < g.kh; ++r) {
         const int64_t ih = oh * g.sh - g.ph + r;
         for (int64_t s = 0; s < g.kw; ++s) {
@@ -164,19 +273,28 @@ void run(const Geometry& g, const float* x, const float* wp, const float* bias, 
       const float* res = residual ? residual + pix * g.K : nullptr;
       const int64_t b1 = std::min(blocks, (run_id + 1) * per_item);
       for (int64_t ob = run_id * per_item; ob < b1; ++ob) {
-        if (mode == 4) {
-          tile<4>(g, taps.data(), ntaps, wp, bias, res, o, ob, rows, relu);
+        const float* const* tp = taps.data();
+        if (avx512) {
+          if (mode == 4) {
+            tile<4>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
+          } else if (mode == 8) {
+            tile<8>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
+          } else {
+            tile<16>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
+          }
+        } else if (mode == 4) {
+          tile_avx2<4>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
         } else if (mode == 8) {
-          tile<8>(g, taps.data(), ntaps, wp, bias, res, o, ob, rows, relu);
+          tile_avx2<8>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
         } else {
-          tile<16>(g, taps.data(), ntaps, wp, bias, res, o, ob, rows, relu);
+          tile_avx2<16>(g, tp, ntaps, wp, bias, res, o, ob, rows, relu);
         }
       }
     }
   });
 #else
   (void)g, (void)x, (void)wp, (void)bias, (void)residual, (void)out, (void)relu;
-  TORCH_CHECK(false, "resnet_fused: grouped_conv2d_bias_act needs an x86-64 CPU with AVX-512");
+  TORCH_CHECK(false, "resnet_fused: grouped_conv2d_bias_act needs an x86-64 CPU with AVX2 or AVX-512");
 #endif
 }
 
@@ -185,7 +303,7 @@ const char* unsupported(int64_t C, int64_t K, int64_t groups) {
   if (groups < 1 || C % groups != 0 || K % groups != 0) return "channels not divisible by the groups";
   if (mode_of(C / groups, K / groups) == 0)
     return "groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels only";
-  if (!cpu_has_avx512()) return "a CPU with AVX-512";
+  if (grouped_isa().empty()) return "a CPU with AVX2 and FMA, or AVX-512";
   return nullptr;
 }
 

@@ -431,7 +431,8 @@ class FusedConv2d(nn.Module):
             return "winograd"
         if self._gemm_fits(x):
             return "gemm"
-        if self.groups > 1 and tactics.candidate(tactics.GROUPED).applies(self, x):
+        grouped = tactics.candidate(tactics.GROUPED)
+        if self.groups > 1 and grouped.applies(self, x) and grouped.rule(self, x):
             return tactics.GROUPED
         return ""
 

@@ -250,9 +250,9 @@ class Gemm(Candidate):
 
 
 class Grouped(Candidate):
-    """Grouped convolutions (ResNeXt's 3x3s) on our AVX-512 kernel (csrc/cpu/grouped_conv.cpp):
-    groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels, the
-    weight packed once, the epilogue in registers."""
+    """Grouped convolutions (ResNeXt's 3x3s) on our kernel (csrc/cpu/grouped_conv.cpp, AVX-512 or
+    AVX2): groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels,
+    the weight packed once, the epilogue in registers."""
 
     name = GROUPED
 
@@ -261,10 +261,11 @@ class Grouped(Candidate):
                 and not torch.ops.resnet_fused.grouped_conv_unsupported(x.shape[1], layer.out_channels, layer.groups))
 
     def rule(self, layer, x):
-        """Wherever it applies: in resnext50_32x4d it made the whole model faster at batch 1 than
-        oneDNN's grouped convolution there, and no slower at batch 8 (cpu_grouped_resnext50.md in
-        benchmarks/results)."""
-        return True
+        """On AVX-512 CPUs, wherever it applies: in resnext50_32x4d it made the whole model faster
+        at batch 1 than oneDNN's grouped convolution there, and no slower at batch 8
+        (cpu_grouped_resnext50.md in benchmarks/results). Its AVX2 kernel has run only on an
+        AVX-512 CPU held to AVX2: on AVX2 CPUs only measuring (tune=True) picks it."""
+        return _gemm_isa() == "avx512"
 
     def prepare(self, layer, x):
         return torch.ops.resnet_fused.grouped_prepack.default(layer.dense_weight().to(torch.float32), layer.groups)
