@@ -596,18 +596,12 @@ class FusedConv2d(nn.Module):
                 return residual
             return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, w, b, residual, self.stride, self.padding,
                                                                        self.relu, self.out_channels)
-        if path == tactics.GROUPED:
-            # (exact NaN semantics whatever assume_finite says: the epilogue is ours)
-            c = tactics.candidate(path)
-            if residual is not None and self.inplace_residual:
-                c.run_(self, x, w, b, residual)
-                return residual
-            return c.run(self, x, w, b, residual)
         if path == tactics.CUDNN_FUSED and not (assume_finite and inputs_verified() and tactics.cuda_backend() == "ours"):
             # NaN kept: cuDNN + our epilogue (the bias rounded as cuDNN's fused op takes it)
             path, b = tactics.CUDNN, b.to(torch.float32)
-        if path in tactics.CUDA_PATHS:
-            # (the candidate the measurement timed runs the layer)
+        if path in tactics.CUDA_PATHS or path == tactics.GROUPED:
+            # (the candidate the measurement timed runs the layer; the CPU grouped kernel keeps NaN
+            # whatever assume_finite says: its epilogue is ours)
             c = tactics.candidate(path)
             if residual is not None and self.inplace_residual:
                 c.run_(self, x, w, b, residual)
