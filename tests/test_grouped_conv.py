@@ -117,7 +117,7 @@ def test_nan_and_inf_propagate_like_eager():
 @pytest.mark.parametrize(
     "c,k,groups,match",
     [(16, 16, 8, "groups of 4 or 8 channels"), (32, 64, 8, "groups of 4 or 8 channels"),
-     (30, 30, 4, "not divisible by the groups")],
+     (30, 30, 4, "not divisible by the groups"), (8, 8, 2, "multiple of 16"), (40, 40, 5, "multiple of 16")],
 )
 def test_layers_it_does_not_take_are_refused(c, k, groups, match):
     assert match in ops.grouped_conv_unsupported(c, k, groups)

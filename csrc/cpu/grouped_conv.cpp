@@ -301,6 +301,7 @@ void run(const Geometry& g, const float* x, const float* wp, const float* bias, 
 // Why this kernel cannot run a grouped layer with these channel counts, or nullptr.
 const char* unsupported(int64_t C, int64_t K, int64_t groups) {
   if (groups < 1 || C % groups != 0 || K % groups != 0) return "channels not divisible by the groups";
+  if (K % 16 != 0) return "output channels a multiple of 16 only (blocks of 16)";
   if (mode_of(C / groups, K / groups) == 0)
     return "groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels only";
   if (grouped_isa().empty()) return "a CPU with AVX2 and FMA, or AVX-512";

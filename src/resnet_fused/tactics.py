@@ -251,8 +251,8 @@ class Gemm(Candidate):
 
 class Grouped(Candidate):
     """Grouped convolutions (ResNeXt's 3x3s) on our kernel (csrc/cpu/grouped_conv.cpp, AVX-512 or
-    AVX2): groups of 4 or 8 channels (as many in as out) or of a multiple of 16 output channels,
-    the weight packed once, the epilogue in registers."""
+    AVX2): output channels a multiple of 16, in groups of 4 or 8 channels (as many in as out) or of a
+    multiple of 16 output channels; the weight packed once, the epilogue in registers."""
 
     name = GROUPED
 
