@@ -139,6 +139,21 @@ def test_tuned_resnet50_chooses_measured_paths_within_the_accuracy_rule(tactics_
     assert_accuracy_rule(again, eagers, ref, what="second call")
 
 
+def test_tuned_resnext50_times_our_grouped_kernel(tactics_cache):
+    """A fused ResNeXt on CUDA: each grouped 3x3 times our grouped kernel (one candidate: the tile
+    plan_conv runs for groups) beside cuDNN's paths, and the model keeps the accuracy rule."""
+    from test_fuse import fused_and_reference, torchvision_model
+
+    model = torchvision_model("resnext50_32x4d", branch_scale=0.5)
+    out, eagers, ref, fused = fused_and_reference(model, torch.randn(2, 3, 96, 96), torch.float16, "cuda", True)
+    assert_accuracy_rule(out, eagers, ref, what="resnext50_32x4d f16 tuned")
+    grouped = [t for t in fused.fuse_report.tactics if t["layer"].endswith("conv2")]
+    assert len(grouped) == 16, fused.fuse_report.tactics
+    for t in grouped:
+        ours = {n for n in t["times_ms"] if n.startswith("tc")}
+        assert len(ours) == 1, t  # (64x64, or 128x64 with 8-byte loads for layer1's 4-channel groups)
+
+
 def test_cudnn_fused_keeps_nan_as_eager_does(tactics_cache, monkeypatch):
     """A layer that chose cuDNN's fused op (made the only fast candidate here) runs it on inputs
     checked finite, and the exact path on an input holding NaN: NaN where eager has NaN."""
