@@ -49,8 +49,8 @@ def assert_fully_fused(original, fused, x, add_relus=0):
         "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
         "aten.threshold", "aten.clamp_min")}
     assert not leftover, f"unfused ops left: {leftover}"
-    # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see _winograd_fits) or
-    # matrix products (CPU float32 1x1s, see _gemm_fits)
+    # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see tactics.Winograd.rule) or
+    # matrix products (CPU float32 1x1s, see tactics.Gemm.rule)
     fused_convs = sum(n for k, n in counts.items() if k.startswith("resnet_fused.") and "conv2d_bias_act" in k)
     assert fused_convs == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts

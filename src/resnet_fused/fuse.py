@@ -413,13 +413,13 @@ def fuse(
             chain starts, so every fused layer runs in NHWC; ``None`` keeps the input's layout.
         prepack: on CPU, reorder each weight once into oneDNN's blocked layout.
         winograd: on CPU in float32 (with ``prepack``), run the 3x3 stride-1 layers where it
-            measured faster and costs little memory (``FusedConv2d._winograd_fits``: at least 32
+            measured faster and costs little memory (``tactics.Winograd.rule``: at least 32
             channels, enough tiles, a transformed weight of at most 4 MiB) as Winograd
             F(2x2, 3x3); its error against float64 is below the direct convolution's. With
             ``tune``, F(4x4, 3x3) is measured too and kept only where its error met the accuracy
             rule. ``False`` runs every layer as a direct convolution.
         gemm: on CPU in float32 (with ``prepack``), run the 1x1 layers with no padding on
-            AVX-512 CPUs (``FusedConv2d._gemm_fits``) as matrix products on our register-tile
+            AVX-512 CPUs (``tactics.Gemm.rule``) as matrix products on our register-tile
             kernel with the epilogue in registers, instead of oneDNN's convolution. ``False``
             leaves them to oneDNN.
         tune: on CPU in float32 (with ``prepack``), pick each layer's kernel (oneDNN, Winograd

@@ -12,10 +12,10 @@ model keeps one copy of its weights, not two. Everything that needs the plain te
 (``state_dict``, pickling, ``deepcopy``, ``.to()``, another dtype or batch regime) gets it back
 exactly with ``to_dense()``.
 
-On CPU in float32 the 3x3 stride-1 layers where it measured faster (see ``_winograd_fits``) run
+On CPU in float32 the 3x3 stride-1 layers where it measured faster (see ``tactics.Winograd.rule``) run
 Winograd F(2x2, 3x3) instead (our kernel, csrc/cpu/winograd.cpp): their cached weight is the
 Winograd transform, made once, and the plain master stays as it is. The 1x1 layers the rule picks
-(see ``_gemm_fits``) run as matrix products on our register-tile kernel (csrc/cpu/gemm_conv.cpp)
+(see ``tactics.Gemm.rule``) run as matrix products on our register-tile kernel (csrc/cpu/gemm_conv.cpp)
 with the weight packed once into panels, which replace the plain master as oneDNN's packed weight
 does.
 Those are the rules; with ``tune`` (``fuse(tune=True)``, the default there) each layer measures
@@ -212,13 +212,13 @@ class FusedConv2d(nn.Module):
         # Write the result into the residual's buffer (set by fuse() where nothing reads the
         # residual after the join).
         self.inplace_residual = False
-        # CPU float32, prepacked: run the layers that fit (_winograd_fits) as Winograd F(2x2, 3x3).
+        # CPU float32, prepacked: run the layers that fit (tactics.Winograd.rule) as Winograd F(2x2, 3x3).
         self.winograd = True
-        # CPU float32, prepacked: run the 1x1 layers that fit (_gemm_fits) as blocked matrix products.
+        # CPU float32, prepacked: run the 1x1 layers that fit (tactics.Gemm.rule) as blocked matrix products.
         self.gemm = True
         # CPU float32, prepacked: measure the candidate kernels on the first input of each regime
         # and run the fastest that meets the accuracy rule (tactics.choose; fuse(tune=True) sets
-        # it). Off: the rules (_winograd_fits, _gemm_fits) pick.
+        # it). Off: the rules (tactics.rule_choice) pick.
         self.tune = False
         self.tune_name = ""  # the layer's name in the model, for progress lines and the report
         self._tuned: dict = {}  # (input shape, threads, switches) -> kernel ("" for oneDNN)
@@ -413,7 +413,7 @@ class FusedConv2d(nn.Module):
         """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", "grouped", or "" (the oneDNN
         convolution; every other device and dtype). With ``tune`` the measured choice for x's
         shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
-        without, the rules (_winograd_fits, then _gemm_fits). On CUDA in float16/bfloat16 with
+        without, the rules (tactics.rule_choice: each candidate's ``rule``). On CUDA in float16/bfloat16 with
         ``tune``, the measured CUDA path (tactics.CUDA_ALGOS, "cudnn_fused"); else "" (the op's
         own choice)."""
         if tactics.cuda_tunable(self, x):
@@ -427,22 +427,8 @@ class FusedConv2d(nn.Module):
             if key in self._checked and self._checked[key] != self._weights_token():
                 return "?"  # checked on other weights
             return name
-        if self._winograd_fits(x):
-            return "winograd"
-        if self._gemm_fits(x):
-            return "gemm"
-        grouped = tactics.candidate(tactics.GROUPED)
-        if self.groups > 1 and grouped.applies(self, x) and grouped.rule(self, x):
-            return tactics.GROUPED
-        return ""
-
-    def _gemm_fits(self, x: Tensor) -> bool:
-        """Whether the rule runs this layer as blocked matrix products (tactics.Gemm.rule)."""
-        return bool(self.gemm) and tactics.candidate(tactics.GEMM).rule(self, x)
-
-    def _winograd_fits(self, x: Tensor) -> bool:
-        """Whether the rule runs this layer as Winograd F(2x2, 3x3) (tactics.Winograd.rule)."""
-        return bool(self.winograd) and tactics.candidate(tactics.WINOGRAD).rule(self, x)
+        name = tactics.rule_choice(self, x)
+        return "" if name == tactics.ONEDNN else name
 
     def _weights_token(self) -> tuple:
         """Which weights these are: the tensors and their in-place edits."""

@@ -183,8 +183,7 @@ class Winograd(Candidate):
         evicted before each call): at least 32 input and output channels (the transforms cost as
         much as the products below that), and at least 16 tiles and at most 512 KiB of
         transformed weight per tile (too few tiles do not pay for reading the weight)."""
-        if not (tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1] and list(layer.padding) == [1, 1]
-                and getattr(layer, "groups", 1) == 1):
+        if not (tuple(layer.kernel_size) == (3, 3) and list(layer.stride) == [1, 1] and list(layer.padding) == [1, 1]):
             return False
         c, k = layer.in_channels, layer.out_channels
         if min(c, k) < 32 or 16 * c * k * 4 > WINOGRAD_MAX_WEIGHT_BYTES:
@@ -232,7 +231,7 @@ class Gemm(Candidate):
         AVX2 kernel has been measured only on an AVX-512 CPU held to AVX2, where it won on some
         shapes and lost on others: on AVX2 CPUs only measuring (tune=True) picks it."""
         return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
-                and getattr(layer, "groups", 1) == 1 and _gemm_isa() == "avx512")
+                and _gemm_isa() == "avx512")
 
     def prepare(self, layer, x):
         w = layer.weight
