@@ -17,17 +17,21 @@
 // products, output transform), so nothing but the input, the transformed weight and the output
 // travels through memory. The products run on our register-tile kernels (gemm_kernels.h)
 // reading the transformed weight in place; the transforms run over channels (contiguous in
-// channels-last) 16 at a time, built per ISA with GCC's target_clones (clones.h).
+// channels-last) a vector at a time, built per ISA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../checks.h"
-#include "clones.h"
 #include "gemm_kernels.h"
 
 namespace resnet_fused::cpu {
@@ -35,128 +39,88 @@ namespace {
 
 using at::Tensor;
 
-// The transforms run on 16 channels at a time in GCC's vector extension (each target clone lowers
-// it to its own ISA; GCC's own vectoriser gives up on F(4x4)'s 36-pointer loops), with the same
-// code on single floats for the last C % 16 channels.
+// The transforms run on the ISA's vector width of channels at a time in GCC's vector extension
+// (GCC's own vectoriser gives up on F(4x4)'s 36-pointer loops), with the same code on single
+// floats for the last channels: 16 (AVX-512), 8 (AVX2) or 4 (baseline SSE), one build of
+// winograd_transforms.inc per ISA, chosen as the matrix-product kernels are (tile_isa,
+// RESNET_FUSED_CPU_ISA). Each ISA gets its native width: built as target clones of one 16-wide
+// source, the AVX2 clone split each 64-byte load in four through the stack and ran the ReLU one
+// float at a time (GCC lowers a select on a vector wider than the target's to scalar code).
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // (Vec16 never crosses a call: everything below is inlined)
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
-
-template <typename T>
-__attribute__((always_inline)) inline T load(const float* p) {
-  T v;
-  __builtin_memcpy(&v, p, sizeof(T));
+#pragma GCC diagnostic ignored "-Wpsabi"  // (the vectors never cross a call: everything below is inlined)
+namespace isa_generic {
+typedef float Vec __attribute__((vector_size(16), aligned(4)));
+__attribute__((always_inline)) inline Vec vload(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof(Vec));
   return v;
 }
-template <typename T>
-__attribute__((always_inline)) inline void store(float* p, const T& v) {
-  __builtin_memcpy(p, &v, sizeof(T));
+__attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
+__attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
+#include "winograd_transforms.inc"
+}  // namespace isa_generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+// (intrinsics: GCC's generic tuning splits an unaligned 32-byte memcpy through the stack; max(0, x)
+// returns x where x is NaN)
+typedef float Vec __attribute__((vector_size(32), aligned(4)));
+__attribute__((always_inline)) inline Vec vload(const float* p) { return Vec(_mm256_loadu_ps(p)); }
+__attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { _mm256_storeu_ps(p, __m256(v)); }
+__attribute__((always_inline)) inline Vec vrelu(const Vec& v) {
+  return Vec(_mm256_max_ps(_mm256_setzero_ps(), __m256(v)));
 }
+#include "winograd_transforms.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
 
-// The 1-D transforms of F(m x m, 3x3): t = B^T z (m + 2 values) and y = A^T z (m values).
-template <int M>
-struct Transform;
-
-template <>
-struct Transform<2> {  // points 0, +-1
-  template <typename T>
-  __attribute__((always_inline)) static void bt(const T* z, T* t) {
-    t[0] = z[0] - z[2];
-    t[1] = z[1] + z[2];
-    t[2] = z[2] - z[1];
-    t[3] = z[1] - z[3];
-  }
-  template <typename T>
-  __attribute__((always_inline)) static void at(const T* m, T* y) {
-    y[0] = m[0] + m[1] + m[2];
-    y[1] = m[1] - m[2] - m[3];
-  }
-};
-
-template <>
-struct Transform<4> {  // points 0, +-1, +-2
-  template <typename T>
-  __attribute__((always_inline)) static void bt(const T* z, T* t) {
-    const T s42 = z[4] - z[2], s31 = z[3] - z[1];
-    t[0] = 4.f * z[0] - 5.f * z[2] + z[4];
-    t[1] = (z[3] + z[4]) - 4.f * (z[1] + z[2]);
-    t[2] = (z[4] - z[3]) + 4.f * (z[1] - z[2]);
-    t[3] = s42 + 2.f * s31;
-    t[4] = s42 - 2.f * s31;
-    t[5] = 4.f * z[1] - 5.f * z[3] + z[5];
-  }
-  template <typename T>
-  __attribute__((always_inline)) static void at(const T* m, T* y) {
-    const T a12 = m[1] + m[2], d12 = m[1] - m[2], a34 = m[3] + m[4], d34 = m[3] - m[4];
-    y[0] = m[0] + a12 + a34;
-    y[1] = d12 + 2.f * d34;
-    y[2] = a12 + 4.f * a34;
-    y[3] = d12 + 8.f * d34 + m[5];
-  }
-};
-
-// V = B^T d B for channels [c, c + width of T): d the A x A input rows of the patch (row-major,
-// each a pointer to C channels, zeros outside the image); V[xi] at v + xi * xi_stride.
-template <int M, typename T>
-__attribute__((always_inline)) inline void input_block(const float* const* d, float* v, int64_t xi_stride,
-                                                      int64_t c) {
-  constexpr int A = M + 2;
-  T h[A][A];  // d B: each input row transformed
-  for (int a = 0; a < A; ++a) {
-    T z[A];
-    for (int b = 0; b < A; ++b) z[b] = load<T>(d[a * A + b] + c);
-    Transform<M>::bt(z, h[a]);
-  }
-  for (int j = 0; j < A; ++j) {  // then B^T (d B), column by column
-    T z[A], t[A];
-    for (int a = 0; a < A; ++a) z[a] = h[a][j];
-    Transform<M>::bt(z, t);
-    for (int i = 0; i < A; ++i) store(v + (i * A + j) * xi_stride + c, t[i]);
-  }
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace isa_avx512 {
+typedef float Vec __attribute__((vector_size(64), aligned(4)));
+__attribute__((always_inline)) inline Vec vload(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof(Vec));
+  return v;
 }
-
-template <int M>
-RF_CLONES void input_transform(const float* const* d, float* v, int64_t xi_stride, int64_t C) {
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16) input_block<M, Vec16>(d, v, xi_stride, c);
-  for (; c < C; ++c) input_block<M, float>(d, v, xi_stride, c);
-}
-
-// y = A^T m A + bias (+ residual), ReLU'd as torch.relu does (NaN stays NaN), for channels
-// [k, k + width of T): m the A x A positions (M[xi] at m + xi * xi_stride), r / y the M x M
-// tile's residual and output rows (row-major; outside the image they point at scratch, r at
-// zeros). r[i] may equal y[i]: each channel reads its own residual before writing its output.
-template <int M, typename T, bool kRelu>
-__attribute__((always_inline)) inline void output_block(const float* m, int64_t xi_stride, const float* bias,
-                                                       const float* const* r, float* const* y, int64_t k) {
-  constexpr int A = M + 2;
-  T g[A][M];  // m A: each row of positions transformed
-  for (int a = 0; a < A; ++a) {
-    T z[A];
-    for (int b = 0; b < A; ++b) z[b] = load<T>(m + (a * A + b) * xi_stride + k);
-    Transform<M>::at(z, g[a]);
-  }
-  const T b = bias ? load<T>(bias + k) : T{};
-  for (int j = 0; j < M; ++j) {
-    T z[A], o[M];
-    for (int a = 0; a < A; ++a) z[a] = g[a][j];
-    Transform<M>::at(z, o);
-    for (int i = 0; i < M; ++i) {
-      T val = o[i] + b + load<T>(r[i * M + j] + k);
-      if (kRelu) val = val < 0.f ? T{} : val;  // (NaN compares false: stays NaN)
-      store(y[i * M + j] + k, val);
-    }
-  }
-}
-
-template <int M, bool kRelu>
-RF_CLONES void output_transform(const float* m, int64_t xi_stride, const float* bias, const float* const* r,
-                                float* const* y, int64_t K) {
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) output_block<M, Vec16, kRelu>(m, xi_stride, bias, r, y, k);
-  for (; k < K; ++k) output_block<M, float, kRelu>(m, xi_stride, bias, r, y, k);
-}
+__attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
+__attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
+#include "winograd_transforms.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
 #pragma GCC diagnostic pop
+
+// The transforms of F(M x M, 3x3) this CPU runs.
+template <int M>
+struct Transforms {
+  using In = void (*)(const float* const*, float*, int64_t, int64_t);
+  using Out = void (*)(const float*, int64_t, const float*, const float* const*, float* const*, int64_t);
+  In in;
+  Out out, out_relu;
+};
+
+template <int M>
+const Transforms<M>& transforms() {
+  static const Transforms<M> t = [] {
+    const std::string isa = tile_isa();
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa == "avx512") {
+      using namespace isa_avx512;
+      return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+    }
+    if (isa == "avx2") {
+      using namespace isa_avx2;
+      return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+    }
+#endif
+    using namespace isa_generic;
+    return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+  }();
+  return t;
+}
 
 // Tiles per chunk: the chunk's transformed input and products (P * T * (C + K) floats, P the
 // positions) in
@@ -243,6 +207,7 @@ template <int M>
 void tiles_in(const Tiling<M>& g, const float* xp, const float* zeros, int64_t t0, int64_t nt, float* v,
               int64_t stride) {
   constexpr int A = Tiling<M>::A;
+  const auto in = transforms<M>().in;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
     const float* d[A * A];
@@ -253,7 +218,7 @@ void tiles_in(const Tiling<M>& g, const float* xp, const float* zeros, int64_t t
         d[a * A + b] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? xp + ((n * g.H + h) * g.W + w) * g.C : zeros;
       }
     }
-    input_transform<M>(d, v + t * g.C, stride, g.C);
+    in(d, v + t * g.C, stride, g.C);
   }
 }
 
@@ -262,6 +227,7 @@ void tiles_in(const Tiling<M>& g, const float* xp, const float* zeros, int64_t t
 template <int M>
 void tiles_out(const Tiling<M>& g, const float* m, int64_t stride, int64_t t0, int64_t nt, const float* bias,
                const float* residual, float* out, const float* zeros, float* scratch, bool relu) {
+  const auto transform = relu ? transforms<M>().out_relu : transforms<M>().out;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
     const float* r[M * M];
@@ -275,11 +241,7 @@ void tiles_out(const Tiling<M>& g, const float* m, int64_t stride, int64_t t0, i
         y[a * M + b] = in ? out + off : scratch;  // (parts of tiles past the edge: computed, dropped)
       }
     }
-    if (relu) {
-      output_transform<M, true>(m + t * g.K, stride, bias, r, y, g.K);
-    } else {
-      output_transform<M, false>(m + t * g.K, stride, bias, r, y, g.K);
-    }
+    transform(m + t * g.K, stride, bias, r, y, g.K);
   }
 }
 
