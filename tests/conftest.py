@@ -1,6 +1,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -27,6 +29,27 @@ if os.environ.get("CI") and not os.environ.get("RF_HYPOTHESIS_RANDOM"):
 CUDA = resnet_fused.cuda_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device, or resnet_fused built without CUDA kernels")
+
+
+_ISA_ORDER = ["avx512", "avx2", "generic"]
+
+
+def run_tests_held_to_isa(test_file: str, select: str, isa: str) -> None:
+    """Runs the tests of test_file that `-k select` picks in a process held to `isa`
+    (RESNET_FUSED_CPU_ISA): the kernels an AVX2-only or older CPU runs, on this one. Skips where this
+    CPU runs that ISA by default (the tests themselves cover it) or cannot run it."""
+    default = torch.ops.resnet_fused.gemm_isa()
+    if _ISA_ORDER.index(isa) <= _ISA_ORDER.index(default):
+        pytest.skip(f"this CPU runs {default} by default: the tests themselves cover it")
+    here = os.path.dirname(os.path.abspath(test_file))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file),
+                           "-k", select], cwd=here, env=dict(os.environ, RESNET_FUSED_CPU_ISA=isa),
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+# The tests that call run_tests_held_to_isa are skipped in the process they start.
+held_to_isa = pytest.mark.skipif("RESNET_FUSED_CPU_ISA" in os.environ, reason="(run from a held-to-ISA test)")
 
 
 def device_params():

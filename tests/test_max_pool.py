@@ -1,10 +1,6 @@
 """The CPU max-pool kernel (max_pool2d_nhwc) against PyTorch's max_pool2d, bit for bit (a max
 is exact), and where fused models use it (FusedMaxPool2d)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +8,8 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused.modules import FusedMaxPool2d
+
+from conftest import held_to_isa, run_tests_held_to_isa
 
 pool = torch.ops.resnet_fused.max_pool2d_nhwc
 
@@ -56,21 +54,12 @@ def test_nan_and_inf_as_pytorch(where):
     assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(want))
 
 
-NARROWER = {"avx512": ["avx2", "generic"], "avx2": ["generic"], "generic": []}
-
-
-@pytest.mark.skipif("RESNET_FUSED_CPU_ISA" in os.environ, reason="(run from the test below)")
+@held_to_isa
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_the_narrower_kernels_on_this_cpu(isa):
-    """The kernels this CPU does not pick by default (RESNET_FUSED_CPU_ISA; AVX2-only CPUs run the
-    AVX2 one): the value and NaN tests above, in a process held to that ISA."""
-    if isa not in NARROWER[torch.ops.resnet_fused.gemm_isa()]:
-        pytest.skip(f"this CPU runs {torch.ops.resnet_fused.gemm_isa()} by default: the tests above cover it")
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                           "-k", "against_pytorch or nan_and_inf"],
-                          cwd=here, env=dict(os.environ, RESNET_FUSED_CPU_ISA=isa), capture_output=True, text=True)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    """The kernels this CPU does not pick by default (AVX2-only CPUs run the AVX2 one): the value and
+    NaN tests above, in a process held to that ISA."""
+    run_tests_held_to_isa(__file__, "against_pytorch or nan_and_inf", isa)
 
 
 @pytest.mark.parametrize("case,exc,match", [

@@ -3,9 +3,6 @@ within the accuracy rule; F(4x4) within twice the error of the textbook algorith
 the weight transforms, the bad-input errors, and where FusedConv2d uses them."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import resnet_fused
 from resnet_fused import tactics
 from resnet_fused.modules import FusedConv2d
 
-from conftest import assert_accuracy_rule
+from conftest import assert_accuracy_rule, held_to_isa, run_tests_held_to_isa
 from test_ops import eager_results, magnitude, make_inputs, reference
 from test_tactics import SlowOneDNN
 
@@ -52,20 +49,12 @@ def test_against_float64(shape, residual, relu, bias):
     check(x, w, b, res, relu, what=f"{shape} res={residual} relu={relu} bias={bias}")
 
 
-@pytest.mark.skipif("RESNET_FUSED_CPU_ISA" in os.environ, reason="(run from the test below)")
+@held_to_isa
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_the_narrower_transforms_on_this_cpu(isa):
-    """The transforms (and products) of the ISAs this CPU does not pick by default
-    (RESNET_FUSED_CPU_ISA; AVX2-only CPUs run the AVX2 ones): the value tests of this file, in a
-    process held to that ISA."""
-    order = ["avx512", "avx2", "generic"]
-    if order.index(isa) <= order.index(torch.ops.resnet_fused.gemm_isa()):
-        pytest.skip(f"this CPU runs {torch.ops.resnet_fused.gemm_isa()} by default: the tests above cover it")
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                           "-k", "float64 or schedule or in_place"],
-                          cwd=here, env=dict(os.environ, RESNET_FUSED_CPU_ISA=isa), capture_output=True, text=True)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    """The transforms (and products) of the ISAs this CPU does not pick by default (AVX2-only CPUs
+    run the AVX2 ones): the value tests of this file, in a process held to that ISA."""
+    run_tests_held_to_isa(__file__, "float64 or schedule or in_place", isa)
 
 
 @pytest.mark.parametrize("n,c,k,h", [(1, 300, 40, 9), (1, 512, 512, 24)], ids=["partial-panel", "large-V-and-M"])

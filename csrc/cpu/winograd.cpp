@@ -48,15 +48,20 @@ using at::Tensor;
 // float at a time (GCC lowers a select on a vector wider than the target's to scalar code).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // (the vectors never cross a call: everything below is inlined)
+// vload / vstore / vrelu on a Vec the target holds in one register: memcpy and ?: compile to its own
+// loads, stores and compare-select there.
+#define RF_NATIVE_VEC_OPS                                                                                   \
+  __attribute__((always_inline)) inline Vec vload(const float* p) {                                       \
+    Vec v;                                                                                                 \
+    __builtin_memcpy(&v, p, sizeof(Vec));                                                                  \
+    return v;                                                                                              \
+  }                                                                                                        \
+  __attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); } \
+  __attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
+
 namespace isa_generic {
 typedef float Vec __attribute__((vector_size(16), aligned(4)));
-__attribute__((always_inline)) inline Vec vload(const float* p) {
-  Vec v;
-  __builtin_memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-__attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
-__attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
+RF_NATIVE_VEC_OPS
 #include "winograd_transforms.inc"
 }  // namespace isa_generic
 
@@ -80,17 +85,12 @@ __attribute__((always_inline)) inline Vec vrelu(const Vec& v) {
 #pragma GCC target("avx512f")
 namespace isa_avx512 {
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
-__attribute__((always_inline)) inline Vec vload(const float* p) {
-  Vec v;
-  __builtin_memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-__attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
-__attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
+RF_NATIVE_VEC_OPS
 #include "winograd_transforms.inc"
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
+#undef RF_NATIVE_VEC_OPS
 #pragma GCC diagnostic pop
 
 // The transforms of F(M x M, 3x3) this CPU runs.
