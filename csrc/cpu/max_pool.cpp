@@ -63,7 +63,7 @@ void pixel_max_generic(const float* const* px, int n, float* y, int64_t C) { RF_
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 // AVX2 in intrinsics: GCC's generic tuning splits an unaligned 32-byte load in two, and the macro's
 // memcpy into a vector then went through the stack (two 16-byte stores read back as one 32-byte
-// load, which store forwarding cannot serve): the pool ran 8x slower than on AVX-512.
+// load, which store forwarding cannot serve), many times slower than the AVX-512 instance.
 // _mm256_max_ps(v, m) gives m where either is NaN; the blend then takes v where v is NaN.
 __attribute__((target("avx2"))) void pixel_max_avx2(const float* const* px, int n, float* y, int64_t C) {
   int64_t c = 0;

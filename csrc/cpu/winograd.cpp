@@ -56,7 +56,9 @@ using at::Tensor;
     __builtin_memcpy(&v, p, sizeof(Vec));                                                                  \
     return v;                                                                                              \
   }                                                                                                        \
-  __attribute__((always_inline)) inline void vstore(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); } \
+  __attribute__((always_inline)) inline void vstore(float* p, const Vec& v) {                              \
+    __builtin_memcpy(p, &v, sizeof(Vec));                                                                  \
+  }                                                                                                        \
   __attribute__((always_inline)) inline Vec vrelu(const Vec& v) { return v < 0.f ? Vec{} : v; }
 
 namespace isa_generic {

@@ -96,8 +96,8 @@ def steady_allocator() -> str:
 
     By default glibc gives a large freed block back to the system and takes it again, zeroed page by
     page, on the next call; whether it does depends on the heap's history (its thresholds move as
-    blocks are freed), so the same eager model at batch 8 ran 400 ms in one fresh process and 530 in
-    the next. Fixing the thresholds (blocks up to 32 MiB from the heap, never trimmed) makes every
+    blocks are freed), so the same eager model's time differed by a fifth between fresh processes
+    (benchmarks/results, commit 6abfac9). Fixing the thresholds (blocks up to 32 MiB from the heap, never trimmed) makes every
     variant reuse its memory, as jemalloc or tcmalloc would: the state that favours none of them."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
