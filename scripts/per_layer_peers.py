@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    allocator = bench.steady_allocator()  # (as the benchmark times: see its docstring)
     model = bench.make_model(args.model)
     x = torch.randn(args.batch, 3, 224, 224)
 
@@ -89,7 +90,7 @@ def main() -> None:
             ov_conv.setdefault(m.group(1), key)
     lines = [f"# {args.model} fp32 per layer, batch {args.batch}, {args.threads} threads", "",
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
-             f"{args.rounds} rounds interleaved, medians", "",
+             f"{args.rounds} rounds interleaved, medians; host allocator: {allocator}", "",
              f"whole forward: fused {med(whole['fused']):.2f} ms (with the hooks), openvino "
              f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on); the whole-model comparison without either "
              "is the benchmark's (python -m resnet_fused.bench)", "",
