@@ -14,6 +14,7 @@ OPS = {
     "ldmatrix.x1": 0, "ldmatrix.x2": 1, "ldmatrix.x4": 2,
     "ldmatrix.x1.trans": 3, "ldmatrix.x2.trans": 4, "ldmatrix.x4.trans": 5,
     "mma.f16": 6, "mma.bf16": 7, "shfl.bfly": 8, "shfl.idx": 9, "cp.async.16": 10, "cp.async.8": 11,
+    "mma.tf32": 12, "cvt.tf32": 13,
 }
 IN_WORDS, OUT_WORDS = 16, 4
 
@@ -37,6 +38,24 @@ def mma_cd_position(lane, i):
     """C and D (16x8 float), element i (0..3)."""
     g, t = lane // 4, lane % 4
     return g + (8 if i >= 2 else 0), 2 * t + (i & 1)
+
+
+def mma_tf32_a_position(lane, e):
+    """m16n8k8 TF32: A (16x8, row-major), register a_e (0..3) of lane."""
+    g, t = lane // 4, lane % 4
+    return g + 8 * (e & 1), t + 4 * (e >> 1)
+
+
+def mma_tf32_b_position(lane, e):
+    """m16n8k8 TF32: B (8x8, column-major), register b_e (0..1)."""
+    g, t = lane // 4, lane % 4
+    return t + 4 * e, g
+
+
+def tf32_rna(bits):
+    """cvt.rna.tf32.f32 of finite float32 bits: to nearest, ties away from zero, 10 mantissa bits."""
+    bits = int(bits)
+    return ((bits + 0x1000) & 0xFFFFE000) & 0xFFFFFFFF
 
 
 def ldmatrix_positions(lane, trans):
@@ -69,6 +88,15 @@ def make_case(op, seed=0):
     tile = _halves_to_words(tile_halves.reshape(-1))
     if op.startswith("ldmatrix"):
         inputs[:, 0] = rng.permutation(32)  # each lane points at some row
+    elif op == "mma.tf32":
+        # small integers and halves: exact in TF32, products and sums exact in float32
+        inputs[:, 0:6] = (rng.integers(-8, 9, size=(32, 6)) / 2).astype(np.float32).view(np.uint32)
+        inputs[:, 6:10] = rng.integers(-50, 51, size=(32, 4)).astype(np.float32).view(np.uint32)
+    elif op == "cvt.tf32":
+        # random finite floats, and exact ties (the 13 dropped bits 0x1000) of both signs
+        f = (rng.standard_normal((32, 4)) * 10.0 ** rng.integers(-6, 7, size=(32, 4))).astype(np.float32)
+        inputs[:, 0:4] = f.view(np.uint32)
+        inputs[:8, 0] = (inputs[:8, 0] & np.uint32(0xFFFFE000)) | np.uint32(0x1000)
     elif op.startswith("mma"):
         kind = op.split(".")[1]
         a = rng.integers(-4, 5, size=(32, 8))
@@ -101,6 +129,25 @@ def expected(op, inputs, tile):
             for lane in range(32):
                 (r0, c0), (r1, c1) = ldmatrix_positions(lane, trans)
                 out[lane, m] = np.uint32(matrix[r0, c0]) | (np.uint32(matrix[r1, c1]) << np.uint32(16))
+    elif op == "mma.tf32":
+        def f32(bits):
+            return float(np.uint32(bits).view(np.float32))
+
+        A, B, C = np.zeros((16, 8)), np.zeros((8, 8)), np.zeros((16, 8))
+        for lane in range(32):
+            words = inputs[lane]
+            for e in range(4):
+                A[mma_tf32_a_position(lane, e)] = f32(words[e])
+            for e in range(2):
+                B[mma_tf32_b_position(lane, e)] = f32(words[4 + e])
+            for i in range(4):
+                C[mma_cd_position(lane, i)] = f32(words[6 + i])
+        D = A @ B + C
+        for lane in range(32):
+            out[lane] = np.array([D[mma_cd_position(lane, i)] for i in range(4)], dtype=np.float32).view(np.uint32)
+    elif op == "cvt.tf32":
+        for lane in range(32):
+            out[lane] = [tf32_rna(inputs[lane, j]) for j in range(4)]
     elif op.startswith("mma"):
         kind = op.split(".")[1]
 

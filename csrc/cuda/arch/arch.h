@@ -14,6 +14,8 @@
 //   cp_async_commit(), cp_async_wait<N>()    commit_group / wait_group N
 //   ldmatrix_x{1,2,4}[_trans](regs, row)     ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16
 //   mma_f16(d, a, b, c), mma_bf16(...)       mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.*.f32
+//   mma_tf32(d, a, b, c)                     mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32
+//   cvt_tf32(bits) -> bits                   cvt.rna.tf32.f32 (fp32 bits in, tf32 bits out)
 //   shfl_xor(v, mask), shfl_idx(v, lane)     full-warp 32-bit shuffles
 #pragma once
 

@@ -242,6 +242,54 @@ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
   ::rf::emu::warp_collective("mma.m16n8k16.bf16", &in, sizeof(in), d, sizeof(d), &detail::mma_compute<true>, loc);
 }
 
+// ---- TF32: cvt.rna.tf32.f32 and mma.sync m16n8k8 -----------------------------------------------
+// cvt: round to nearest, ties away from zero, to 10 mantissa bits (the low 13 bits zero); NaN
+// stays NaN, Inf stays Inf. mma: lane l, g = l / 4, t = l % 4: A (16x8) a0..a3 at (g, t),
+// (g + 8, t), (g, t + 4), (g + 8, t + 4); B (8x8) b0, b1 at (t, g), (t + 4, g); C and D as for
+// m16n8k16. The operands' low 13 bits are dropped (our kernels round them with cvt_tf32 first,
+// so what the hardware does with them is never asked); products exact, summed in double.
+inline uint32_t cvt_tf32(uint32_t bits, Loc = RF_EMU_HERE) {
+  if ((bits & 0x7F800000u) == 0x7F800000u) return (bits & 0x007FFFFFu) ? 0x7FFFFFFFu : bits;  // NaN, Inf
+  return (bits + 0x1000u) & 0xFFFFE000u;  // half of the dropped part added to the magnitude: ties away
+}
+namespace detail {
+inline double tf32_value(uint32_t bits) {
+  bits &= 0xFFFFE000u;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void mma_tf32_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
+  double A[16][8], B[8][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    MmaIn in;
+    std::memcpy(&in, lanes[l].in, sizeof(in));
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 4; ++e) A[g + (e & 1) * 8][t + (e >> 1) * 4] = tf32_value(in.a[e]);
+    for (int e = 0; e < 2; ++e) B[t + e * 4][g] = tf32_value(in.b[e]);
+    for (int i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = in.c[i];
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      double s = C[row][col];
+      for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
+      d[i] = float(s);
+    }
+    std::memcpy(lanes[l].out, d, sizeof(d));
+  }
+}
+}  // namespace detail
+
+inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                     Loc loc = RF_EMU_HERE) {
+  detail::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  if (::rf::emu::launch_options().inject.swap_mma_a) std::swap(in.a[1], in.a[2]);
+  ::rf::emu::warp_collective("mma.m16n8k8.tf32", &in, sizeof(in), d, sizeof(d), &detail::mma_tf32_compute, loc);
+}
+
 // ---- shuffles -------------------------------------------------------------------------------
 namespace detail {
 template <int Kind>  // 0: xor, 1: idx

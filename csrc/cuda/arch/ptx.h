@@ -131,6 +131,22 @@ RF_DEVICE void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
+// TF32: fp32 registers on the tensor cores' 10-bit mantissa. cvt_tf32 rounds to nearest, ties
+// away from zero (cvt.rna.tf32.f32: the low 13 bits come out zero); m16n8k8 fragments: A a0..a3 =
+// (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); B b0, b1 = (t, g), (t + 4, g); C and D as m16n8k16.
+RF_DEVICE uint32_t cvt_tf32(uint32_t bits) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
+  return r;
+}
+RF_DEVICE void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
 RF_DEVICE uint32_t shfl_xor(uint32_t v, int lane_mask) { return __shfl_xor_sync(0xFFFFFFFFu, v, lane_mask); }
 RF_DEVICE uint32_t shfl_idx(uint32_t v, int src_lane) { return __shfl_sync(0xFFFFFFFFu, v, src_lane); }
 

@@ -59,7 +59,9 @@ RF_KERNEL void conformance_kernel(ConformanceParams p) {
         break;
       }
     }
-  } else if (op == ConformanceOp::kMmaF16 || op == ConformanceOp::kMmaBF16) {
+  } else if (op == ConformanceOp::kCvtTf32) {
+    for (int j = 0; j < 4; ++j) out[j] = rf::arch::cvt_tf32(rf::arch::ldg(in + j));
+  } else if (op == ConformanceOp::kMmaF16 || op == ConformanceOp::kMmaBF16 || op == ConformanceOp::kMmaTf32) {
     uint32_t a[4], b[2];
     float c[4], d[4];
     for (int j = 0; j < 4; ++j) a[j] = rf::arch::ldg(in + j);
@@ -70,6 +72,8 @@ RF_KERNEL void conformance_kernel(ConformanceParams p) {
     }
     if (op == ConformanceOp::kMmaF16) {
       rf::arch::mma_f16(d, a, b, c);
+    } else if (op == ConformanceOp::kMmaTf32) {
+      rf::arch::mma_tf32(d, a, b, c);
     } else {
       rf::arch::mma_bf16(d, a, b, c);
     }

@@ -22,8 +22,10 @@ enum class ConformanceOp : int {
   kShflIdx = 9,
   kCpAsync16 = 10,
   kCpAsync8 = 11,
+  kMmaTf32 = 12,
+  kCvtTf32 = 13,
 };
-constexpr int kNumConformanceOps = 12;
+constexpr int kNumConformanceOps = 14;
 constexpr int kConformanceInWords = 16;   // per lane
 constexpr int kConformanceOutWords = 4;   // per lane
 
@@ -31,7 +33,7 @@ struct ConformanceParams {
   int op = 0;
   // Per lane, kConformanceInWords words. ldmatrix: word 0 = the row (0..31) of the shared tile
   // this lane points at. mma: a0..a3, b0..b1, c0..c3 (float bits). Shuffles: value, lane mask or
-  // source lane. cp.async: word 0 = src-size in bytes.
+  // source lane. cp.async: word 0 = src-size in bytes. cvt.tf32: words 0..3, each converted.
   const uint32_t* in = nullptr;
   // The shared tile: 32 rows of 16 bytes, copied to shared memory first (ldmatrix), and the
   // global source of the copies (cp.async: lane l copies bytes [16 l, 16 l + 16) or [8 l, 8 l + 8)).
