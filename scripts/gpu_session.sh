@@ -10,9 +10,11 @@
 #   bash scripts/gpu_session.sh compile   # right after (the build is kept while the machine is warm):
 #                                         # torch.compile max-autotune beside eager_cl and fused
 #   bash scripts/gpu_session.sh resnext   # resnext50_32x4d fp16 (our grouped kernel), batch 1 and 256
+#   bash scripts/gpu_session.sh tf32      # resnet50 float32 (our TF32 kernel, TF32 allowed as PyTorch's
+#                                         # default): per layer at batch 256, whole model batch 1..256
 #
 # Stages can also be named one by one: build golden test tactics layers bench sanitize profile
-# compile resnext. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
+# compile resnext tf32. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
 # on after a failed stage; SANITIZERS lists compute-sanitizer's tools to run; a summary table is
 # printed last. Results go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
 # logs, benchmark JSON/markdown. Copy the golden file to tests/golden/ and the benchmark results
@@ -32,7 +34,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 stages=("$@")
 [[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize profile)
-[[ ${stages[0]} =~ ^(compile|resnext)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
+[[ ${stages[0]} =~ ^(compile|resnext|tf32)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
 declare -A RESULT SECONDS_TAKEN
 
 run_stage() {  # name budget_seconds command...
@@ -152,8 +154,14 @@ resnext() {  # the grouped 3x3s on our kernel, per layer and (tactics choosing) 
     --variants eager_cl jit_opt fused_cudnn fused
 }
 
+tf32() {  # float32 models: our TF32 kernel against cuDNN (TF32 too, PyTorch's default) and its fused op
+  $PY -m resnet_fused.bench --device cuda --dtype float32 --layers --batch 256 --out "$OUT" --tag tf32_b256 \
+    && $PY -m resnet_fused.bench --device cuda --dtype float32 --batch 1 32 256 --out "$OUT" --tag tf32 \
+    --variants eager eager_cl jit_opt fused_cudnn fused fused_graph
+}
+
 export OUT PY
-export -f build gpu_tests sanitize layers bench tactics profile compile_max resnext
+export -f build gpu_tests sanitize layers bench tactics profile compile_max resnext tf32
 environment
 for s in "${stages[@]}"; do
   case $s in
@@ -167,7 +175,8 @@ for s in "${stages[@]}"; do
     profile) run_stage profile 120 profile ;;
     compile) run_stage compile 420 compile_max ;;
     resnext) run_stage resnext 150 resnext ;;
-    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile resnext | all)"; exit 2 ;;
+    tf32) run_stage tf32 150 tf32 ;;
+    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile resnext tf32 | all)"; exit 2 ;;
   esac
 done
 

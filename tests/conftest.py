@@ -80,6 +80,18 @@ def max_err(out, ref):
     return (out.double() - ref.double()).abs().max().item()
 
 
+def tf32(t):
+    """float32 rounded to TF32 as cvt.rna does (to nearest, ties away from zero; 10 mantissa bits):
+    the operands eager PyTorch's convolutions multiply on a GPU under torch.backends.cudnn.allow_tf32."""
+    bits = t.contiguous().view(torch.int32).to(torch.int64)
+    rounded = ((bits + 0x1000) & 0xFFFFE000) - ((bits + 0x1000) & 0x80000000) * 2  # back to int32's range
+    return rounded.to(torch.int32).view(torch.float32).view(t.shape).contiguous(memory_format=_format_of(t))
+
+
+def _format_of(t):
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
+
+
 def assert_accuracy_rule(out, eager, ref, factor=2.0, what="", magnitude=None):
     """Flash-attention's rule: the fused error against a float64 reference is at most `factor`
     times eager PyTorch's own error in the same dtype, plus one ulp of the output's scale

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_accuracy_rule
+from conftest import assert_accuracy_rule, tf32
 from test_ops import RESNET50_CONVS
 
 pytest.importorskip("resnet_fused._emu", reason="resnet_fused built without RESNET_FUSED_EMU=1")
@@ -134,7 +134,12 @@ def check_emulated_conv(x, wt, b, r, relu, kw, tile=-1, splits=-1, what=""):
                             kw.get("groups", 1))
     assert out.is_contiguous(memory_format=CL), f"{what}: output not channels-last"
     ref = conv_reference(x, wt, b, r, relu, kw, torch.float64)
-    eager = conv_reference(x, wt, b, r, relu, kw, x.dtype)
+    if x.dtype == torch.float32:
+        # eager float32 on a GPU runs cuDNN on TF32 (torch.backends.cudnn.allow_tf32, on by default):
+        # its operands rounded to TF32, the sums in float32
+        eager = conv_reference(tf32(x), tf32(wt), b, r, relu, kw, torch.float32)
+    else:
+        eager = conv_reference(x, wt, b, r, relu, kw, x.dtype)
     assert_accuracy_rule(out, eager, ref, what=what, magnitude=terms_magnitude(x, wt, b, r, kw))
     return out
 
@@ -144,7 +149,7 @@ REDUCED_SIZE = {224: 17, 56: 9, 28: 7, 14: 6, 7: 5}
 
 
 @pytest.mark.parametrize("shape", RESNET50_CONVS, ids=lambda s: "C{}K{}k{}s{}H{}{}".format(*s[:5], "r" if s[5] else ""))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 def test_resnet50_shapes(shape, dtype):
     c, k, ksz, stride, h, residual = shape
     hr = REDUCED_SIZE[h]
@@ -239,7 +244,7 @@ def test_grouped_in_place():
         (1, 8, 16, 16, 1, 9, 20, 8, 1),    # the largest filter the loader's masks hold
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 def test_odd_sizes(n, c, k, ksz, stride, h, w, pad, dil, dtype):
     x, wt, b, r, kw = make_case(n, c, k, ksz, stride, h, w, dtype, residual=True, pad=pad, dil=dil)
     check_emulated_conv(x, wt, b, r, True, kw, what="odd size")
@@ -252,7 +257,7 @@ def test_epilogue_variants(residual, relu):
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 def test_in_place(splits, dtype):
     x, wt, b, r, kw = make_case(2, 64, 256, 1, 1, 5, 5, dtype, residual=True)
     expected = E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, splits)
@@ -263,8 +268,9 @@ def test_in_place(splits, dtype):
     torch.testing.assert_close(buf, expected, rtol=0, atol=0)
 
 
-def test_nan_and_inf_propagate_like_eager():
-    x, wt, b, r, kw = make_case(1, 16, 32, 3, 1, 6, 6, torch.float16, residual=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["f16", "tf32"])
+def test_nan_and_inf_propagate_like_eager(dtype):
+    x, wt, b, r, kw = make_case(1, 16, 32, 3, 1, 6, 6, dtype, residual=True)
     x[0, 3, 2, 2] = float("nan")
     x[0, 5, 4, 1] = float("inf")
     r[0, 7, 0, 0] = float("-inf")
@@ -278,7 +284,7 @@ def test_nan_and_inf_propagate_like_eager():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(dtype=torch.float32), "only float16 and bfloat16"),
+        (dict(dtype=torch.float32, groups=2, c=16), "grouped float32"),
         (dict(layout="nchw"), "input not channels-last"),
         (dict(k=12), "output channels not a multiple of 8"),
         (dict(c=6), "input channels not a multiple of 4"),
@@ -298,6 +304,26 @@ def test_unsupported_calls_raise(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1,
                           kw.get("groups", 1))
+
+
+def test_float32_only_where_tf32_is_allowed(monkeypatch):
+    """float32 runs on TF32 tensor cores only where PyTorch lets cuDNN's convolutions do so."""
+    x, wt, b, r, kw = make_case(1, 16, 32, 3, 1, 5, 5, torch.float32, residual=True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with pytest.raises(ValueError, match=r"float32 with TF32 off \(torch.backends.cudnn.allow_tf32\)"):
+        E.conv2d_bias_act(x, wt, b, r, kw["stride"], kw["padding"], kw["dilation"], True, H100_SMS, -1, -1)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    check_emulated_conv(x, wt, b, r, True, kw, what="TF32 allowed again")
+
+
+def test_tf32_rounds_rather_than_truncates():
+    """Operands that TF32 rounding moves up (the dropped 13 bits just over half) come out as a
+    rounding kernel gives them, not as truncation would: 1 + 2^-11 + 2^-20 rounds to 1 + 2^-10."""
+    v = 1.0 + 2.0 ** -11 + 2.0 ** -20
+    x = torch.full((1, 8, 1, 1), v).contiguous(memory_format=CL)
+    wt = torch.ones(8, 8, 1, 1)
+    out = E.conv2d_bias_act(x, wt, None, None, [1, 1], [0, 0], [1, 1], False, H100_SMS, -1, -1)
+    assert out.flatten().tolist() == [8 * (1.0 + 2.0 ** -10)] * 8
 
 
 @pytest.mark.parametrize("order", [1, 2], ids=["descending", "shuffled"])
@@ -399,8 +425,10 @@ def test_planted_unwritten_element_is_caught(splits):
     E.conv2d_bias_act(*args)
 
 
-def test_planted_wrong_fragment_order_fails_the_accuracy_rule():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["f16", "tf32"])
+def test_planted_wrong_fragment_order_fails_the_accuracy_rule(dtype):
     x, wt, b, r, kw = planted_case()
+    x, wt, r = x.to(dtype), wt.to(dtype), r.to(dtype) if r is not None else None
     E.set_options(swap_mma_a=True)
     with pytest.raises(AssertionError, match="fused error"):
         check_emulated_conv(x, wt, b, r, False, kw, tile=2, splits=1, what="a1/a2 swapped")

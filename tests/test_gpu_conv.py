@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from conftest import assert_accuracy_rule, needs_cuda
+from conftest import assert_accuracy_rule, needs_cuda, tf32
 from resnet_fused import tactics
 from test_ops import RESNET50_CONVS
 
@@ -41,7 +41,14 @@ def check(x, w, b, r, kw, what, out=None):
     out = resnet_fused.ops.conv2d_bias_act(x, w, b, r, relu=True, **kw) if out is None else out
     # float64 on the GPU (cuDNN computes it), so that the full-size references take seconds
     ref = eager(x, w, b, r, kw, torch.float64, torch.contiguous_format).cpu()
-    eagers = [eager(x, w, b, r, kw, x.dtype, f).cpu() for f in (torch.contiguous_format, CL)]
+    if x.dtype == torch.float32:
+        # TF32 (our kernel runs float32 so only where torch.backends.cudnn.allow_tf32 is on): eager's
+        # yardstick is cuDNN on the operands rounded to TF32, in full float32 (cuDNN may or may not
+        # pick a TF32 algorithm for a shape on its own)
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            eagers = [eager(tf32(x), tf32(w), b, r, kw, x.dtype, f).cpu() for f in (torch.contiguous_format, CL)]
+    else:
+        eagers = [eager(x, w, b, r, kw, x.dtype, f).cpu() for f in (torch.contiguous_format, CL)]
     mag = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), **kw)
     mag = (mag + r.double().abs() if r is not None else mag).cpu()
     assert_accuracy_rule(out.cpu(), eagers, ref, what=what, magnitude=mag)
@@ -49,7 +56,7 @@ def check(x, w, b, r, kw, what, out=None):
 
 
 @pytest.mark.parametrize("shape", RESNET50_CONVS, ids=lambda s: "C{}K{}k{}s{}H{}{}".format(*s[:5], "r" if s[5] else ""))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 @pytest.mark.parametrize("n", [1, 8])
 def test_resnet50_shapes_full_size(shape, dtype, n):
     c, k, ksz, stride, h, residual = shape

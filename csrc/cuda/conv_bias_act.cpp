@@ -1,9 +1,10 @@
 // CUDA kernels of conv2d_bias_act, conv2d_bias_act_ and add_relu: checks, then the path.
 //
-// float16/bfloat16 channels-last layers that our kernel covers (launch.h: fused_conv_unsupported)
-// run our implicit-GEMM kernel (kernels/implicit_gemm.cuh): conv + bias + residual + ReLU in one
-// pass, the epilogue in registers. Everything else (float32, NCHW, grouped convolutions, odd
-// channel counts) runs cuDNN's convolution and then our epilogue kernel in one more pass.
+// float16/bfloat16 channels-last layers that our kernel covers (launch.h: fused_conv_unsupported),
+// and float32 ones on TF32 where torch.backends.cudnn.allow_tf32 allows it, run our implicit-GEMM
+// kernel (kernels/implicit_gemm.cuh): conv + bias + residual + ReLU in one pass, the epilogue in
+// registers. Everything else (float32 with TF32 off, NCHW, odd channel counts) runs cuDNN's
+// convolution and then our epilogue kernel in one more pass.
 // RESNET_FUSED_CUDA_CONV=cudnn, or resnet_fused.set_cuda_conv("cudnn"), sends every layer the
 // second way (benchmarks compare the two side by side).
 #include <ATen/ATen.h>

@@ -163,7 +163,13 @@ void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, co
 
 const char* fused_conv_unsupported(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& residual,
                                    int64_t groups) {
-  if (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16) return "only float16 and bfloat16";
+  if (input.scalar_type() == at::kFloat) {
+    // float32 runs on TF32 tensor cores: only where PyTorch lets cuDNN's convolutions do so
+    if (!at::globalContext().allowTF32CuDNN()) return "float32 with TF32 off (torch.backends.cudnn.allow_tf32)";
+    if (groups > 1) return "grouped float32 (the TF32 kernel takes groups 1)";
+  } else if (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16) {
+    return "only float32 (TF32), float16 and bfloat16";
+  }
   if (!is_channels_last(input)) return "input not channels-last";
   if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
   if (groups == 1 && input.size(1) % 4 != 0 && input.size(1) > 4) return "input channels not a multiple of 4";
@@ -218,7 +224,8 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
     x = pad_channels(x, 4);
     w = pad_channels(w, 4);
   }
-  const int load_bytes = w.size(1) % 8 == 0 ? 16 : 8;  // (input channels per group)
+  // (input channels per group: 8-byte loads where 16 bytes would straddle two filter positions)
+  const int load_bytes = w.size(1) * w.element_size() % 16 == 0 ? 16 : 8;
   x = aligned_channels_last(x, load_bytes);
   w = aligned_channels_last(w, load_bytes);
   const Tensor b = bias.has_value() ? aligned_float_bias(*bias) : Tensor();

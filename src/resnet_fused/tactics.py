@@ -22,7 +22,8 @@ keeps the rule of thumb that picked it before anything was measured (:meth:`Cand
 The layer's switches (``FusedConv2d.winograd`` / ``.gemm``) filter the candidates at selection
 time, so one cached measurement serves a model fused with ``winograd=False`` as well.
 
-On CUDA (float16/bfloat16, channels-last) the candidates are our tensor-core kernel in each of its
+On CUDA (float16/bfloat16, channels-last; float32 too where TF32 is allowed, with our one TF32 tile)
+the candidates are our tensor-core kernel in each of its
 tile configurations ("tc128x128", "tc128x64", "tc64x64", "tc128x128k64", "tc256x128"), cuDNN's convolution
 followed by our epilogue pass ("cudnn", also the accuracy yardstick) and cuDNN's own fused conv-bias-(add)-ReLU
 ("cudnn_fused": ReLU layers, used only where the graph vouched its inputs finite, as its ReLU
@@ -297,11 +298,19 @@ def cuda_backend() -> str:
     return _cuda_backend[0]
 
 
+def cuda_tf32() -> bool:
+    """Whether float32 convolutions on CUDA may run on TF32 tensor cores, as PyTorch's own
+    (torch.backends.cudnn.allow_tf32, on by default): then our TF32 kernel is a candidate, and
+    cuDNN, the yardstick, multiplies in TF32 too. Without it float32 stays with the op's own path
+    (cuDNN in full float32 + our epilogue)."""
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def cuda_tunable(layer, x: Tensor) -> bool:
-    """What the CUDA candidates need: a float16/bfloat16 channels-last 4-D CUDA input, and a build
-    with our CUDA kernels. float32 on CUDA stays with the op's own path (cuDNN + our epilogue,
-    TF32 as torch.backends.cudnn.allow_tf32 says)."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _is_channels_last(x)
+    """What the CUDA candidates need: a float16/bfloat16 (or, TF32 allowed, float32) channels-last
+    4-D CUDA input, and a build with our CUDA kernels."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if cuda_tf32() else (torch.float16, torch.bfloat16)
+    return (x.is_cuda and x.dtype in dtypes and _is_channels_last(x)
             and list(layer.dilation) == [1, 1] and _has_cuda_ops())
 
 
@@ -313,12 +322,15 @@ class CudaCandidate(Candidate):
         return layer.dense_weight().to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
-def fixed_cuda_tile(groups: int, in_channels: int) -> Optional[int]:
+def fixed_cuda_tile(groups: int, in_channels: int, dtype: torch.dtype = torch.float16) -> Optional[int]:
     """The tile our CUDA kernel runs a layer with whatever tile is asked for (plan_conv in
-    csrc/cuda/kernels/implicit_gemm.cu), or None where every tile can: channels per group not a
-    multiple of 8 (the stem, padded to 4; ResNeXt's 4-wide groups) run the one kernel with 8-byte
-    loads (128x64), other grouped layers the one 64x64 kernel compiled for groups. Only that
-    candidate is timed for them: the others would time the same kernel again."""
+    csrc/cuda/kernels/implicit_gemm.cu), or None where every tile can: float32 runs the one TF32
+    kernel (128x64); channels per group not a multiple of 8 (the stem, padded to 4; ResNeXt's
+    4-wide groups) the one kernel with 8-byte loads (128x64), other grouped layers the one 64x64
+    kernel compiled for groups. Only that candidate is timed for them: the others would time the
+    same kernel again."""
+    if dtype == torch.float32:
+        return CUDA_ALGOS["tc128x64"]
     if (in_channels // groups) % 8:
         return CUDA_ALGOS["tc128x64"]
     if groups > 1:
@@ -338,7 +350,7 @@ class CudaAlgo(CudaCandidate):
             return False
         if self.algo < 0:
             return True
-        fixed = fixed_cuda_tile(layer.groups, x.shape[1])
+        fixed = fixed_cuda_tile(layer.groups, x.shape[1], x.dtype)
         return (fixed is None or fixed == self.algo) and not torch.ops.resnet_fused._cuda_conv_unsupported(
             x, layer.weight, None, layer.groups)
 
@@ -472,7 +484,7 @@ def problem_key(layer, x: Tensor) -> str:
             f"s{'x'.join(map(str, layer.stride))} p{'x'.join(map(str, layer.padding))} "
             f"d{'x'.join(map(str, layer.dilation))} g{layer.groups} {str(x.dtype).replace('torch.', '')} "
             f"relu={int(bool(layer.relu))} res={int(bool(layer.residual))} N{n} H{h} W{w} "
-            f"t{torch.get_num_threads()}")
+            f"t{torch.get_num_threads()}" + (" tf32" if x.dtype == torch.float32 and x.is_cuda and cuda_tf32() else ""))
 
 
 # --- the cache: memory and a JSON file --------------------------------------------------------

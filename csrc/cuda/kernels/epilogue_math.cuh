@@ -27,6 +27,14 @@ struct Traits<DType::kBFloat16> {
   static RF_DEVICE float2 unpack(T2 v) { return __bfloat1622float2(v); }
 };
 
+template <>
+struct Traits<DType::kFloat> {  // (TF32 multiplies, float32 in and out)
+  using T = float;
+  using T2 = float2;
+  static RF_DEVICE T2 pack(float a, float b) { return float2{a, b}; }
+  static RF_DEVICE float2 unpack(T2 v) { return v; }
+};
+
 // `x < 0 ? 0 : x` keeps NaN as NaN, as torch.relu does (fmaxf would not).
 RF_DEVICE float relu_keep_nan(float x) { return x < 0.f ? 0.f : x; }
 

@@ -54,14 +54,18 @@ cudaError_t launch_reduce(const ConvParams& p, int splits, cudaStream_t stream) 
   constexpr int threads = 256;
   const int64_t pairs = int64_t(p.N) * p.P * p.Q * p.K / 2;
   const int64_t blocks = std::min<int64_t>((pairs + threads - 1) / threads, 65536);
-  return rf::arch::launch(kDType == DType::kHalf ? "splitk_reduce_kernel<f16>" : "splitk_reduce_kernel<bf16>",
+  return rf::arch::launch(kDType == DType::kHalf    ? "splitk_reduce_kernel<f16>"
+                         : kDType == DType::kFloat ? "splitk_reduce_kernel<f32>"
+                                                   : "splitk_reduce_kernel<bf16>",
                           &splitk_reduce_kernel<kDType>, dim3(unsigned(blocks)), dim3(threads), 0, stream, p, splits);
 }
 
 template <DType kDType>
 cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream) {
   cudaError_t e;
-  if (plan.narrow_loads) {
+  if (kDType == DType::kFloat) {
+    e = launch_conv_instance<kTf32Tile, DType::kFloat, false>(p, plan.splits, stream);
+  } else if (plan.narrow_loads) {
     e = launch_conv_instance<Tile::k128x64, kDType, true>(p, plan.splits, stream);
   } else if (p.groups > 1) {
     e = launch_conv_instance<Tile::k64x64, kDType, false, true>(p, plan.splits, stream);
@@ -91,7 +95,7 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
 }  // namespace
 
 const char* conv_unsupported(const ConvParams& p) {
-  if (p.dtype != DType::kHalf && p.dtype != DType::kBFloat16) return "only float16 and bfloat16";
+  if (p.dtype == DType::kFloat && p.groups > 1) return "grouped float32 (the TF32 kernel takes groups 1)";
   if (p.groups < 1 || p.C % p.groups != 0 || p.K % p.groups != 0) return "channels not divisible by the groups";
   if (p.C % 4 != 0) return "input channels not a multiple of 4";
   if ((p.C / p.groups) % 4 != 0) return "input channels per group not a multiple of 4";
@@ -102,7 +106,7 @@ const char* conv_unsupported(const ConvParams& p) {
   if (int64_t(p.N) * p.P * p.Q >= (int64_t(1) << 31) || int64_t(p.N) * p.H * p.W * p.C >= (int64_t(1) << 31) ||
       int64_t(p.K) * p.R * p.S * p.C >= (int64_t(1) << 31))
     return "an input or weight of 2^31 elements or more";
-  const int load_bytes = (p.C / p.groups) % 8 == 0 ? 16 : 8;
+  const int load_bytes = p.dtype == DType::kFloat || (p.C / p.groups) % 8 == 0 ? 16 : 8;
   if (!aligned(p.input, load_bytes) || !aligned(p.weight, load_bytes)) return "input or weight not aligned";
   // (the epilogue reads and writes 8 channels at a time)
   if (!aligned(p.output, 16) || (p.residual && !aligned(p.residual, 16)) || (p.bias && !aligned(p.bias, 16)))
@@ -122,8 +126,10 @@ int64_t block_reduction(const ConvParams& p, int bn) {
 ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   ConvPlan plan;
   const int64_t M = int64_t(p.N) * p.P * p.Q;
-  plan.narrow_loads = (p.C / p.groups) % 8 != 0;
-  if (plan.narrow_loads) {
+  plan.narrow_loads = p.dtype != DType::kFloat && (p.C / p.groups) % 8 != 0;
+  if (p.dtype == DType::kFloat) {
+    plan.tile = kTf32Tile;  // the one TF32 instantiation
+  } else if (plan.narrow_loads) {
     plan.tile = Tile::k128x64;  // the one instantiation with 8-byte loads
   } else if (p.groups > 1) {
     plan.tile = Tile::k64x64;  // the one with 16-byte loads that takes groups
@@ -142,9 +148,11 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
   const int64_t blocks = int64_t(ceil_div(M, bm)) * ceil_div(p.K, bn);
   const int64_t reduction = block_reduction(p, bn);
   const int ktiles = ceil_div(reduction, 32);  // steps of 32 reduction elements
+  // (a step of the tile: kTileBK half-precision elements, half as many float32 ones)
+  const int step = p.dtype == DType::kFloat ? kTileBK[int(plan.tile)] / 2 : kTileBK[int(plan.tile)];
   if (splits >= 1) {
     // (at most one split per reduction step of the tile)
-    plan.splits = std::min(splits, ceil_div(reduction, kTileBK[int(plan.tile)]));
+    plan.splits = std::min(splits, ceil_div(reduction, step));
   } else if (blocks < num_sms / 2 && ktiles >= 16) {
     // Too few output tiles to fill the GPU (late layers at small batch): split the reduction,
     // keeping at least 8 steps of 32 per split.
@@ -156,8 +164,14 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
 }
 
 cudaError_t launch_conv(const ConvParams& p, const ConvPlan& plan, cudaStream_t stream) {
-  return p.dtype == DType::kHalf ? launch_typed<DType::kHalf>(p, plan, stream)
-                                 : launch_typed<DType::kBFloat16>(p, plan, stream);
+  switch (p.dtype) {
+    case DType::kHalf:
+      return launch_typed<DType::kHalf>(p, plan, stream);
+    case DType::kFloat:
+      return launch_typed<DType::kFloat>(p, plan, stream);
+    default:
+      return launch_typed<DType::kBFloat16>(p, plan, stream);
+  }
 }
 
 }  // namespace resnet_fused::cuda

@@ -11,7 +11,7 @@
 // Each block computes a BM x BN tile of D with 4 warps (2 x 2, each a (BM/2) x (BN/2) tile of
 // m16n8k16 mma.sync) or, for 256x128, 8 warps (4 x 2, each 64 x 64), stepping through the
 // reduction BK (32 or 64) at a time. A cp.async pipeline of `Stages` keeps Stages - 1 steps in
-// flight: every thread copies whole 16-byte (8-element) chunks of A and B into shared memory, a
+// flight: every thread copies whole 16-byte (8 half or 4 float32 elements) chunks of A and B into shared memory, a
 // chunk outside the image, the matrix or the reduction zero-filled (src-size 0). Shared tiles are
 // rows of 2*BK bytes whose 16-byte units are XOR-swizzled by the row (see swizzle), so that the 8
 // rows an ldmatrix reads fall in different banks. The epilogue stages the float accumulators
@@ -95,16 +95,21 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
-  constexpr int kBK = Shape<kTile>::BK, kStages = Shape<kTile>::Stages, kRowBytes = 2 * kBK;
+  // A reduction step is a shared row of 2 * Shape::BK bytes: BK half-precision elements, or BK / 2
+  // float32 ones (TF32). Byte for byte the same tiles, swizzle and ldmatrix addresses: each 32-byte
+  // slice of a row is one m16n8k16 (f16/bf16) or one m16n8k8 (TF32) along the reduction.
+  constexpr int kElem = int(sizeof(T)), kRowBytes = 2 * Shape<kTile>::BK, kBK = kRowBytes / kElem;
+  constexpr int kStages = Shape<kTile>::Stages;
   constexpr int kWarpsM = Shape<kTile>::WarpsM, kThreads = kThreadsOf<kTile>;
   constexpr int WM = BM / kWarpsM, WN = BN / 2;  // warp tile
   constexpr int MT = WM / 16, NT = WN / 8;  // mma tiles per warp
-  constexpr int kVec = kNarrow ? 4 : 8;     // elements per cp.async
+  constexpr int kVec = (kNarrow ? 8 : 16) / kElem;  // elements per cp.async
   constexpr int kChunksPerRow = kBK / kVec;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   constexpr int kAIters = BM / kRowsPerPass, kBIters = BN / kRowsPerPass;
   constexpr int kStageBytes = (BM + BN) * kRowBytes;
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  static_assert(kDType != DType::kFloat || (!kNarrow && !kGrouped), "TF32: 16-byte loads, groups 1");
 
   char* smem = rf::arch::dynamic_smem();
   const int tid = int(threadIdx.x);
@@ -248,7 +253,9 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // A warp's fragments of 16-deep slice ks of a stage, and the multiplies that consume them.
+  // A warp's fragments of 32-byte slice ks of a stage (16 reduction elements, 8 in TF32: the same
+  // ldmatrix gives lane (g, t) word t of row g, which is the m16n8k8 TF32 fragment), and the
+  // multiplies that consume them.
   auto load_fragments = [&](const char* sa, const char* sb, int ks, uint32_t (&af)[MT][4], uint32_t (&bf)[NT][2]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -268,13 +275,26 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
       bf[2 * np + 1][1] = r[3];
     }
   };
-  auto multiply = [&](const uint32_t (&af)[MT][4], const uint32_t (&bf)[NT][2]) {
+  auto multiply = [&](uint32_t (&af)[MT][4], uint32_t (&bf)[NT][2]) {
+    if (kDType == DType::kFloat) {
+      // fp32 in shared memory, rounded to TF32 here (as cuDNN and CUTLASS round, not truncated)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) af[mt][e] = rf::arch::cvt_tf32(af[mt][e]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) bf[nt][e] = rf::arch::cvt_tf32(bf[nt][e]);
+    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if (kDType == DType::kHalf) {
           rf::arch::mma_f16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        } else if (kDType == DType::kFloat) {
+          rf::arch::mma_tf32(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
         } else {
           rf::arch::mma_bf16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
         }
@@ -303,7 +323,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
     if (next < nkt) load_tile(next % kStages);
     rf::arch::cp_async_commit();
 #pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
+    for (int ks = 0; ks < kRowBytes / 32; ++ks) {
       if (ks > 0 || !kEarly) load_fragments(sa, sb, ks, af, bf);
       multiply(af, bf);
     }
@@ -355,7 +375,8 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
         }
     rf::arch::syncthreads();
     // Staged row sr is warp row sr / (16 kSlices)'s slice (pass kSlices + (sr % (16 kSlices)) / 16).
-    uint4 res[kSteps];
+    constexpr int kWords = kElem / 2;  // 16-byte words per 8 channels: 1, or 2 in float32
+    uint4 res[kSteps][kWords];
     int64_t off[kSteps];
     bool ok[kSteps];
 #pragma unroll
@@ -364,9 +385,12 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
       const int row = bm + (sr / (16 * kSlices)) * WM + pass * kSlices * 16 + sr % (16 * kSlices);
       ok[j] = col_ok && row < M;
       off[j] = int64_t(row) * p.K + col;
-      res[j] = make_uint4(0u, 0u, 0u, 0u);
-      if (p.residual && ok[j] && !ws)
-        res[j] = rf::arch::ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + off[j]));
+#pragma unroll
+      for (int u = 0; u < kWords; ++u) {
+        res[j][u] = make_uint4(0u, 0u, 0u, 0u);
+        if (p.residual && ok[j] && !ws)
+          res[j][u] = rf::arch::ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + off[j]) + u);
+      }
     }
 #pragma unroll
     for (int j = 0; j < kSteps; ++j) {
@@ -380,9 +404,9 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
         continue;
       }
       float v[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const T2* r2 = reinterpret_cast<const T2*>(&res[j]);
-      uint4 out;
-      T2* o2 = reinterpret_cast<T2*>(&out);
+      const T2* r2 = reinterpret_cast<const T2*>(&res[j][0]);
+      uint4 out[kWords];
+      T2* o2 = reinterpret_cast<T2*>(&out[0]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float v0 = v[2 * e], v1 = v[2 * e + 1];
@@ -401,7 +425,8 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
         }
         o2[e] = Tr::pack(v0, v1);
       }
-      rf::arch::stg(reinterpret_cast<uint4*>(static_cast<T*>(p.output) + off[j]), out);
+#pragma unroll
+      for (int u = 0; u < kWords; ++u) rf::arch::stg(reinterpret_cast<uint4*>(static_cast<T*>(p.output) + off[j]) + u, out[u]);
     }
   }
 }
@@ -422,11 +447,15 @@ cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
       {{"conv_kernel<256x128,f16>", "conv_kernel<256x128,f16,narrow>"},
        {"conv_kernel<256x128,bf16>", "conv_kernel<256x128,bf16,narrow>"}}};
   static const char* const kGroupedName[2] = {"conv_kernel<64x64,f16,grouped>", "conv_kernel<64x64,bf16,grouped>"};
+  static const char* const kTf32Name[kNumTiles] = {"conv_kernel<128x128,tf32>", "conv_kernel<128x64,tf32>",
+                                                   "conv_kernel<64x64,tf32>", "conv_kernel<128x128k64,tf32>",
+                                                   "conv_kernel<256x128,tf32>"};
   static_assert(!kGrouped || kNarrow || kTile == Tile::k64x64, "named: the wide grouped kernel is 64x64");
   const int M = p.N * p.P * p.Q;
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((p.K + BN - 1) / BN), unsigned(splits));
-  const char* name = kGrouped && !kNarrow ? kGroupedName[kDType == DType::kBFloat16]
-                                           : kName[int(kTile)][kDType == DType::kBFloat16][kNarrow];
+  const char* name = kDType == DType::kFloat    ? kTf32Name[int(kTile)]
+                     : kGrouped && !kNarrow ? kGroupedName[kDType == DType::kBFloat16]
+                                            : kName[int(kTile)][kDType == DType::kBFloat16][kNarrow];
   return rf::arch::launch(name, &conv_kernel<kTile, kDType, kNarrow, kGrouped>,
                           grid, dim3(kThreadsOf<kTile>), smem_bytes<kTile>(), stream, p, splits);
 }

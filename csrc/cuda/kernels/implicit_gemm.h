@@ -1,6 +1,8 @@
 // Our fused convolution on tensor cores: act(conv2d(x, w) + bias [+ residual]) in one kernel,
 // NHWC activations, fp16 or bf16 in and out, fp32 accumulation (implicit GEMM: M = N*P*Q output
-// pixels, N = K output channels, reduction over R*S*C). Plain parameter struct and launcher:
+// pixels, N = K output channels, reduction over R*S*C); float32 in and out on TF32 tensor cores
+// (operands rounded to TF32, as cuDNN does where torch.backends.cudnn.allow_tf32 lets it; the
+// launch layer asks that flag). Plain parameter struct and launcher:
 // no torch here (the launch layer, csrc/cuda/launch.cpp, fills it from tensors).
 #pragma once
 
@@ -39,6 +41,8 @@ constexpr int kNumTiles = 5;
 constexpr int kTileBM[kNumTiles] = {128, 128, 64, 128, 256};
 constexpr int kTileBN[kNumTiles] = {128, 64, 64, 128, 128};
 constexpr int kTileBK[kNumTiles] = {32, 32, 32, 64, 32};
+// float32 (TF32) runs one tile: 128x64, 16 float32 elements (64 bytes) per reduction step.
+constexpr Tile kTf32Tile = Tile::k128x64;
 
 struct ConvPlan {
   Tile tile = Tile::k128x64;
@@ -47,7 +51,7 @@ struct ConvPlan {
   size_t workspace_bytes = 0;
 };
 
-// Why our kernel cannot run p, or nullptr when it can. Needs fp16/bf16, input channels per group
+// Why our kernel cannot run p, or nullptr when it can. Needs groups 1 in float32, input channels per group
 // a multiple of 4 (the launch layer pads a 3-channel input to 4), K % 8 == 0, filters up to
 // 16 x 16, inputs and weights of under 2^31 elements (32-bit element offsets).
 const char* conv_unsupported(const ConvParams& p);
