@@ -449,11 +449,13 @@ def test_emulator_error_names_kernel_block_thread_and_line():
 # ---- whole models ----------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "tf32"])
 def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
     """A fused torchvision ResNet with every convolution run by the emulated GPU kernel, as
     conv2d_bias_act runs it on a GPU (the module's weight and bias, its residual, in place or
-    not), against float64 and eager in the same dtype."""
+    not), against float64 and eager in the same dtype (float32: eager as a GPU runs it under
+    torch.backends.cudnn.allow_tf32, each convolution's input and weight rounded to TF32; ResNeXt's
+    grouped layers, which keep cuDNN there, run eager's way)."""
     from test_fuse import fused_and_reference, torchvision_model  # skips without torchvision
 
     from resnet_fused import FusedConv2d
@@ -463,6 +465,10 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
     def on_emulated_gpu_kernel(self, x, residual=None, assume_finite=False):
         w = self.dense_weight().to(x.dtype).contiguous(memory_format=CL)
         calls.append(self)
+        if x.dtype == torch.float32 and self.groups > 1:
+            y = F.conv2d(tf32(x), tf32(w), self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = y + residual if residual is not None else y
+            return y.relu() if self.relu else y
         if residual is not None and self.inplace_residual:
             E.conv2d_bias_act_(residual, x, w, self.bias.float(), self.stride, self.padding, self.dilation, self.relu,
                                H100_SMS, -1, -1, self.groups)
@@ -472,10 +478,27 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
 
     monkeypatch.setattr(FusedConv2d, "forward", on_emulated_gpu_kernel)
     model = torchvision_model(name)
-    out, eagers, ref, fused = fused_and_reference(model, torch.randn(2, 3, 64, 64), dtype, "cpu", channels_last=True)
+    x = torch.randn(2, 3, 64, 64)
+    out, eagers, ref, fused = fused_and_reference(model, x, dtype, "cpu", channels_last=True)
     assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if dtype == torch.float32:
+        eagers = eager_on_tf32(model, x)
     assert_accuracy_rule(out, eagers, ref, what=f"{name} {dtype} on the emulated kernel")
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def eager_on_tf32(model, x):
+    """The model in float32 as eager PyTorch runs it on a GPU with TF32 allowed: every convolution
+    multiplies its input and weight rounded to TF32 (in both layouts, as fused_and_reference)."""
+    import copy
+
+    tf = copy.deepcopy(model).float()
+    for m in tf.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = tf32(m.weight.data)
+            m.register_forward_pre_hook(lambda mod, args: (tf32(args[0]),))
+    with torch.inference_mode():
+        return [tf(x), tf.to(memory_format=CL)(x.contiguous(memory_format=CL))]
 
 
 def test_views_that_start_off_alignment():

@@ -1,7 +1,8 @@
 // CUDA kernels of conv2d_bias_act, conv2d_bias_act_ and add_relu: checks, then the path.
 //
 // float16/bfloat16 channels-last layers that our kernel covers (launch.h: fused_conv_unsupported),
-// and float32 ones on TF32 where torch.backends.cudnn.allow_tf32 allows it, run our implicit-GEMM
+// and float32 ones on TF32 where torch.backends.cudnn.allow_tf32 allows it and the tactics chose it
+// (conv_algo with its tile), run our implicit-GEMM
 // kernel (kernels/implicit_gemm.cuh): conv + bias + residual + ReLU in one pass, the epilogue in
 // registers. Everything else (float32 with TF32 off, NCHW, odd channel counts) runs cuDNN's
 // convolution and then our epilogue kernel in one more pass.
@@ -77,7 +78,9 @@ bool take_our_kernel(const Tensor& input, const Tensor& weight, const std::optio
   TORCH_CHECK_VALUE(algo >= kCudnn && algo < kNumTiles, "resnet_fused: CUDA conv algo must be in [", kCudnn, ", ",
                     kNumTiles, "), got ", algo);
   if (algo == kCudnn || !our_kernel_enabled().load()) return false;
-  if (algo == kAuto) return use_our_kernel(input, weight, residual, groups);
+  // (float32 takes our TF32 kernel only where the tactics chose it: measured faster there, and
+  // within the accuracy rule against cuDNN on that layer's own weights)
+  if (algo == kAuto) return input.scalar_type() != at::kFloat && use_our_kernel(input, weight, residual, groups);
   if (const char* why = fused_conv_unsupported(input, weight, residual, groups)) {
     TORCH_CHECK_VALUE(false, "resnet_fused: our CUDA kernel (tile ", algo, ") cannot run this call: ", why);
   }
