@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import resnet_fused
+from resnet_fused import tactics
 
 CPU_VARIANTS = ["eager", "eager_cl", "fx_fuse", "jit_opt", "compile", "compile_max", "fused"]
 # The CPU engines a user would pick instead (pip install .[peers]); in the default CPU list when installed.
@@ -435,6 +436,11 @@ def run_layer_benchmark(args) -> dict:
             cands["fused_cudnn"] = on_cudnn(cands["fused"])
             wf = w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             bf = b.to(device=device, dtype=dtype)
+            if dtype == torch.float32 and groups == 1 and torch.backends.cudnn.allow_tf32:
+                # our TF32 kernel itself (a fused model runs it only where the tactics chose it)
+                algo, bd = tactics.fixed_cuda_tile(groups, c, dtype), b.to(device=device, dtype=torch.float32)
+                cands["ours_tf32"] = lambda _: torch.ops.resnet_fused.cuda_conv2d_bias_act.default(
+                    x, wf, bd, r if residual else None, [stride] * 2, [pad] * 2, [1, 1], groups, True, algo)
             if residual:
                 cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_add_relu(
                     x, wf, r, 1.0, bf, [stride] * 2, [pad] * 2, [1, 1], groups)
