@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import resnet_fused
 from resnet_fused import ops
 
-from conftest import CUDA, assert_accuracy_rule, device_params, needs_cuda
+from conftest import CUDA, assert_accuracy_rule, device_params, held_to_isa, needs_cuda, run_tests_held_to_isa
 
 # Every distinct conv of torchvision's resnet50 at 224x224: (C, K, kernel, stride, H), plus
 # whether ResNet-50 feeds it a residual (the expanding 1x1 that ends each bottleneck).
@@ -221,6 +221,14 @@ def test_add_relu(device, dtype, layout):
     ref = torch.relu(a.double() + b.double())
     eager = torch.relu(a + b)
     assert_accuracy_rule(out, eager, ref)
+
+
+@held_to_isa
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_the_narrower_epilogues_on_this_cpu(isa):
+    """The CPU epilogue's builds this CPU does not pick by default (an AVX2-only CPU runs the AVX2
+    one): add_relu and the convolutions that end in our epilogue, in a process held to that ISA."""
+    run_tests_held_to_isa(__file__, "(add_relu or epilogue_combinations) and cpu and not opcheck", isa)
 
 
 def test_cpu_kernels_registered():

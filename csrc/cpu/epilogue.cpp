@@ -3,8 +3,8 @@
 // convs with a residual, an exact-NaN ReLU), and by add_relu.
 //
 // The inner loops are plain C++ that the compiler vectorises, built three times (AVX-512, AVX2,
-// baseline x86-64) with GCC's target_clones and picked at load time by the CPU, so the wheel
-// runs anywhere and uses the vector width the machine has. bfloat16 is converted with bit
+// baseline x86-64), the one the matrix-product kernels use chosen at first use, so the wheel runs
+// anywhere and uses the vector width the machine has. bfloat16 is converted with bit
 // operations (round to nearest even, NaN kept), which vectorise too.
 #include "epilogue.h"
 
@@ -14,8 +14,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
-#include "clones.h"
+#include "gemm_kernels.h"  // tile_isa
 
 namespace resnet_fused::cpu {
 namespace {
@@ -23,51 +24,42 @@ namespace {
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kGrain = 32768;
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+// The inner loops, one build per ISA (epilogue_rows.inc), chosen as the matrix-product kernels are
+// (tile_isa, which RESNET_FUSED_CPU_ISA can hold to a narrower ISA), so that the tests can run the
+// AVX2 and baseline builds on a wider CPU too.
+namespace isa_generic {
+#include "epilogue_rows.inc"
+}  // namespace isa_generic
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#include "epilogue_rows.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace isa_avx512 {
+#include "epilogue_rows.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
 
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(rounded);  // NaN stays NaN
-}
+struct Rows {
+  void (*f32)(const float*, float*, const float*, const float*, float, int64_t, bool);
+  void (*bf16)(const uint16_t*, uint16_t*, const uint16_t*, const float*, float, int64_t, bool);
+};
 
-// One contiguous run of n elements: dst = act(src + bias + res). Bias is one value per element
-// (a channels-last row) or one value for the run (an NCHW plane), or none.
-// `x < 0 ? 0 : x` keeps NaN as NaN, as torch.relu does.
-RF_CLONES void run_f32(const float* src, float* dst, const float* res, const float* bias, float bias_scalar,
-                       int64_t n, bool relu) {
-  if (bias) {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = src[i] + bias[i] + (res ? res[i] : 0.f);
-      dst[i] = (relu && v < 0.f) ? 0.f : v;
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = src[i] + bias_scalar + (res ? res[i] : 0.f);
-      dst[i] = (relu && v < 0.f) ? 0.f : v;
-    }
-  }
-}
-
-RF_CLONES void run_bf16(const uint16_t* src, uint16_t* dst, const uint16_t* res, const float* bias,
-                        float bias_scalar, int64_t n, bool relu) {
-  if (bias) {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = bf16_to_float(src[i]) + bias[i] + (res ? bf16_to_float(res[i]) : 0.f);
-      dst[i] = float_to_bf16((relu && v < 0.f) ? 0.f : v);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = bf16_to_float(src[i]) + bias_scalar + (res ? bf16_to_float(res[i]) : 0.f);
-      dst[i] = float_to_bf16((relu && v < 0.f) ? 0.f : v);
-    }
-  }
+const Rows& rows() {
+  static const Rows r = [] {
+    const std::string isa = tile_isa();
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa == "avx512") return Rows{isa_avx512::run_f32, isa_avx512::run_bf16};
+    if (isa == "avx2") return Rows{isa_avx2::run_f32, isa_avx2::run_bf16};
+#endif
+    return Rows{isa_generic::run_f32, isa_generic::run_bf16};
+  }();
+  return r;
 }
 
 void run_f16(const at::Half* src, at::Half* dst, const at::Half* res, const float* bias, float bias_scalar, int64_t n,
@@ -79,11 +71,11 @@ void run_f16(const at::Half* src, at::Half* dst, const at::Half* res, const floa
 }
 
 inline void run(const float* s, float* d, const float* r, const float* b, float bs, int64_t n, bool relu) {
-  run_f32(s, d, r, b, bs, n, relu);
+  rows().f32(s, d, r, b, bs, n, relu);
 }
 inline void run(const at::BFloat16* s, at::BFloat16* d, const at::BFloat16* r, const float* b, float bs, int64_t n,
                 bool relu) {
-  run_bf16(reinterpret_cast<const uint16_t*>(s), reinterpret_cast<uint16_t*>(d),
+  rows().bf16(reinterpret_cast<const uint16_t*>(s), reinterpret_cast<uint16_t*>(d),
            reinterpret_cast<const uint16_t*>(r), b, bs, n, relu);
 }
 inline void run(const at::Half* s, at::Half* d, const at::Half* r, const float* b, float bs, int64_t n, bool relu) {
@@ -128,10 +120,6 @@ void epilogue_impl(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
 }
 
 }  // namespace
-
-void bias_act_row_f32(const float* src, float* dst, const float* res, const float* bias, int64_t n, bool relu) {
-  run_f32(src, dst, res, bias, 0.f, n, relu);
-}
 
 void bias_act_epilogue(const at::Tensor& src, const at::Tensor& dst, const at::Tensor* bias,
                        const at::Tensor* residual, bool relu, bool channels_last) {

@@ -11,8 +11,4 @@ namespace resnet_fused::cpu {
 void bias_act_epilogue(const at::Tensor& src, const at::Tensor& dst, const at::Tensor* bias,
                        const at::Tensor* residual, bool relu, bool channels_last);
 
-// One run of n floats (a channels-last row): dst = act(src + bias[i] [+ res[i]]), on this thread.
-// bias may be null; dst may alias src or res.
-void bias_act_row_f32(const float* src, float* dst, const float* res, const float* bias, int64_t n, bool relu);
-
 }  // namespace resnet_fused::cpu
