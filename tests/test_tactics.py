@@ -436,13 +436,13 @@ class EmuWrongTile(EmuTile):
         residual[:, : layer.out_channels // 4] = 0
 
 
-def emulated_cuda(monkeypatch, candidates, cost):
+def emulated_cuda(monkeypatch, candidates, cost, dtype=torch.float16):
     """The CUDA regime on CPU tensors: float16 channels-last inputs are "CUDA-tunable", the CUDA
     candidates are `candidates`, and the clock reads `cost[name]` seconds for the candidate that
     ran (the emulator is far slower than a GPU: its own times would say nothing). Returns the log
     of (candidate, run or run_) calls."""
     pytest.importorskip("resnet_fused._emu", reason="resnet_fused built without RESNET_FUSED_EMU=1")
-    monkeypatch.setattr(tactics, "cuda_tunable", lambda layer, x: x.dtype == torch.float16 and tactics._is_channels_last(x))
+    monkeypatch.setattr(tactics, "cuda_tunable", lambda layer, x: x.dtype == dtype and tactics._is_channels_last(x))
     monkeypatch.setattr(tactics, "CUDA_CANDIDATES", candidates)
     ran, depth = [], [0]
     for c in candidates:
@@ -522,6 +522,47 @@ def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
         bad = fused(x)
         assert torch.equal(bad.isnan(), copy.deepcopy(m).half()(x).isnan()) and bad.isnan().any()
         assert {n for n, _ in ran} == ({"cudnn"} if winner == "cudnn_fused" else {winner})  # NaN kept
+
+
+class EmuCudnnTf32(EmuCudnn):
+    """cuDNN + epilogue in float32 as a GPU runs it with TF32 allowed: the operands rounded to TF32."""
+
+    def run(self, layer, x, w, b, residual):
+        from conftest import tf32
+        return super().run(layer, tf32(x), tf32(w), b, residual)
+
+
+@pytest.mark.parametrize("yardstick", ["tf32", "float32"])
+def test_the_tf32_tile_is_chosen_only_within_the_rule(cache, monkeypatch, yardstick):
+    """float32 on CUDA: our TF32 tile (emulated) against cuDNN + epilogue. Where cuDNN multiplies in
+    TF32 too (PyTorch's default), the faster TF32 tile is chosen and the model stays within the
+    rule; where cuDNN ran a layer in full float32, our tile's TF32 error breaks the rule there and
+    cuDNN keeps the layer, however fast the tile."""
+    cudnn = EmuCudnnTf32("cudnn") if yardstick == "tf32" else EmuCudnn("cudnn")
+    ran = emulated_cuda(monkeypatch, [EmuTile("tc128x64"), cudnn], {"tc128x64": 1e-4, "cudnn": 1e-3},
+                        dtype=torch.float32)
+    m = model()
+    fused = resnet_fused.fuse(m, prepack=False)  # (float32 on the CPU: not the CPU candidates' regime)
+    x = x_for().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused(x)  # tunes
+        choices = [t["choice"] for t in fused.fuse_report.tactics]
+        ran.clear()
+        out = fused(x)
+    if yardstick == "tf32":
+        assert choices == ["tc128x64"] * 4 and {n for n, _ in ran} == {"tc128x64"}
+        from conftest import tf32
+        tf = copy.deepcopy(m)
+        for c in tf.modules():
+            if isinstance(c, torch.nn.Conv2d):
+                c.weight.data = tf32(c.weight.data)
+                c.register_forward_pre_hook(lambda mod, args: (tf32(args[0]),))
+        with torch.inference_mode():
+            eager, ref = tf(x), copy.deepcopy(m).double()(x.double())
+        assert_accuracy_rule(out, [eager], ref, what="TF32 tile chosen")
+    else:
+        assert choices == ["cudnn"] * 4, fused.fuse_report.tactics
+        assert all("tc128x64" in t["rejected"] for t in fused.fuse_report.tactics)
 
 
 class RaisingGemm(tactics.Gemm):
