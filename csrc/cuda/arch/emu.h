@@ -193,6 +193,24 @@ inline float bf16_bits_to_float(uint16_t h) {
   return f;
 }
 
+// D = A B + C for the 16 x 8 tile, each lane's four D elements: products exact, summed in double,
+// rounded once. KD: the reduction (16, or 8 for TF32).
+template <int KD>
+void mma_store_d(::rf::emu::LaneSlot* lanes, const double (&A)[16][KD], const double (&B)[KD][8],
+                 const double (&C)[16][8]) {
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      double s = C[row][col];
+      for (int k = 0; k < KD; ++k) s += A[row][k] * B[k][col];
+      d[i] = float(s);
+    }
+    std::memcpy(lanes[l].out, d, sizeof(d));
+  }
+}
+
 template <bool BF16>
 void mma_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
   double A[16][16], B[16][8], C[16][8];
@@ -215,17 +233,7 @@ void mma_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
     }
     for (int i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = in.c[i];
   }
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    float d[4];
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-      double s = C[row][col];
-      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-      d[i] = float(s);
-    }
-    std::memcpy(lanes[l].out, d, sizeof(d));
-  }
+  mma_store_d<16>(lanes, A, B, C);
 }
 }  // namespace detail
 
@@ -269,17 +277,7 @@ inline void mma_tf32_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
     for (int e = 0; e < 2; ++e) B[t + e * 4][g] = tf32_value(in.b[e]);
     for (int i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = in.c[i];
   }
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    float d[4];
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-      double s = C[row][col];
-      for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
-      d[i] = float(s);
-    }
-    std::memcpy(lanes[l].out, d, sizeof(d));
-  }
+  mma_store_d<8>(lanes, A, B, C);
 }
 }  // namespace detail
 
