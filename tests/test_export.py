@@ -222,7 +222,13 @@ def test_resnet50_export_and_torchscript():
         ref = copy.deepcopy(model).double()(x.double())
     ep = resnet_fused.export(fused, x[:2])
     _no_onednn_tensors(ep.state_dict)
+    # every conv but the 3-channel stem on our matrix products, their panels held in the graph's state
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "resnet_fused" in str(n.target)]
+    assert ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 52 and ops.count(
+        "resnet_fused.conv2d_bias_act.default") == 1, ops
+    assert sum(v.dim() == 5 for v in ep.state_dict.values()) == 52
     ts = resnet_fused.trace(fused, x[:2])
+    assert str(ts.inlined_graph).count("resnet_fused::gemm_conv2d_bias_act") == 52
     # (predictions are compared where eager's top two are not within rounding of each other)
     top2 = ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * ref.abs().max()

@@ -1,8 +1,9 @@
 """Exporting a fused model for serving: torch.export (and from it AOTInductor) and TorchScript.
 
 A fused model captured by torch.export or torch.jit.trace calls one resnet_fused op per fused
-layer on its plain master weight (see ``modules.capturing_for_serving``), so the graph holds
-plain tensors only and runs wherever ``import resnet_fused`` has loaded the kernels.
+layer (see ``modules.capturing_for_serving``): on CPU in float32 our matrix products on their
+packed panels (``FusedConv2d.hold_for_serving``), elsewhere conv2d_bias_act on the plain weight. The
+graph holds plain tensors only and runs wherever ``import resnet_fused`` has loaded the kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def unpack_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def hold_for_serving(model: nn.Module) -> nn.Module:
+    """Every fused layer of ``model`` holds its master weight as an exported graph should (see
+    ``FusedConv2d.hold_for_serving``): :func:`export` and :func:`trace` do this first. The model
+    itself keeps running (a layer whose eager choice is another kernel repacks on its next call)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hold_for_serving() takes an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, FusedConv2d):
+            m.hold_for_serving()
+    return model
+
+
 def _example_args(example) -> tuple:
     args = (example,) if isinstance(example, Tensor) else tuple(example) if isinstance(example, (tuple, list)) else None
     if not args or not all(isinstance(a, Tensor) for a in args):
@@ -35,7 +48,7 @@ def _example_args(example) -> tuple:
 
 
 def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of a fused model with its weights unpacked, and (``dynamic_batch``)
+    """``torch.export.export`` of a fused model with its weights held for serving, and (``dynamic_batch``)
     dim 0 of every input dynamic, from 1 up. An example of batch 1 is repeated to batch 2 for
     tracing (export would otherwise take 1 as a constant).
 
@@ -47,7 +60,7 @@ def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool 
     args = _example_args(example)
     if dynamic_batch and any(a.dim() == 0 for a in args):
         raise ValueError("dynamic_batch=True needs every input to have a batch dimension (dim 0)")
-    unpack_weights(model)
+    hold_for_serving(model)
     dynamic_shapes = None
     if dynamic_batch:
         args = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
@@ -64,7 +77,7 @@ def trace(model: nn.Module, example: Union[Tensor, tuple]) -> torch.jit.ScriptMo
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() takes an nn.Module, got {type(model).__name__}")
     args = _example_args(example)
-    unpack_weights(model)
+    hold_for_serving(model)
     with torch.no_grad():
         # check_trace=False: its check reruns the model eagerly, where layers take other kernels
         # (Winograd, matrix products) than the traced graph's, and compares at 1e-5: rounding

@@ -332,6 +332,34 @@ class FusedConv2d(nn.Module):
         with self._lock:
             self._unpack_master()
 
+    def hold_for_serving(self) -> None:
+        """The master as a graph captured for serving should hold it (before torch.export or
+        torch.jit.trace, see _forward_plain): a CPU float32 layer that our matrix products take
+        (groups 1, dilation 1, at least 8 input channels, ``gemm`` on) holds their panels, a plain
+        tensor they read as it is; any other layer holds its plain weight. (A plain weight makes
+        oneDNN reorder it on every call, which costs more than its convolution on the large ones;
+        the 3-channel stem's is small, and oneDNN's direct kernel is the faster one there.)"""
+        with self._lock:
+            w = self.weight
+            takes_panels = (w.device.type == "cpu" and self.dtype == torch.float32 and self.groups == 1
+                            and tuple(self.dilation) == (1, 1) and self.in_channels >= 8 and self.gemm)
+            if not takes_panels:
+                self._unpack_master()
+                return
+            if w.dim() == 5:
+                self._packed_for = None
+                return
+            plain = self.dense_weight()
+            panels = torch.ops.resnet_fused.gemm_prepack.default(plain.to(torch.float32))
+            self._plain_strides = plain.stride()
+            self._parameters["weight"] = nn.Parameter(panels, requires_grad=False)
+            self._same_values_new_master()
+            self._packed_for = None
+            self._cache = {}
+            self._memo = None
+            del w, plain
+            _return_freed_pages()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if _is_packed(self.weight):
@@ -613,9 +641,16 @@ class FusedConv2d(nn.Module):
         )
 
     def _forward_plain(self, x: Tensor, residual: Optional[Tensor], assume_finite: bool) -> Tensor:
-        """One conv2d_bias_act on the plain master for any input (see capturing_for_serving):
-        out of place (a graph captured for serving owns its buffers). A fused graph passes
-        assume_finite=False here: exact NaN semantics (see inputs_finite)."""
+        """One op per layer for any input (see capturing_for_serving), on a master that is a plain
+        tensor: our matrix products on their panels where the master holds them (hold_for_serving),
+        else conv2d_bias_act on the plain weight. Out of place (a graph captured for serving owns its
+        buffers). A fused graph passes assume_finite=False here: exact NaN semantics (see
+        inputs_finite; the matrix products' epilogue keeps NaN whatever it is told)."""
+        if self.weight.dim() == 5:
+            self._check_input(x)
+            b = self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32)
+            return torch.ops.resnet_fused.gemm_conv2d_bias_act.default(x, self.weight, b, residual, self.stride,
+                                                                       self.padding, self.relu, self.out_channels)
         # (under torch.export the weight is a fake tensor that looks plain: _packed_for says
         # whether the real one is an oneDNN tensor, which would land in the exported program)
         if _is_packed(self.weight) or self._packed_for is not None:
