@@ -188,6 +188,14 @@ def test_direct_export_and_trace(digits):
     assert not any(p.is_mkldnn for p in fresh.parameters())
     check_predictions(torch.export.export(fresh, (x[:4],), dynamic_shapes=({0: batch},)).module(), digits,
                       "torch.export.export after unpack_weights")
+    with torch.inference_mode():
+        fresh(x[:4])  # prepacked again
+    resnet_fused.hold_for_serving(fresh)
+    assert not any(p.is_mkldnn for p in fresh.parameters()) and any(p.dim() == 5 for p in fresh.parameters())
+    ep = torch.export.export(fresh, (x[:4],), dynamic_shapes=({0: batch},))
+    assert any("gemm_conv2d_bias_act" in str(n.target) for n in ep.graph.nodes)
+    check_predictions(ep.module(), digits, "torch.export.export after hold_for_serving")
+    check_predictions(fresh, digits, "the model itself after hold_for_serving")
 
 
 def test_bad_input(digits):

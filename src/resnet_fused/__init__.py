@@ -8,7 +8,7 @@ import torch
 from . import _C  # noqa: F401  (loads the kernels: registers torch.ops.resnet_fused.*)
 from . import ops
 from .cuda_graph import CUDAGraphModule, cuda_graph
-from .export import export, trace, unpack_weights
+from .export import export, hold_for_serving, trace, unpack_weights
 from .fold import fold_conv_bn
 from .fuse import FuseReport, fuse
 from .modules import FusedAddReLU, FusedConv2d
@@ -46,6 +46,7 @@ __all__ = [
     "CUDAGraphModule",
     "cuda_graph",
     "export",
+    "hold_for_serving",
     "FuseReport",
     "FusedAddReLU",
     "FusedConv2d",

@@ -657,7 +657,7 @@ class FusedConv2d(nn.Module):
             raise RuntimeError(
                 "FusedConv2d holds its weight prepacked for oneDNN (the model has run on CPU in float32), "
                 "and an exported or traced graph must hold plain tensors: use resnet_fused.export(model, example) "
-                "/ resnet_fused.trace(model, example), or call resnet_fused.unpack_weights(model) before "
+                "/ resnet_fused.trace(model, example), or call resnet_fused.hold_for_serving(model) (or unpack_weights) before "
                 "torch.export.export / torch.jit.trace"
             )
         self._check_input(x)
