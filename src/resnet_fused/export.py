@@ -16,28 +16,28 @@ from torch import Tensor, nn
 from .modules import FusedConv2d
 
 
+def _each_layer(model: nn.Module, caller: str, method: str) -> nn.Module:
+    """Calls FusedConv2d.<method>() on every fused layer of ``model`` (for the function ``caller``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() takes an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, FusedConv2d):
+            getattr(m, method)()
+    return model
+
+
 def unpack_weights(model: nn.Module) -> nn.Module:
     """Every fused layer of ``model`` holds its master weight as a plain tensor again (CPU float32
     layers hold it prepacked for oneDNN once they have run; they repack on their next eager call).
-    Needed before calling ``torch.export.export`` on such a model yourself; :func:`export` does it."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"unpack_weights() takes an nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        if isinstance(m, FusedConv2d):
-            m.unpack()
-    return model
+    One way to make such a model exportable with ``torch.export.export`` yourself (see hold_for_serving)."""
+    return _each_layer(model, "unpack_weights", "unpack")
 
 
 def hold_for_serving(model: nn.Module) -> nn.Module:
     """Every fused layer of ``model`` holds its master weight as an exported graph should (see
     ``FusedConv2d.hold_for_serving``): :func:`export` and :func:`trace` do this first. The model
     itself keeps running (a layer whose eager choice is another kernel repacks on its next call)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"hold_for_serving() takes an nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        if isinstance(m, FusedConv2d):
-            m.hold_for_serving()
-    return model
+    return _each_layer(model, "hold_for_serving", "hold_for_serving")
 
 
 def _example_args(example) -> tuple:
