@@ -245,3 +245,43 @@ def test_resnet50_export_and_torchscript():
             out = run(x)
         assert_accuracy_rule(out, [eager], ref, what=f"resnet50 {name}")
         assert torch.equal(out.argmax(1)[clear], eager.argmax(1)[clear]), f"resnet50 {name}: predictions differ"
+
+
+@pytest.mark.slow
+def test_resnet50_export_with_winograd(tmp_path):
+    """export / trace with winograd=True: the layers that run Winograd in the model at the example's
+    batch run it in the graph too (the transformed weights carried as constants), the rest as without
+    it; eager's accuracy rule at another batch size, through save and load; the live model keeps no
+    trace of it."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    model = randomize_bn(torchvision.models.resnet50(weights=None)).eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        eager = model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    ep = resnet_fused.export(fused, x[:2], winograd=True)
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "resnet_fused" in str(n.target)]
+    wino = ops.count("resnet_fused.winograd_conv2d_bias_act.default")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        winograd = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.winograd += "winograd_conv2d_bias_act" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Count():
+        fused(x[:2])  # what the model itself runs at that batch
+    assert wino == Count.winograd > 0 and ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 52 - wino, ops
+    assert all(m._serving_winograd is None for m in fused.modules() if isinstance(m, resnet_fused.FusedConv2d))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    ts = resnet_fused.trace(fused, x[:2], winograd=True)
+    assert str(ts.inlined_graph).count("resnet_fused::winograd_conv2d_bias_act") == wino
+    for name, run in (("exported with Winograd", loaded), ("TorchScript with Winograd", ts)):
+        with torch.inference_mode():
+            out = run(x)
+        assert_accuracy_rule(out, [eager], ref, what=f"resnet50 {name}")

@@ -8,11 +8,13 @@ graph holds plain tensors only and runs wherever ``import resnet_fused`` has loa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Union
 
 import torch
 from torch import Tensor, nn
 
+from . import tactics
 from .modules import FusedConv2d
 
 
@@ -40,6 +42,38 @@ def hold_for_serving(model: nn.Module) -> nn.Module:
     return _each_layer(model, "hold_for_serving", "hold_for_serving")
 
 
+@contextlib.contextmanager
+def _held_for_serving(model: nn.Module, args: tuple, winograd: bool):
+    """Within: the model's weights held for serving (hold_for_serving), and with ``winograd`` each
+    fused layer that runs Winograd on the example (as the model chose for its batch) carries its
+    transformed weight into the graph being captured (see FusedConv2d._forward_plain)."""
+    layers = [m for m in model.modules() if isinstance(m, FusedConv2d)]
+    if not winograd:
+        hold_for_serving(model)
+        yield
+        return
+
+    def take(layer, inputs):
+        x, residual = inputs[0], inputs[1] if len(inputs) > 1 else None
+        w, _, path = layer._weights(x, residual)
+        if path in (tactics.WINOGRAD, tactics.WINOGRAD4):
+            layer._serving_winograd = w.clone()  # (a normal tensor, whatever mode made the cached one)
+
+    hooks = [m.register_forward_pre_hook(take) for m in layers]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    try:
+        hold_for_serving(model)  # (after the eager run, which may have packed some masters again)
+        yield
+    finally:
+        for m in layers:
+            m._serving_winograd = None
+
+
 def _example_args(example) -> tuple:
     args = (example,) if isinstance(example, Tensor) else tuple(example) if isinstance(example, (tuple, list)) else None
     if not args or not all(isinstance(a, Tensor) for a in args):
@@ -47,38 +81,42 @@ def _example_args(example) -> tuple:
     return args
 
 
-def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export(model: nn.Module, example: Union[Tensor, tuple], dynamic_batch: bool = True,
+           winograd: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of a fused model with its weights held for serving, and (``dynamic_batch``)
     dim 0 of every input dynamic, from 1 up. An example of batch 1 is repeated to batch 2 for
     tracing (export would otherwise take 1 as a constant).
 
     The result runs (``ep.module()(x)``), saves and loads (``torch.export.save`` / ``load``; load
     it after ``import resnet_fused``), and packages with AOTInductor
-    (``torch._inductor.aoti_compile_and_package(ep)``)."""
+    (``torch._inductor.aoti_compile_and_package(ep)``).
+
+    ``winograd=True``: the layers that run Winograd in the model at the example's batch run it in the
+    graph too (faster; the same answers as the model on finite inputs), but an Inf in the input
+    can come out NaN where eager gives Inf: for inputs known finite (images)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export() takes an nn.Module, got {type(model).__name__}")
     args = _example_args(example)
     if dynamic_batch and any(a.dim() == 0 for a in args):
         raise ValueError("dynamic_batch=True needs every input to have a batch dimension (dim 0)")
-    hold_for_serving(model)
     dynamic_shapes = None
     if dynamic_batch:
         args = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} for _ in args)
-    with torch.no_grad():
+    with _held_for_serving(model, _example_args(example), winograd), torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
 
 
-def trace(model: nn.Module, example: Union[Tensor, tuple]) -> torch.jit.ScriptModule:
+def trace(model: nn.Module, example: Union[Tensor, tuple], winograd: bool = False) -> torch.jit.ScriptModule:
     """TorchScript of a fused model for LibTorch servers (``torch.jit.trace``; any batch size runs).
     Save it with ``.save(path)``; a C++ server loads it with ``torch::jit::load`` after
-    ``dlopen``ing resnet_fused's ``_C*.so`` for the ops (tests/libtorch_load.cpp does)."""
+    ``dlopen``ing resnet_fused's ``_C*.so`` for the ops (tests/libtorch_load.cpp does).
+    ``winograd``: as for :func:`export`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() takes an nn.Module, got {type(model).__name__}")
     args = _example_args(example)
-    hold_for_serving(model)
-    with torch.no_grad():
+    with _held_for_serving(model, args, winograd), torch.no_grad():
         # check_trace=False: its check reruns the model eagerly, where layers take other kernels
         # (Winograd, matrix products) than the traced graph's, and compares at 1e-5: rounding
         # differences read as a broken trace. The tests hold traces to eager's accuracy rule instead.

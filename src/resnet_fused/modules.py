@@ -243,6 +243,9 @@ class FusedConv2d(nn.Module):
         self._packed_for: Optional[tuple] = None  # the regime a prepacked master was packed for
         self._memo: Optional[tuple] = None  # the last call's answer of _weights (see _memo_key)
         self._plain_strides: Optional[tuple] = None  # the plain master's, where panels replaced it
+        # The transformed Winograd weight a graph captured for serving runs (export(winograd=True)):
+        # set only while it is captured.
+        self._serving_winograd: Optional[Tensor] = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -377,6 +380,7 @@ class FusedConv2d(nn.Module):
         state["_tuned"] = {}  # choices hold for this machine: a copy loaded elsewhere chooses again
         state["_checked"] = {}
         state["_memo"] = None
+        state["_serving_winograd"] = None
         return state
 
     def __setstate__(self, state):
@@ -391,6 +395,7 @@ class FusedConv2d(nn.Module):
         state["_checked"] = {}
         state.setdefault("_tactics_log", None)
         state["_memo"] = None
+        state["_serving_winograd"] = None
         self.__dict__.update(state)
         if "_master_cl" not in state:
             self._master_cl = _is_channels_last(self.weight)
@@ -646,6 +651,11 @@ class FusedConv2d(nn.Module):
         else conv2d_bias_act on the plain weight. Out of place (a graph captured for serving owns its
         buffers). A fused graph passes assume_finite=False here: exact NaN semantics (see
         inputs_finite; the matrix products' epilogue keeps NaN whatever it is told)."""
+        if self._serving_winograd is not None:
+            # (export / trace with winograd=True: the caller took its transforms' Inf -> NaN)
+            self._check_input(x)
+            return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, self._serving_winograd, self.bias,
+                                                                           residual, self.relu)
         if self.weight.dim() == 5:
             self._check_input(x)
             b = self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32)
