@@ -214,20 +214,26 @@ def test_bad_input(digits):
         resnet_fused.export(fused, x.double())
 
 
-@pytest.mark.slow
-def test_resnet50_export_and_torchscript():
-    """ResNet-50 (random weights, randomised BN statistics): exported and TorchScript models give
-    eager's predictions and meet eager's accuracy rule against float64, at a batch size other
-    than the one traced."""
+@pytest.fixture(scope="module")
+def resnet50_case():
+    """ResNet-50 (random weights, randomised BN statistics), three images, eager's logits and float64's."""
     torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = randomize_bn(torchvision.models.resnet50(weights=None)).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = randomize_bn(torchvision.models.resnet50(weights=None)).eval()
+        x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        return model, x, model(x), copy.deepcopy(model).double()(x.double())
+
+
+@pytest.mark.slow
+def test_resnet50_export_and_torchscript(resnet50_case):
+    """Exported and TorchScript resnet50 give eager's predictions and meet eager's accuracy rule
+    against float64, at a batch size other than the one traced."""
+    model, x, eager, ref = resnet50_case
     fused = resnet_fused.fuse(model)
-    x = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
         fused(x)  # prepacks the CPU weights, as a model that served already has
-        eager = model(x)
-        ref = copy.deepcopy(model).double()(x.double())
     ep = resnet_fused.export(fused, x[:2])
     _no_onednn_tensors(ep.state_dict)
     # every conv but the 3-channel stem on our matrix products, their panels held in the graph's state
@@ -248,19 +254,13 @@ def test_resnet50_export_and_torchscript():
 
 
 @pytest.mark.slow
-def test_resnet50_export_with_winograd(tmp_path):
+def test_resnet50_export_with_winograd(resnet50_case, tmp_path):
     """export / trace with winograd=True: the layers that run Winograd in the model at the example's
     batch run it in the graph too (the transformed weights carried as constants), the rest as without
     it; eager's accuracy rule at another batch size, through save and load; the live model keeps no
     trace of it."""
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(1)
-    model = randomize_bn(torchvision.models.resnet50(weights=None)).eval()
+    model, x, eager, ref = resnet50_case
     fused = resnet_fused.fuse(model)
-    x = torch.randn(3, 3, 224, 224)
-    with torch.inference_mode():
-        eager = model(x)
-        ref = copy.deepcopy(model).double()(x.double())
     ep = resnet_fused.export(fused, x[:2], winograd=True)
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "resnet_fused" in str(n.target)]
     wino = ops.count("resnet_fused.winograd_conv2d_bias_act.default")
