@@ -42,6 +42,9 @@ def count_ops(model, x):
     return c.counts
 
 
+CUDNN_FUSED_OPS = ("aten.cudnn_convolution_relu", "aten.cudnn_convolution_add_relu")
+
+
 def assert_fully_fused(original, fused, x, add_relus=0):
     counts = count_ops(fused, x)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in original.modules())
@@ -49,9 +52,11 @@ def assert_fully_fused(original, fused, x, add_relus=0):
         "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
         "aten.threshold", "aten.clamp_min")}
     assert not leftover, f"unfused ops left: {leftover}"
-    # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see tactics.Winograd.rule) or
-    # matrix products (CPU float32 1x1s, see tactics.Gemm.rule)
-    fused_convs = sum(n for k, n in counts.items() if k.startswith("resnet_fused.") and "conv2d_bias_act" in k)
+    # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see tactics.Winograd.rule),
+    # matrix products (CPU float32 1x1s, see tactics.Gemm.rule), or on CUDA cuDNN's fused op where
+    # the tactics chose it (tactics.CudnnFused)
+    fused_convs = sum(n for k, n in counts.items() if k in CUDNN_FUSED_OPS
+                      or (k.startswith("resnet_fused.") and "conv2d_bias_act" in k))
     assert fused_convs == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts
     return counts
