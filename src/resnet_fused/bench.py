@@ -384,8 +384,15 @@ def measure_peaks(device: str, dtype: torch.dtype, timer: Timer) -> dict:
     m = 8192 if device == "cuda" else 1024
     a = torch.randn(m, m, device=device, dtype=dtype)
     fl = []
-    for _ in range(10):
-        fl.append(2 * m ** 3 / (timer(lambda t: torch.mm(t, t), a) * 1e-3))
+    # (float32 convolutions on CUDA run on TF32 tensor cores while cuDNN allows it, PyTorch's
+    # default, but a matrix product only while matmul allows it: the ceiling follows the convs)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        for _ in range(10):
+            fl.append(2 * m ** 3 / (timer(lambda t: torch.mm(t, t), a) * 1e-3))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     return {"bytes_per_s": max(bw), "flops_per_s": max(fl)}
 
 
