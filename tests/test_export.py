@@ -236,13 +236,13 @@ def test_resnet50_export_and_torchscript(resnet50_case):
         fused(x)  # prepacks the CPU weights, as a model that served already has
     ep = resnet_fused.export(fused, x[:2])
     _no_onednn_tensors(ep.state_dict)
-    # every conv but the 3-channel stem on our matrix products, their panels held in the graph's state
+    # every conv but the 3-channel stem, and the fc, on our matrix products, their panels held in the graph's state
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "resnet_fused" in str(n.target)]
-    assert ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 52 and ops.count(
+    assert ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 53 and ops.count(
         "resnet_fused.conv2d_bias_act.default") == 1, ops
-    assert sum(v.dim() == 5 for v in ep.state_dict.values()) == 52
+    assert sum(v.dim() == 5 for v in ep.state_dict.values()) == 53
     ts = resnet_fused.trace(fused, x[:2])
-    assert str(ts.inlined_graph).count("resnet_fused::gemm_conv2d_bias_act") == 52
+    assert str(ts.inlined_graph).count("resnet_fused::gemm_conv2d_bias_act") == 53
     # (predictions are compared where eager's top two are not within rounding of each other)
     top2 = ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * ref.abs().max()
@@ -275,7 +275,7 @@ def test_resnet50_export_with_winograd(resnet50_case, tmp_path):
 
     with torch.inference_mode(), Count():
         fused(x[:2])  # what the model itself runs at that batch
-    assert wino == Count.winograd > 0 and ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 52 - wino, ops
+    assert wino == Count.winograd > 0 and ops.count("resnet_fused.gemm_conv2d_bias_act.default") == 53 - wino, ops
     assert all(m._serving_winograd is None for m in fused.modules() if isinstance(m, resnet_fused.FusedConv2d))
     torch.export.save(ep, tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()

@@ -47,10 +47,13 @@ CUDNN_FUSED_OPS = ("aten.cudnn_convolution_relu", "aten.cudnn_convolution_add_re
 
 def assert_fully_fused(original, fused, x, add_relus=0):
     counts = count_ops(fused, x)
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in original.modules())
+    # (a classifier head, global pool -> flatten -> Linear, runs as a 1x1 conv too on the CPU; on a
+    # GPU it stays F.linear, see FusedLinear)
+    on_cpu = x.device.type == "cpu"
+    n_convs = sum(isinstance(m, (nn.Conv2d, nn.Linear) if on_cpu else nn.Conv2d) for m in original.modules())
     leftover = {k: v for k, v in counts.items() if "batch_norm" in k or k in (
         "aten.relu", "aten.relu_", "aten.add", "aten.add_", "aten.convolution", "aten.mkldnn_convolution",
-        "aten.threshold", "aten.clamp_min")}
+        "aten.threshold", "aten.clamp_min") or (on_cpu and k in ("aten.linear", "aten.addmm", "aten.mm"))}
     assert not leftover, f"unfused ops left: {leftover}"
     # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see tactics.Winograd.rule),
     # matrix products (CPU float32 1x1s, see tactics.Gemm.rule), or on CUDA cuDNN's fused op where
@@ -186,7 +189,7 @@ def test_report_and_print_show_the_architecture():
     model = torchvision_model("resnet50")
     fused = resnet_fused.fuse(model)
     counts = fused.fuse_report.counts()
-    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4, "maxpool": 1}, counts
+    assert counts == {"conv+bn+relu": 33, "conv+bn+add+relu": 16, "conv+bn": 4, "maxpool": 1, "linear": 1}, counts
     text = str(fused)
     assert "layer1" in text and "downsample" in text and "FusedConv2d" in text and "bn=folded" in text
     conv3 = fused.get_submodule("layer4.2.conv3")
@@ -216,6 +219,61 @@ def test_backward_raises_clearly():
     assert all(not p.requires_grad for p in fused.parameters())
 
 
+class ClassifierHead(nn.Module):
+    """conv -> global average pool -> flatten -> Linear, in the ways hand-written ResNets write it."""
+
+    def __init__(self, form, bias=True):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(3, 24, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(24 * (4 if form == "not_global" else 1), 10, bias=bias)
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        p = nn.functional.adaptive_avg_pool2d(x, (1, 1)) if self.form == "functional_pool" else self.pool(x)
+        if self.form in ("torch_flatten", "no_bias", "functional_pool"):
+            f = torch.flatten(p, 1)
+        elif self.form == "method":
+            f = p.flatten(1)
+        elif self.form == "module":
+            f = self.flat(p)
+        elif self.form == "view":
+            f = p.view(p.size(0), -1)
+        elif self.form == "reshape":
+            f = p.reshape(p.size(0), -1)
+        elif self.form == "not_global":
+            f = nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+        elif self.form == "features_too":  # the flattened features are returned as well
+            f = torch.flatten(p, 1)
+            return self.fc(f), f
+        return self.fc(f)
+
+
+@pytest.mark.parametrize("form", ["torch_flatten", "method", "module", "view", "reshape", "functional_pool",
+                                  "no_bias", "features_too", "not_global"])
+def test_classifier_head_runs_as_a_fused_1x1(form):
+    """A Linear on globally pooled features becomes a 1x1 FusedConv2d (packed weights, our matrix
+    products on CPU) with the same answers; a Linear on anything else stays PyTorch's."""
+    model = ClassifierHead(form, bias=form != "no_bias").eval()
+    x = torch.randn(3, 3, 9, 11)
+    fused = resnet_fused.fuse(model)
+    with torch.inference_mode():
+        got, want = fused(x), model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    if form == "features_too":
+        assert_accuracy_rule(got[1], [want[1]], ref[1], what="features")
+        got, want, ref = got[0], want[0], ref[0]
+    assert got.shape == want.shape == (3, 10)
+    assert_accuracy_rule(got, [want], ref, what=form)
+    counts = count_ops(fused, x)
+    fused_head = form != "not_global"
+    assert fused.fuse_report.counts().get("linear", 0) == int(fused_head)
+    assert isinstance(fused.get_submodule("fc"), FusedConv2d) == fused_head
+    assert (counts["aten.linear"] + counts["aten.addmm"] + counts["aten.mm"] == 0) == fused_head, counts
+
+
 def test_callers_model_untouched_unless_inplace():
     model = randomize_bn(models.HandResNet()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -225,7 +283,7 @@ def test_callers_model_untouched_unless_inplace():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     fused = resnet_fused.fuse(model, inplace=True)  # no copy: the caller's modules are reused
-    assert fused.get_submodule("fc.1") is model.fc[1]
+    assert fused.get_submodule("pool") is model.pool
 
 
 def test_state_dict_and_torch_save_round_trip(tmp_path):
@@ -310,13 +368,13 @@ def test_new_image_size_gets_its_own_packed_weights(capfd):
                 fused(x)
             lines = [ln for ln in capfd.readouterr().out.splitlines() if ",exec," in ln]
     # (the layers that run our own kernels are not oneDNN convolutions. At 160x160 and batch 2:
-    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) on AVX-512)
+    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) and the fc on AVX-512)
     counts = count_ops(fused, x)
     n_winograd = counts["resnet_fused.winograd_conv2d_bias_act"] + counts["resnet_fused.winograd_conv2d_bias_act_"]
     n_gemm = counts["resnet_fused.gemm_conv2d_bias_act"] + counts["resnet_fused.gemm_conv2d_bias_act_"]
     assert n_winograd == 11, counts
-    assert n_gemm == (36 if torch.ops.resnet_fused.gemm_isa() == "avx512" else 0), counts
-    assert sum(",convolution," in ln for ln in lines) == 53 - n_winograd - n_gemm, lines[:3]
+    assert n_gemm == (37 if torch.ops.resnet_fused.gemm_isa() == "avx512" else 0), counts
+    assert sum(",convolution," in ln for ln in lines) == 54 - n_winograd - n_gemm, lines[:3]
     reorders = [ln for ln in lines if ",reorder," in ln]
     assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"
 

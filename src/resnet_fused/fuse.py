@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fold import can_fold, fold_conv_bn
-from .modules import FusedAddReLU, FusedConv2d, FusedMaxPool2d, InputsFinite, ToChannelsLast
+from .fold import can_fold, fold_conv_bn, master_dtype
+from .modules import FusedAddReLU, FusedConv2d, FusedLinear, FusedMaxPool2d, InputsFinite, ToChannelsLast
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -180,6 +180,39 @@ def _fresh_and_dead_after(other: fx.Node, join: fx.Node, graph: fx.Graph, module
     return all(u is join or order[u] < order[join] for u in other.users)
 
 
+def _globally_pooled(node, modules: dict) -> Optional[fx.Node]:
+    """The [N, C, 1, 1] node that ``node`` flattens to [N, C], when it is a flatten (torch.flatten /
+    .flatten(1) / nn.Flatten / .view or .reshape(x.size(0), -1)) of a global average pool
+    (nn.AdaptiveAvgPool2d or F.adaptive_avg_pool2d to 1x1); else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    src = None
+    args, kwargs = node.args, node.kwargs
+    if node.op == "call_function" and node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        if start == 1 and end == -1:
+            src = args[0]
+    elif node.op == "call_module" and type(modules.get(node.target)) is nn.Flatten:
+        m = modules[node.target]
+        if m.start_dim == 1 and m.end_dim == -1:
+            src = args[0]
+    elif node.op == "call_method" and node.target in ("view", "reshape") and len(args) == 3 and not kwargs:
+        size = args[1]
+        if (args[2] == -1 and isinstance(size, fx.Node) and size.op == "call_method" and size.target == "size"
+                and size.args == (args[0], 0)):
+            src = args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    if src.op == "call_module" and type(modules.get(src.target)) is nn.AdaptiveAvgPool2d:
+        out = modules[src.target].output_size
+    elif src.op == "call_function" and src.target is F.adaptive_avg_pool2d and len(src.args) == 2:
+        out = src.args[1]
+    else:
+        return None
+    return src if out in (1, (1, 1), [1, 1]) else None
+
+
 def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bool, channels_last: bool) -> None:
     graph = gm.graph
     modules = _modules(gm)
@@ -233,6 +266,35 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
         conv.weight = None
         conv.bias = None
         pattern[node.target] = "conv+bn" if bn is not None else "conv"
+    modules = _modules(gm)
+
+    # 1b. Global average pool -> flatten -> Linear (a classifier head): the Linear becomes a 1x1
+    #     FusedConv2d on the pooled [N, C, 1, 1] map, flattened after it, so that it holds its
+    #     weight packed as a conv does (on CPU float32: our matrix products on packed panels,
+    #     reading the weight once; aten's addmm reads the plain weight cold on every call).
+    for node in list(graph.nodes):
+        if not (node.op == "call_module" and type(modules.get(node.target)) is nn.Linear) or calls[node.target] > 1:
+            continue
+        pooled = _globally_pooled(node.args[0], modules) if len(node.args) == 1 and not node.kwargs else None
+        if pooled is None:
+            continue
+        lin = modules[node.target]
+        mdt = master_dtype(lin.weight.dtype)
+        w = lin.weight.detach().to(mdt).reshape(lin.out_features, lin.in_features, 1, 1)
+        b = None if lin.bias is None else lin.bias.detach().to(mdt)
+        fused = FusedLinear(lin.in_features, lin.out_features, (1, 1), weight=w, bias=b, prepack=prepack)
+        fused.to(lin.weight.device)
+        if lin.weight.dtype != fused.weight.dtype:
+            fused.compute_dtype = lin.weight.dtype
+        _set_module(gm, node.target, fused)
+        with graph.inserting_before(node):
+            conv_node = graph.call_module(node.target, (pooled,))
+            # (the model's own flatten, on the conv's output: .view(x.size(0), -1) of an empty
+            # batch raises in the fused model as in the original)
+            flat = graph.node_copy(node.args[0], lambda n: conv_node if n is pooled else n)
+        node.replace_all_uses_with(flat)
+        graph.erase_node(node)
+        pattern[node.target] = "linear"
     modules = _modules(gm)
 
     def fused_conv(node) -> Optional[FusedConv2d]:
@@ -336,8 +398,8 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
                 produced_by_fused.add(node)
         converted: dict = {}
         for node in list(graph.nodes):
-            if fused_conv(node) is None:
-                continue
+            if fused_conv(node) is None or pattern[node.target] == "linear":
+                continue  # (a classifier's [N, C, 1, 1] input is both layouts at once)
             src = node.args[0]
             if isinstance(src, fx.Node) and src not in produced_by_fused:
                 if src not in converted:

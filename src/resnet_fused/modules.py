@@ -682,6 +682,26 @@ class FusedConv2d(nn.Module):
                                 self.dilation)
 
 
+class FusedLinear(FusedConv2d):
+    """A classifier head's Linear on globally pooled ``[N, C, 1, 1]`` features, held as a 1x1 conv
+    (fuse() makes it; the graph flattens its ``[N, K, 1, 1]`` output). On the CPU it runs as the
+    conv layers do: in float32 our matrix products on packed panels, which aten's addmm does not
+    have (it reads the plain weight, cold, on every call). On a GPU it is eager's ``F.linear``
+    (cuBLAS; TF32 only where ``torch.backends.cuda.matmul`` allows it, as for the Linear it was)."""
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, assume_finite: bool = False) -> Tensor:
+        if x.device.type == "cpu" or residual is not None:
+            return super().forward(x, residual, assume_finite)
+        self._check_input(x)
+        key = ("linear", x.dtype, x.device, self._weights_token())
+        hit = self._cache.get(key)
+        if hit is None:
+            w = self.dense_weight().to(dtype=x.dtype).reshape(self.out_channels, self.in_channels)
+            hit = (w, self.bias.to(dtype=x.dtype))
+            self._cache = {**self._cache, key: hit}
+        return torch.nn.functional.linear(x.flatten(1), *hit)[:, :, None, None]
+
+
 class FusedAddReLU(nn.Module):
     """``relu(a + b)`` for a residual join that no convolution absorbed. Operands of different
     shapes or dtypes (broadcasting, type promotion) take PyTorch's own ops, so the result is

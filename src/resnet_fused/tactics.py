@@ -88,7 +88,10 @@ def _gemm_isa() -> str:
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """NHWC in memory: channels-last strides, and not NCHW too, unless the map is 1x1 (a classifier
+    head's pooled input), where the two layouts are the same bytes."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and (not x.is_contiguous() or (x.shape[2] * x.shape[3] == 1 and x.numel() > 0)))
 
 
 def cpu_float32_prepacked(layer, x: Tensor) -> bool:
