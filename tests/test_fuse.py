@@ -274,6 +274,20 @@ def test_classifier_head_runs_as_a_fused_1x1(form):
     assert (counts["aten.linear"] + counts["aten.addmm"] + counts["aten.mm"] == 0) == fused_head, counts
 
 
+def test_classifier_head_off_the_cpu_is_f_linear():
+    """Off the CPU (on a GPU; the meta device stands in here) the head is eager's F.linear on a
+    cached 2-D weight, and its cache entry reads as every layer's (runs_cudnn_fused walks them)."""
+    from resnet_fused.modules import FusedLinear, runs_cudnn_fused
+
+    head = FusedLinear(24, 10, (1, 1), weight=torch.empty(10, 24, 1, 1, device="meta"))
+    x = torch.empty(3, 24, 1, 1, device="meta")
+    with torch.inference_mode():
+        counts = count_ops(head, x)
+        out = head(x)
+    assert out.shape == (3, 10, 1, 1) and counts["aten.linear"] == 1, counts
+    assert not runs_cudnn_fused(head)
+
+
 def test_callers_model_untouched_unless_inplace():
     model = randomize_bn(models.HandResNet()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -697,9 +697,9 @@ class FusedLinear(FusedConv2d):
         hit = self._cache.get(key)
         if hit is None:
             w = self.dense_weight().to(dtype=x.dtype).reshape(self.out_channels, self.in_channels)
-            hit = (w, self.bias.to(dtype=x.dtype))
+            hit = (w, self.bias.to(dtype=x.dtype), "linear")  # ((weight, bias, path) as every entry)
             self._cache = {**self._cache, key: hit}
-        return torch.nn.functional.linear(x.flatten(1), *hit)[:, :, None, None]
+        return torch.nn.functional.linear(x.flatten(1), hit[0], hit[1])[:, :, None, None]
 
 
 class FusedAddReLU(nn.Module):
