@@ -464,7 +464,9 @@ def fuse(
     tune: bool = True,
 ) -> nn.Module:
     """Returns a module that computes what ``model`` computes in eval mode, with BatchNorm folded
-    into the convolutions and each conv(+BN)(+add)(+ReLU) chain run as one fused op.
+    into the convolutions and each conv(+BN)(+add)(+ReLU) chain run as one fused op; a classifier
+    head (global average pool -> flatten -> Linear) runs its Linear as a 1x1 layer on packed
+    weights (:class:`~resnet_fused.modules.FusedLinear`).
 
     Args:
         model: a network in eval mode (``model.eval()``). Left untouched unless ``inplace``.
