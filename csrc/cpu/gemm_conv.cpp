@@ -11,8 +11,9 @@
 // a plain weight passed instead is packed on each call. Blocking: the output pixels are cut into
 // blocks whose rows stay in L2 while every panel passes over them; where there are too few
 // blocks for the threads (batch 1, late layers), the panels are split into groups too. Each
-// thread takes whole (block, group) items from an atomic counter (a slowed core takes fewer) and
-// runs the register-tile kernel over them; in place (residual == output) the tiles accumulate
+// thread takes whole (block, group) items, first from its own contiguous run of them, then from
+// the back of another's (Runs: the same rows on the same core layer after layer, and a slowed
+// core takes fewer), and runs the register-tile kernel over them; in place (residual == output) the tiles accumulate
 // into the residual. So the input, the weight and the output (and the residual) each pass
 // through memory once, and nothing but the kernel's own registers holds partial sums.
 #include <ATen/ATen.h>
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -98,7 +100,8 @@ double rows_cost(int64_t n, int64_t mr) {
 }
 
 // When the last thread is done, in full tile-panels, if the threads take the items (row block
-// major, as gemm_conv_run numbers them) from a counter, each the next as it finishes one.
+// major, as gemm_conv_run numbers them) from a counter, each the next as it finishes one (Runs
+// deals them in runs and balances them by stealing: about the same finish).
 double makespan(int64_t M, int64_t mr, int64_t panels, Split s, int64_t threads) {
   std::vector<double> busy(static_cast<size_t>(threads), 0.0);  // a min-heap of finishing times
   const auto later = std::greater<double>();
@@ -171,6 +174,46 @@ Split balance(int64_t M, int64_t mr, int64_t panels, int64_t tiles_per_block, in
   return split;
 }
 
+// Items 0..n-1 dealt to `workers` workers in contiguous runs, in order (worker w: the w-th run),
+// each run taken from its front by its owner and from its back by a worker whose own run is done.
+// So in a model called again and again each core computes the same rows (or panels) of every
+// layer, whose inputs the layer before mostly left in that core's caches; and a slowed core's
+// items still go to the others.
+class Runs {
+ public:
+  Runs(int64_t n, int64_t workers) : spans_(new Span[size_t(workers)]), workers_(workers) {
+    TORCH_CHECK(n < (int64_t(1) << 31), "resnet_fused: too many work items");
+    const int64_t per = (n + workers - 1) / workers;
+    for (int64_t w = 0; w < workers; ++w) {
+      spans_[w].v.store(pack(std::min(n, w * per), std::min(n, (w + 1) * per)), std::memory_order_relaxed);
+    }
+  }
+  // Worker w's next item: the front of its own run, else the back of another's; -1 when all are done.
+  int64_t next(int64_t w) {
+    int64_t item = take(w, true);
+    for (int64_t k = 1; item < 0 && k < workers_; ++k) item = take((w + k) % workers_, false);
+    return item;
+  }
+
+ private:
+  struct alignas(64) Span {
+    std::atomic<uint64_t> v{0};  // (front << 32) | back
+  };
+  static uint64_t pack(int64_t front, int64_t back) { return (uint64_t(front) << 32) | uint64_t(back); }
+  int64_t take(int64_t w, bool front) {
+    uint64_t s = spans_[w].v.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t f = int64_t(s >> 32), b = int64_t(s & 0xffffffffu);
+      if (f >= b) return -1;
+      if (spans_[w].v.compare_exchange_weak(s, front ? pack(f + 1, b) : pack(f, b - 1), std::memory_order_relaxed)) {
+        return front ? f : b - 1;
+      }
+    }
+  }
+  std::unique_ptr<Span[]> spans_;
+  int64_t workers_;
+};
+
 // out (NHWC; may be the residual itself, then `residual` is null and `accumulate` true)
 //   = act(conv(x, w) + bias [+ residual] [+ out]).
 // packed: the weight in panels (pack_panels of the channels-last [K, kh, kw, C] weight).
@@ -209,16 +252,16 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
   row_blocks = (g.M + rows - 1) / rows;
   groups = (panels + per_group - 1) / per_group;
   const int64_t items = row_blocks * groups;
-  std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(threads, items);
+  Runs deal(items, workers);
   // A 1x1 stride-1 convolution reads its rows in place; the rows built for other shapes go to a
   // buffer whose row stride is 64 bytes longer than Kd (no L1 set conflicts between them).
   const bool in_place = g.direct;
   const int64_t lda = in_place ? g.Kd : g.Kd + 16;
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t w, int64_t) {
     float* buffer = in_place ? nullptr : scratch_floats(rows * lda);
     int64_t built = -1;  // the row block whose rows the buffer holds
-    for (int64_t item = next++; item < items; item = next++) {
+    for (int64_t item = deal.next(w); item >= 0; item = deal.next(w)) {
       const int64_t rb = item / groups, p0 = (item % groups) * per_group;
       const int64_t p1 = std::min(panels, p0 + per_group);
       const int64_t r0 = rb * rows, nr = std::min(rows, g.M - r0);
