@@ -524,6 +524,26 @@ def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
         assert {n for n, _ in ran} == ({"cudnn"} if winner == "cudnn_fused" else {winner})  # NaN kept
 
 
+@pytest.mark.parametrize("case", ["small_gain", "small_gain_in_use", "large_gain"])
+def test_the_first_layer_on_cudnn_fused_pays_for_the_input_check(cache, monkeypatch, case):
+    """A layer on cuDNN's fused op brings a check of the graph's input on every forward (inputs_finite:
+    a sum and a synchronisation). Where no layer runs that op yet, it is charged the check's time:
+    a gain smaller than the check (batch 1, bound by the host) keeps our tile; a larger one takes
+    the op, and the layers after it are not charged again."""
+    fused_cost = 0.1e-3 if case == "large_gain" else 0.9e-3  # against the tile's 1 ms; the check 0.5 ms
+    emulated_cuda(monkeypatch, [EmuTile("tc64x64"), EmuCudnn("cudnn"), EmuCudnnFused()],
+                  {"tc64x64": 1e-3, "cudnn": 2e-3, "cudnn_fused": fused_cost})
+    monkeypatch.setattr(tactics, "finite_check_ms", lambda x: 0.5)
+    monkeypatch.setattr(tactics, "_cudnn_fused_layers", [1 if case == "small_gain_in_use" else 0])
+    fused = resnet_fused.fuse(model()).half()
+    with torch.inference_mode():
+        fused(x_for().half().contiguous(memory_format=torch.channels_last))
+    log = fused.fuse_report.tactics
+    want = "tc64x64" if case == "small_gain" else "cudnn_fused"
+    assert [t["choice"] for t in log] == [want] * 4, log
+    assert runs_cudnn_fused(fused) == (want == "cudnn_fused")
+
+
 class EmuCudnnTf32(EmuCudnn):
     """cuDNN + epilogue in float32 as a GPU runs it with TF32 allowed: the operands rounded to TF32."""
 

@@ -114,7 +114,7 @@ def inputs_finite(*xs) -> bool:
                 # (cuda_graph checks each replay's input itself where it captures with this on)
                 skipped = skipped or not getattr(_verified, "capture", False)
                 continue
-            if x.device.type not in ("cpu", "cuda") or (x.device.type == "cuda" and not _cuda_fused_layers[0]):
+            if x.device.type not in ("cpu", "cuda") or (x.device.type == "cuda" and not tactics.cudnn_fused_in_use()):
                 skipped = True  # (not checked: a layer on cuDNN's fused op takes the exact path)
                 continue
             if not bool(torch.isfinite(x.sum())):
@@ -148,9 +148,6 @@ def runs_cudnn_fused(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-# Layers that chose cuDNN's fused op in this process (FusedConv2d._choose counts them): only then
-# does inputs_finite check CUDA inputs.
-_cuda_fused_layers = [0]
 _verified = threading.local()
 
 
@@ -486,7 +483,7 @@ class FusedConv2d(nn.Module):
             name, record = tactics.rule_choice(self, x), {"source": "rule (measuring failed)"}
         self._tuned = {**self._tuned, key: "" if name == tactics.ONEDNN else name}
         if name == tactics.CUDNN_FUSED:
-            _cuda_fused_layers[0] += 1
+            tactics.note_cudnn_fused()
         checked = {k: v for k, v in self._checked.items() if k != key}
         if any(tactics.weight_dependent(n) for n in [name, *record.get("rejected", {})]):
             checked[key] = self._weights_token()
