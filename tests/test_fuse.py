@@ -232,6 +232,12 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x):
         x = self.conv(x).relu()
+        if self.form == "mean":  # (timm's habit)
+            return self.fc(x.mean((2, 3)))
+        if self.form == "torch_mean":
+            return self.fc(torch.mean(x, dim=[-2, -1]))
+        if self.form == "mean_keepdim":
+            return self.fc(x.mean((2, 3), keepdim=True).flatten(1))
         p = nn.functional.adaptive_avg_pool2d(x, (1, 1)) if self.form == "functional_pool" else self.pool(x)
         if self.form in ("torch_flatten", "no_bias", "functional_pool"):
             f = torch.flatten(p, 1)
@@ -252,7 +258,7 @@ class ClassifierHead(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["torch_flatten", "method", "module", "view", "reshape", "functional_pool",
-                                  "no_bias", "features_too", "not_global"])
+                                  "mean", "torch_mean", "mean_keepdim", "no_bias", "features_too", "not_global"])
 def test_classifier_head_runs_as_a_fused_1x1(form):
     """A Linear on globally pooled features becomes a 1x1 FusedConv2d (packed weights, our matrix
     products on CPU) with the same answers; a Linear on anything else stays PyTorch's."""

@@ -208,9 +208,33 @@ def _globally_pooled(node, modules: dict) -> Optional[fx.Node]:
         out = modules[src.target].output_size
     elif src.op == "call_function" and src.target is F.adaptive_avg_pool2d and len(src.args) == 2:
         out = src.args[1]
+    elif (_spatial_mean_args(src) or (None, False))[1]:  # x.mean((2, 3), keepdim=True)
+        out = 1
     else:
         return None
     return src if out in (1, (1, 1), [1, 1]) else None
+
+
+def _spatial_mean_args(node) -> Optional[tuple]:
+    """(x, keepdim) when ``node`` is x.mean((2, 3)) / torch.mean(x, dim=[-2, -1], keepdim=...): a
+    global average pool written as a mean; else None."""
+    if not isinstance(node, fx.Node) or not (
+            node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean):
+        return None
+    args, kwargs = node.args, node.kwargs
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if len(args) > 3 or set(kwargs) - {"dim", "keepdim"} or not isinstance(args[0], fx.Node):
+        return None
+    if not isinstance(dims, (tuple, list)) or sorted(dims) not in ([2, 3], [-2, -1]) or not isinstance(keepdim, bool):
+        return None
+    return args[0], keepdim
+
+
+def _spatial_mean_of(node) -> Optional[fx.Node]:
+    """x when ``node`` is a spatial mean of x not kept 4-D ([N, C] out, see _spatial_mean_args)."""
+    found = _spatial_mean_args(node)
+    return found[0] if found is not None and not found[1] else None
 
 
 def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bool, channels_last: bool) -> None:
@@ -268,15 +292,18 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
         pattern[node.target] = "conv+bn" if bn is not None else "conv"
     modules = _modules(gm)
 
-    # 1b. Global average pool -> flatten -> Linear (a classifier head): the Linear becomes a 1x1
-    #     FusedConv2d on the pooled [N, C, 1, 1] map, flattened after it, so that it holds its
-    #     weight packed as a conv does (on CPU float32: our matrix products on packed panels,
-    #     reading the weight once; aten's addmm reads the plain weight cold on every call).
+    # 1b. Global average pool (or a mean over H and W) -> flatten -> Linear (a classifier head):
+    #     the Linear becomes a 1x1 FusedConv2d on the pooled [N, C, 1, 1] map, flattened after it,
+    #     so that it holds its weight packed as a conv does (on CPU float32: our matrix products
+    #     on packed panels, reading the weight once; aten's addmm reads the plain weight cold on
+    #     every call).
     for node in list(graph.nodes):
         if not (node.op == "call_module" and type(modules.get(node.target)) is nn.Linear) or calls[node.target] > 1:
             continue
-        pooled = _globally_pooled(node.args[0], modules) if len(node.args) == 1 and not node.kwargs else None
-        if pooled is None:
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        pooled, averaged = _globally_pooled(node.args[0], modules), _spatial_mean_of(node.args[0])
+        if pooled is None and averaged is None:
             continue
         lin = modules[node.target]
         mdt = master_dtype(lin.weight.dtype)
@@ -288,10 +315,15 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             fused.compute_dtype = lin.weight.dtype
         _set_module(gm, node.target, fused)
         with graph.inserting_before(node):
-            conv_node = graph.call_module(node.target, (pooled,))
-            # (the model's own flatten, on the conv's output: .view(x.size(0), -1) of an empty
-            # batch raises in the fused model as in the original)
-            flat = graph.node_copy(node.args[0], lambda n: conv_node if n is pooled else n)
+            if pooled is not None:
+                conv_node = graph.call_module(node.target, (pooled,))
+                # (the model's own flatten, on the conv's output: .view(x.size(0), -1) of an empty
+                # batch raises in the fused model as in the original)
+                flat = graph.node_copy(node.args[0], lambda n: conv_node if n is pooled else n)
+            else:  # x.mean((2, 3)) -> Linear: the same mean kept 4-D, the conv, then flattened
+                pooled = graph.call_method("mean", (averaged, (2, 3)), {"keepdim": True})
+                conv_node = graph.call_module(node.target, (pooled,))
+                flat = graph.call_function(torch.flatten, (conv_node, 1))
         node.replace_all_uses_with(flat)
         graph.erase_node(node)
         pattern[node.target] = "linear"
