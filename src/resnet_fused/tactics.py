@@ -887,10 +887,9 @@ def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
             break
         rejected[choice] = why
     out = {"source": source, "times_ms": dict(record.get("times_ms", {})), "rejected": rejected, "problem": problem}
-    if charged:
-        out["input_check_ms"] = round(charged, 4)
     listed = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
     if charged:
+        out["input_check_ms"] = round(charged, 4)
         listed += f"; {CUDNN_FUSED} + the input check {charged:.2f}"
     _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} "
          f"{getattr(layer, 'tune_name', '') or problem}: {choice} ({listed} ms)", quiet=source != "measured")
