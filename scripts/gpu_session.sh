@@ -101,10 +101,11 @@ gpu_tests() {
   # 17:50 ran 35 of 428 when the first file's 20 failures hit --maxfail).
   local f rc=0
   $PY -m pytest tests/test_emu_conformance.py -q -p no:cacheprovider -W ignore::UserWarning -rs || rc=1
-  for f in test_gpu_conv test_ops test_robustness test_fuse test_tactics; do
+  for f in test_gpu_conv test_ops test_robustness test_fuse; do
     echo "-- $f"
     $PY -m pytest tests/$f.py -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m cuda -rfEs \
-      --tb=short --durations=5 --maxfail=10 || rc=1
+      --tb=short --durations=5 --maxfail=10
+    case $? in 0 | 5) ;; *) rc=1 ;; esac  # (5: no test of that file is marked cuda)
   done
   return $rc
 }
