@@ -237,17 +237,25 @@ void mma_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
 }
 }  // namespace detail
 
+namespace detail {
+// One lane's part of an mma.sync: its fragments go to the warp's collective step, which runs `fn`
+// (the fault injection's planted swap of a1 / a2 applied first).
+template <typename Fn>
+inline void mma_collective(const char* name, Fn fn, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                           const float (&c)[4], Loc loc) {
+  MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  if (::rf::emu::launch_options().inject.swap_mma_a) std::swap(in.a[1], in.a[2]);
+  ::rf::emu::warp_collective(name, &in, sizeof(in), d, sizeof(d), fn, loc);
+}
+}  // namespace detail
+
 inline void mma_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
                     Loc loc = RF_EMU_HERE) {
-  detail::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  if (::rf::emu::launch_options().inject.swap_mma_a) std::swap(in.a[1], in.a[2]);
-  ::rf::emu::warp_collective("mma.m16n8k16.f16", &in, sizeof(in), d, sizeof(d), &detail::mma_compute<false>, loc);
+  detail::mma_collective("mma.m16n8k16.f16", &detail::mma_compute<false>, d, a, b, c, loc);
 }
 inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
                      Loc loc = RF_EMU_HERE) {
-  detail::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  if (::rf::emu::launch_options().inject.swap_mma_a) std::swap(in.a[1], in.a[2]);
-  ::rf::emu::warp_collective("mma.m16n8k16.bf16", &in, sizeof(in), d, sizeof(d), &detail::mma_compute<true>, loc);
+  detail::mma_collective("mma.m16n8k16.bf16", &detail::mma_compute<true>, d, a, b, c, loc);
 }
 
 // ---- TF32: cvt.rna.tf32.f32 and mma.sync m16n8k8 -----------------------------------------------
@@ -283,9 +291,7 @@ inline void mma_tf32_compute(::rf::emu::LaneSlot* lanes, int, Loc) {
 
 inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
                      Loc loc = RF_EMU_HERE) {
-  detail::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  if (::rf::emu::launch_options().inject.swap_mma_a) std::swap(in.a[1], in.a[2]);
-  ::rf::emu::warp_collective("mma.m16n8k8.tf32", &in, sizeof(in), d, sizeof(d), &detail::mma_tf32_compute, loc);
+  detail::mma_collective("mma.m16n8k8.tf32", &detail::mma_tf32_compute, d, a, b, c, loc);
 }
 
 // ---- shuffles -------------------------------------------------------------------------------
