@@ -496,7 +496,8 @@ def test_cuda_candidates_are_timed_checked_against_cudnn_and_cached(cache, monke
 def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
     """fuse() on the CUDA regime (float16, channels-last; our kernel's tiles run by the emulator,
     cuDNN's paths as their numbers come out): each layer tunes on its first call and runs what it
-    chose through the candidate that was timed (in place where the block writes its residual),
+    chose through the candidate that was timed (in place where the block writes its residual, but
+    cuDNN's fused op, which writes a fresh output, out of place: timed and run so, no copy back),
     within the accuracy rule; a layer on cuDNN's fused op runs it only on inputs the graph checked
     finite, and an input with NaN goes the exact path (NaN where eager has NaN)."""
     cost = {"tc64x64": 1.0, "tc128x64": 1.0, "cudnn": 1.0, "cudnn_fused": 1.0, winner: 1e-3}
@@ -509,13 +510,15 @@ def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
     with torch.inference_mode():
         fused(x)  # tunes
         assert [t["choice"] for t in fused.fuse_report.tactics] == [winner] * 4, fused.fuse_report.tactics
+        assert ("cudnn_fused", "run") in ran and ("cudnn_fused", "run_") not in ran  # (timed out of place)
+        assert ("tc64x64", "run_") in ran
         ran.clear()
         out = fused(x)
         eager, ref = copy.deepcopy(m).half()(x), copy.deepcopy(m).double()(x.double())
         assert {n for n, _ in ran} == {winner} and len(ran) == 4
         # (cuda_graph checks each replay's input where a layer runs cuDNN's fused op)
         assert runs_cudnn_fused(fused) == (winner == "cudnn_fused")
-        assert [meth for _, meth in ran] == ["run", "run", "run_", "run"]
+        assert [meth for _, meth in ran] == ["run", "run", "run" if winner == "cudnn_fused" else "run_", "run"]
         assert_accuracy_rule(out, [eager], ref, what=f"{winner} chosen")
         x[0, :, 3, 3] = float("nan")
         ran.clear()

@@ -619,7 +619,7 @@ class FusedConv2d(nn.Module):
             # (the candidate the measurement timed runs the layer; the CPU grouped kernel keeps NaN
             # whatever assume_finite says: its epilogue is ours)
             c = tactics.candidate(path)
-            if residual is not None and self.inplace_residual:
+            if residual is not None and self.inplace_residual and c.writes_residual:
                 c.run_(self, x, w, b, residual)
                 return residual
             return c.run(self, x, w, b, residual)

@@ -119,6 +119,10 @@ class Candidate:
     #: says nothing about another of the same shape: then each layer is checked on its own
     #: (check_accuracy), whatever the shared timing record says.
     weight_dependent_error = False
+    #: Whether it can write its output into the residual's buffer (run_): a layer that owns its
+    #: residual (``inplace_residual``) runs it so. Where it cannot, the layer runs it out of place
+    #: and is timed so (a copy back would be a second pass over the output).
+    writes_residual = True
 
     def applies(self, layer, x: Tensor) -> bool:
         """Whether the kernel can run this layer for input x (structure only, nothing measured)."""
@@ -383,14 +387,13 @@ class CudnnFused(CudaCandidate):
     def bias(self, layer, x):
         return layer.bias.to(x.dtype)
 
+    writes_residual = False  # (it writes a fresh output)
+
     def run(self, layer, x, w, b, residual):
         if residual is None:
             return torch.cudnn_convolution_relu(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
         return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, layer.stride, layer.padding, layer.dilation,
                                                 layer.groups)
-
-    def run_(self, layer, x, w, b, residual):
-        residual.copy_(self.run(layer, x, w, b, residual))
 
 
 #: The CUDA candidates; "cudnn" is the yardstick of the accuracy rule there.
@@ -745,10 +748,10 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
 
         def call(c):
             w, b = prepared[c.name]
-            if inplace:
+            if inplace and c.writes_residual:
                 c.run_(layer, x, w, b, buf)
                 return buf
-            return c.run(layer, x, w, b, residual)
+            return c.run(layer, x, w, b, buf if inplace else residual)
 
         for c in cands:  # warm-up (and the output checked below)
             try:
