@@ -48,6 +48,22 @@ def main():
             bad += not ok
             print(f"{'ok  ' if ok else 'FAIL'} conv {dtype} n{n} c{c} k{k} g{groups} {ksz}x{ksz}/s{stride} {h}x{h}: "
                   f"rel err {err:.2e}")
+    # the dual kernel (a bottleneck's last 1x1 + its stride-2 downsample): both tiles, and split-K at batch 1
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, c1, c2, k, h2, tile, splits in [(2, 128, 256, 512, 14, 0, -1), (2, 64, 128, 136, 9, 1, -1),
+                                               (1, 512, 1024, 2048, 7, 1, 4)]:
+            y = torch.randn(n, c1, (h2 + 1) // 2, (h2 + 1) // 2).relu().to(dtype).contiguous(memory_format=CL)
+            x = torch.randn(n, c2, h2, h2).relu().to(dtype).contiguous(memory_format=CL)
+            w = (torch.randn(k, c1 + c2, 1, 1) / (c1 + c2) ** 0.5).to(dtype).contiguous(memory_format=CL)
+            b = torch.randn(k)
+            out = torch.ops.resnet_fused.cuda_conv1x1_dual_bias_act.default(y.cuda(), w.cuda(), b.cuda(), x.cuda(), 2,
+                                                                            True, tile).cpu()
+            ref = (F.conv2d(y.double(), w[:, :c1].double(), b.double())
+                   + F.conv2d(x.double(), w[:, c1:].double(), stride=2)).relu()
+            err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+            ok = err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+            bad += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} dual {dtype} n{n} c{c1}+{c2} k{k} {h2}x{h2} tile {tile}: rel err {err:.2e}")
     a = torch.randn(2, 64, 9, 9, dtype=torch.float16)
     ok = torch.equal(resnet_fused.ops.add_relu(a.cuda(), a.cuda()).cpu(), (a.float() + a.float()).relu().half())
     bad += not ok

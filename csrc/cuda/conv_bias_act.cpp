@@ -156,6 +156,43 @@ std::string cuda_conv_unsupported(const Tensor& input, const Tensor& weight, con
   return why ? why : "";
 }
 
+// A bottleneck's last 1x1 and its downsample 1x1 as one layer (launch.h: fused_conv_dual): our
+// dual kernel (algo: kAuto or a tile), or cuDNN's two convolutions and our epilogue (kCudnn, or
+// where our kernel cannot run it).
+Tensor dual_algo(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& input2,
+                 int64_t stride2, bool relu, int64_t algo) {
+  check_cuda(input, "input");
+  check_cuda(input2, "input2");
+  TORCH_CHECK_VALUE(algo >= kCudnn && algo < kNumTiles, "resnet_fused: CUDA conv algo must be in [", kCudnn, ", ",
+                    kNumTiles, "), got ", algo);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const char* why = fused_conv_dual_unsupported(input, weight, input2, stride2);
+  TORCH_CHECK_VALUE(algo < 0 || !why, "resnet_fused: our dual kernel (tile ", algo, ") cannot run this call: ",
+                    why ? why : "");
+  if (algo != kCudnn && !why && our_kernel_enabled().load()) {
+    return fused_conv_dual(input, weight, bias, input2, stride2, relu, num_sms(input), algo);
+  }
+  TORCH_CHECK_VALUE(input.dim() == 4 && input2.dim() == 4 && weight.dim() == 4 &&
+                        weight.size(1) == input.size(1) + input2.size(1),
+                    "resnet_fused: dual convolution: weight must be [K, C + C2, 1, 1] for inputs of ", input.sizes(),
+                    " and ", input2.sizes(), ", got ", weight.sizes());
+  const auto fmt = input.suggest_memory_format();
+  const int64_t c = input.size(1);
+  Tensor out = cudnn_conv(input, weight.narrow(1, 0, c), {1, 1}, {0, 0}, {1, 1}, 1, fmt);
+  const Tensor other = cudnn_conv(input2, weight.narrow(1, c, input2.size(1)), {stride2, stride2}, {0, 0}, {1, 1}, 1, fmt);
+  TORCH_CHECK_VALUE(other.sizes() == out.sizes(), "resnet_fused: dual convolution: the two convolutions give ",
+                    out.sizes(), " and ", other.sizes());
+  if (out.numel() == 0) return out;
+  const Tensor bias_f = float_bias(bias);
+  run_epilogue(out, out, bias.has_value() ? &bias_f : nullptr, &other, relu, fmt == at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
+std::string cuda_dual_unsupported(const Tensor& input, const Tensor& weight, const Tensor& input2, int64_t stride2) {
+  const char* why = fused_conv_dual_unsupported(input, weight, input2, stride2);
+  return why ? why : "";
+}
+
 Tensor add_relu(const Tensor& a, const Tensor& b) {
   check_cuda(a, "a");
   check_add_relu(a, b);
@@ -195,6 +232,11 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
       "cuda_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu, int algo) -> ()");
   m.def("_cuda_conv_unsupported(Tensor input, Tensor weight, Tensor? residual, int groups) -> str");
+  // A bottleneck's last 1x1 and its downsample 1x1 in one product (weight [K, C + C2, 1, 1]).
+  m.def(
+      "cuda_conv1x1_dual_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor input2, int stride2, bool relu, "
+      "int algo) -> Tensor");
+  m.def("_cuda_dual_unsupported(Tensor input, Tensor weight, Tensor input2, int stride2) -> str");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
@@ -206,6 +248,8 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("cuda_conv2d_bias_act", &conv_algo);
   m.impl("cuda_conv2d_bias_act_", &conv_algo_);
   m.impl("_cuda_conv_unsupported", &cuda_conv_unsupported);
+  m.impl("cuda_conv1x1_dual_bias_act", &dual_algo);
+  m.impl("_cuda_dual_unsupported", &cuda_dual_unsupported);
 }
 
 }  // namespace resnet_fused::cuda

@@ -264,6 +264,92 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
   return out;
 }
 
+const char* fused_conv_dual_unsupported(const Tensor& input, const Tensor& weight, const Tensor& input2,
+                                        int64_t stride2) {
+  if (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16) return "dual: float16 or bfloat16 only";
+  if (input2.scalar_type() != input.scalar_type() || weight.scalar_type() != input.scalar_type())
+    return "dual: input2 or weight of another dtype";
+  if (!is_channels_last(input) || !is_channels_last(input2)) return "dual: inputs not channels-last";
+  if (weight.dim() != 4 || weight.size(1) != input.size(1) + input2.size(1) || weight.size(2) != 1 || weight.size(3) != 1)
+    return "dual: weight not [K, C + C2, 1, 1]";
+  if (input.size(0) != input2.size(0)) return "dual: batches differ";
+  if (weight.size(0) % 8 != 0) return "output channels not a multiple of 8";
+  if (stride2 < 1) return "dual: stride2 < 1";
+  ConvParams p = shape_params(input.sizes(), weight.sizes(), {1, 1}, {0, 0}, {1, 1}, 1);
+  p.C = int(input.size(1));
+  p.input = p.weight = p.input2 = p.output = reinterpret_cast<void*>(uintptr_t(16));  // (copied aligned if not)
+  p.C2 = int(input2.size(1));
+  p.H2 = int(input2.size(2));
+  p.W2 = int(input2.size(3));
+  p.stride2 = int(stride2);
+  p.dtype = to_dtype(input.scalar_type());
+  if (input.numel() == 0) return nullptr;
+  return conv_unsupported(p);
+}
+
+Tensor fused_conv_dual(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const Tensor& input2, int64_t stride2, bool relu, int64_t num_sms, int64_t tile, int64_t splits) {
+  TORCH_CHECK_VALUE(input.dim() == 4 && input2.dim() == 4 && weight.dim() == 4, "resnet_fused: dual convolution: ",
+                    "input, input2 and weight must be 4-D, got ", input.dim(), "-D, ", input2.dim(), "-D, ", weight.dim(), "-D");
+  TORCH_CHECK_VALUE(input.scalar_type() == input2.scalar_type() && input.scalar_type() == weight.scalar_type(),
+                    "resnet_fused: dual convolution: input, input2 and weight must share a dtype, got ",
+                    input.scalar_type(), ", ", input2.scalar_type(), ", ", weight.scalar_type());
+  TORCH_CHECK_VALUE(input.device() == input2.device() && input.device() == weight.device(),
+                    "resnet_fused: dual convolution: input, input2 and weight must be on one device");
+  TORCH_CHECK_VALUE(input.size(0) == input2.size(0), "resnet_fused: dual convolution: batch ", input.size(0),
+                    " and input2's ", input2.size(0), " differ");
+  TORCH_CHECK_VALUE(weight.size(1) == input.size(1) + input2.size(1) && weight.size(2) == 1 && weight.size(3) == 1,
+                    "resnet_fused: dual convolution: weight must be [K, C + C2, 1, 1] = [K, ", input.size(1) + input2.size(1),
+                    ", 1, 1], got ", weight.sizes());
+  TORCH_CHECK_VALUE(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+                    "resnet_fused: dual convolution: bias must be [", weight.size(0), "]");
+  TORCH_CHECK_VALUE(stride2 >= 1, "resnet_fused: dual convolution: stride2 must be >= 1, got ", stride2);
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16,
+                    "resnet_fused: dual convolution: float16 or bfloat16 only, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(is_channels_last(input) && is_channels_last(input2),
+                    "resnet_fused: dual convolution: input and input2 must be channels-last");
+#ifndef RF_EMU
+  const c10::cuda::CUDAGuard guard(input.device());
+#endif
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)}, input.options().memory_format(cl));
+  const Tensor x = aligned_channels_last(input, 16), x2 = aligned_channels_last(input2, 16);
+  const Tensor w = aligned_channels_last(weight.contiguous(cl), 16);
+  const Tensor b = bias.has_value() ? aligned_float_bias(*bias) : Tensor();
+  ConvParams p = shape_params(input.sizes(), weight.sizes(), {1, 1}, {0, 0}, {1, 1}, 1);
+  p.C = int(input.size(1));  // (the weight's columns are C + C2)
+  p.input = x.const_data_ptr();
+  p.input2 = x2.const_data_ptr();
+  p.C2 = int(input2.size(1));
+  p.H2 = int(input2.size(2));
+  p.W2 = int(input2.size(3));
+  p.stride2 = int(stride2);
+  p.weight = w.const_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  p.output = out.data_ptr();
+  p.relu = relu;
+  p.dtype = to_dtype(input.scalar_type());
+  if (out.numel() == 0) return out;
+  if (const char* why = conv_unsupported(p)) {
+    TORCH_CHECK_VALUE(false, "resnet_fused: the dual convolution kernel cannot run this call: ", why);
+  }
+  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile), int(splits));
+  Tensor ws;
+  if (plan.workspace_bytes) {
+    ws = at::empty({int64_t(plan.workspace_bytes / sizeof(float))}, input.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+  Buffers bufs;
+  bufs.add(x, "input", false);
+  bufs.add(x2, "input2", false);
+  bufs.add(w, "weight", false);
+  bufs.add(b, "bias", false);
+  bufs.add_fresh(out, "output", true);
+  bufs.add_fresh(ws, "split-K workspace", false);
+  check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(input))), "the dual convolution kernel");
+  return out;
+}
+
 Tensor conformance(int64_t op, const Tensor& in, const Tensor& tile) {
   TORCH_CHECK_VALUE(op >= 0 && op < kNumConformanceOps, "resnet_fused: conformance op must be in [0, ",
                     kNumConformanceOps, "), got ", op);

@@ -31,6 +31,15 @@ at::Tensor fused_conv(const at::Tensor& input, const at::Tensor& weight, const s
                       at::IntArrayRef dilation, int64_t groups, bool relu, bool inplace, int64_t num_sms,
                       int64_t tile = -1, int64_t splits = -1);
 
+// act(conv1x1(input, weight[:, :C]) + conv1x1(input2, weight[:, C:], stride2) + bias) in one
+// product (a bottleneck's last 1x1 and its downsample): float16/bfloat16, channels-last inputs,
+// weight [K, C + C2, 1, 1]; input's H, W are input2's after the stride. NHWC out.
+const char* fused_conv_dual_unsupported(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& input2,
+                                        int64_t stride2);
+at::Tensor fused_conv_dual(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& input2, int64_t stride2, bool relu, int64_t num_sms, int64_t tile = -1,
+                           int64_t splits = -1);
+
 // The plan fused_conv would run for these shapes (tile >= 0: asked for that tile): (tile, splits,
 // narrow loads, workspace bytes).
 std::tuple<int64_t, int64_t, bool, int64_t> fused_conv_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size,

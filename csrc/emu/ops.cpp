@@ -67,6 +67,13 @@ void conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weigh
   cuda::fused_conv(input, weight, bias, residual, stride, padding, dilation, groups, relu, true, num_sms, tile, splits);
 }
 
+Tensor conv1x1_dual_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                             const Tensor& input2, int64_t stride2, bool relu, int64_t num_sms, int64_t tile,
+                             int64_t splits) {
+  check_cpu(input, "input");
+  return cuda::fused_conv_dual(input, weight, bias, input2, stride2, relu, num_sms, tile, splits);
+}
+
 Tensor conformance(const Tensor& in, const Tensor& tile, int64_t op) {
   check_cpu(in, "inputs");
   return cuda::conformance(op, in, tile);
@@ -119,6 +126,9 @@ TORCH_LIBRARY(resnet_fused_emu, m) {
   m.def(
       "conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, bool relu, int num_sms=132, int tile=-1, int splits=-1, int groups=1) -> ()");
+  m.def(
+      "conv1x1_dual_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor input2, int stride2, bool relu, "
+      "int num_sms=132, int tile=-1, int splits=-1) -> Tensor");
   m.def("conformance(Tensor inputs, Tensor tile, int op) -> Tensor");
   m.def("plan(int[] input_size, int[] weight_size, int[2] stride, int[2] padding, int[2] dilation, int num_sms=132, int groups=1, int tile=-1) -> int[]",
         &plan);
@@ -136,5 +146,6 @@ TORCH_LIBRARY_IMPL(resnet_fused_emu, CPU, m) {
   m.impl("epilogue", &epilogue);
   m.impl("conv2d_bias_act", &conv2d_bias_act);
   m.impl("conv2d_bias_act_", &conv2d_bias_act_);
+  m.impl("conv1x1_dual_bias_act", &conv1x1_dual_bias_act);
   m.impl("conformance", &conformance);
 }

@@ -65,6 +65,9 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
   cudaError_t e;
   if (kDType == DType::kFloat) {
     e = launch_conv_instance<kTf32Tile, DType::kFloat, false>(p, plan.splits, stream);
+  } else if (p.input2) {
+    e = plan.tile == Tile::k128x128 ? launch_conv_instance<Tile::k128x128, kDType, false, false, true>(p, plan.splits, stream)
+                                    : launch_conv_instance<Tile::k128x64, kDType, false, false, true>(p, plan.splits, stream);
   } else if (plan.narrow_loads) {
     e = launch_conv_instance<Tile::k128x64, kDType, true>(p, plan.splits, stream);
   } else if (p.groups > 1) {
@@ -94,7 +97,24 @@ cudaError_t launch_typed(const ConvParams& p, const ConvPlan& plan, cudaStream_t
 
 }  // namespace
 
+const char* dual_unsupported(const ConvParams& p) {
+  if (p.dtype == DType::kFloat) return "dual in float32 (float16 and bfloat16 only)";
+  if (p.groups != 1) return "dual with groups";
+  if (p.R != 1 || p.S != 1 || p.stride_h != 1 || p.stride_w != 1 || p.pad_h || p.pad_w || p.dil_h != 1 || p.dil_w != 1)
+    return "dual: the first convolution must be 1x1, stride 1, unpadded";
+  if (p.C % 8 || p.C2 % 8 || p.C2 <= 0) return "dual: input channels not multiples of 8";
+  if (p.stride2 < 1 || p.H2 <= 0 || p.W2 <= 0 || p.P != (p.H2 - 1) / p.stride2 + 1 || p.Q != (p.W2 - 1) / p.stride2 + 1)
+    return "dual: the second input's size does not give the first's (1x1, stride2, unpadded)";
+  if (int64_t(p.N) * p.H2 * p.W2 * p.C2 >= (int64_t(1) << 31) || int64_t(p.K) * (p.C + p.C2) >= (int64_t(1) << 31))
+    return "an input or weight of 2^31 elements or more";
+  if (!aligned(p.input2, 16)) return "second input not aligned";
+  return nullptr;
+}
+
 const char* conv_unsupported(const ConvParams& p) {
+  if (p.input2) {
+    if (const char* why = dual_unsupported(p)) return why;
+  }
   if (p.dtype == DType::kFloat && p.groups > 1) return "grouped float32 (the TF32 kernel takes groups 1)";
   if (p.groups < 1 || p.C % p.groups != 0 || p.K % p.groups != 0) return "channels not divisible by the groups";
   if (p.C % 4 != 0) return "input channels not a multiple of 4";
@@ -117,6 +137,7 @@ const char* conv_unsupported(const ConvParams& p) {
 // The longest reduction of a block of bn output channels (the kernel's g_first..g_last): R*S
 // times the input channels of the groups its channels belong to (all of them when ungrouped).
 int64_t block_reduction(const ConvParams& p, int bn) {
+  if (p.input2) return int64_t(p.C) + p.C2;  // (dual: 1x1, groups 1)
   const int64_t cin_g = p.C / p.groups, kout_g = p.K / p.groups;
   int64_t most = 0;
   for (int64_t k0 = 0; k0 < p.K; k0 += bn) most = std::max(most, (std::min<int64_t>(k0 + bn, p.K) - 1) / kout_g - k0 / kout_g + 1);
@@ -133,6 +154,11 @@ ConvPlan plan_conv(const ConvParams& p, int num_sms, int tile, int splits) {
     plan.tile = Tile::k128x64;  // the one instantiation with 8-byte loads
   } else if (p.groups > 1) {
     plan.tile = Tile::k64x64;  // the one with 16-byte loads that takes groups
+  } else if (p.input2) {
+    // the dual instantiations: 128x128 where its blocks fill the GPU (or asked for), else 128x64
+    plan.tile = tile == int(Tile::k128x128) || (tile < 0 && ceil_div(M, 128) * ceil_div(p.K, 128) >= num_sms)
+                    ? Tile::k128x128
+                    : Tile::k128x64;
   } else if (tile >= 0 && tile < kNumTiles) {
     plan.tile = Tile(tile);
   } else if (p.K <= 64) {

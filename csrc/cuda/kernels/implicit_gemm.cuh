@@ -89,7 +89,7 @@ RF_DEVICE int swizzle(int row, int u) {
   return row * kRowBytes + ((kRowBytes == 64 ? u ^ ((row >> 1) & 3) : u ^ (row & 7)) << 4);
 }
 
-template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped, bool kDual>
 RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, int splits) {
   using Tr = Traits<kDType>;
   using T = typename Tr::T;
@@ -110,6 +110,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   constexpr int kStageBytes = (BM + BN) * kRowBytes;
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
   static_assert(kDType != DType::kFloat || (!kNarrow && !kGrouped), "TF32: 16-byte loads, groups 1");
+  static_assert(!kDual || (!kNarrow && !kGrouped && kDType != DType::kFloat), "dual: 16-byte loads, groups 1, f16/bf16");
 
   char* smem = rf::arch::dynamic_smem();
   const int tid = int(threadIdx.x);
@@ -121,8 +122,9 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   // weight zero outside its own group (B's chunks of other groups are zero-filled, not read): a
   // block-diagonal product, as ResNeXt's 4-32 channel groups need. Ungrouped: c_base 0, Cr = C.
   // (kGrouped: the instantiations that take groups; the others run groups 1 only, as compiled.)
+  // Dual: the reduction runs over input's C channels, then input2's C2 (R = S = 1, groups 1).
   const int groups = kGrouped ? p.groups : 1;
-  const int cin_g = p.C / groups, kout_g = p.K / groups;
+  const int cin_g = kDual ? p.C + p.C2 : p.C / groups, kout_g = p.K / groups;
   const int g_first = kGrouped ? bn / kout_g : 0;
   const int g_last = kGrouped ? ((bn + BN < p.K ? bn + BN : p.K) - 1) / kout_g : 0;
   const int c_base = g_first * cin_g, Cr = (g_last - g_first + 1) * cin_g;
@@ -133,6 +135,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   const int nkt = int(int64_t(blockIdx.z + 1) * ktiles / splits) - kt_begin;
 
   const T* x = static_cast<const T*>(p.input);
+  const T* x2 = static_cast<const T*>(p.input2);
   const T* w = static_cast<const T*>(p.weight);
 
   // This thread's chunks: column `cc` of rows r0, r0 + kRowsPerPass, ... of each tile. The
@@ -142,18 +145,21 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   // columns (bits 16-31) that fall inside the image; per step, one offset and one bit pair for
   // the filter position are shared by all rows. Element offsets fit 32 bits (conv_unsupported).
   const int cc = tid % kChunksPerRow, r0 = tid / kChunksPerRow;
-  int a_base[kAIters];
+  // Dual: a row's pixel in input2 (stride2, no padding) too.
+  int a_base[kAIters], a_base2[kDual ? kAIters : 1];
   uint32_t a_mask[kAIters];
 #pragma unroll
   for (int i = 0; i < kAIters; ++i) {
     const int m = bm + r0 + i * kRowsPerPass;
     a_base[i] = 0;
     a_mask[i] = 0;
+    if constexpr (kDual) a_base2[i] = 0;
     if (m < M) {
       const int n = m / PQ, pq = m - n * PQ;
       const int pp = pq / p.Q, qq = pq - pp * p.Q;
       const int h0 = pp * p.stride_h - p.pad_h, w0 = qq * p.stride_w - p.pad_w;
       a_base[i] = ((n * p.H + h0) * p.W + w0) * p.C + c_base;
+      if constexpr (kDual) a_base2[i] = ((n * p.H2 + pp * p.stride2) * p.W2 + qq * p.stride2) * p.C2;
       for (int r = 0; r < p.R; ++r)
         if (unsigned(h0 + r * p.dil_h) < unsigned(p.H)) a_mask[i] |= 1u << r;
       for (int s = 0; s < p.S; ++s)
@@ -229,10 +235,16 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
     const bool k_ok = kk < RSC;
     char* sa = smem + stage * kStageBytes + dst0;
     char* sb = sa + BM * kRowBytes;
+    // (dual: this thread's chunk is wholly in one input, as C % 8 == 0; c is its channel)
+    const bool second = kDual && c >= p.C;
 #pragma unroll
     for (int i = 0; i < kAIters; ++i) {
       const bool ok = k_ok && (a_mask[i] & rs_bits) == rs_bits;
-      copy(sa + i * kRowsPerPass * kRowBytes, x + (a_base[i] + a_off), ok);
+      if constexpr (kDual) {
+        copy(sa + i * kRowsPerPass * kRowBytes, second ? x2 + (a_base2[i] + (c - p.C)) : x + (a_base[i] + a_off), ok);
+      } else {
+        copy(sa + i * kRowsPerPass * kRowBytes, x + (a_base[i] + a_off), ok);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kBIters; ++i) {
@@ -431,7 +443,7 @@ RF_KERNEL void __launch_bounds__(kThreadsOf<kTile>) conv_kernel(ConvParams p, in
   }
 }
 
-template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped, bool kDual>
 cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
   static_assert(kShapePlanned<kTile>, "the kernel's tile is the one plan_conv plans with (kTileBM/BN/BK)");
   constexpr int BM = Shape<kTile>::BM, BN = Shape<kTile>::BN;
@@ -450,21 +462,25 @@ cudaError_t launch(const ConvParams& p, int splits, cudaStream_t stream) {
   static const char* const kTf32Name[kNumTiles] = {"conv_kernel<128x128,tf32>", "conv_kernel<128x64,tf32>",
                                                    "conv_kernel<64x64,tf32>", "conv_kernel<128x128k64,tf32>",
                                                    "conv_kernel<256x128,tf32>"};
+  static const char* const kDualName[2][2] = {{"conv_kernel<128x128,f16,dual>", "conv_kernel<128x128,bf16,dual>"},
+                                              {"conv_kernel<128x64,f16,dual>", "conv_kernel<128x64,bf16,dual>"}};
   static_assert(!kGrouped || kNarrow || kTile == Tile::k64x64, "named: the wide grouped kernel is 64x64");
+  static_assert(!kDual || kTile == Tile::k128x128 || kTile == Tile::k128x64, "named: the dual kernels");
   const int M = p.N * p.P * p.Q;
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((p.K + BN - 1) / BN), unsigned(splits));
   const char* name = kDType == DType::kFloat    ? kTf32Name[int(kTile)]
+                     : kDual                ? kDualName[kTile != Tile::k128x128][kDType == DType::kBFloat16]
                      : kGrouped && !kNarrow ? kGroupedName[kDType == DType::kBFloat16]
                                             : kName[int(kTile)][kDType == DType::kBFloat16][kNarrow];
-  return rf::arch::launch(name, &conv_kernel<kTile, kDType, kNarrow, kGrouped>,
+  return rf::arch::launch(name, &conv_kernel<kTile, kDType, kNarrow, kGrouped, kDual>,
                           grid, dim3(kThreadsOf<kTile>), smem_bytes<kTile>(), stream, p, splits);
 }
 
 }  // namespace igemm
 
-template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped>
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped, bool kDual>
 cudaError_t launch_conv_instance(const ConvParams& p, int splits, cudaStream_t stream) {
-  return igemm::launch<kTile, kDType, kNarrow, kGrouped>(p, splits, stream);
+  return igemm::launch<kTile, kDType, kNarrow, kGrouped, kDual>(p, splits, stream);
 }
 
 }  // namespace resnet_fused::cuda

@@ -27,6 +27,12 @@ struct ConvParams {
   int groups = 1;  // output channel k sees input channels [g C/groups, (g + 1) C/groups), g = k / (K/groups)
   bool relu = false;
   DType dtype = DType::kHalf;
+  // Dual (a bottleneck's last 1x1 and its downsample 1x1 in one product): a second input
+  // [N, H2, W2, C2] read by a 1x1 convolution of stride `stride2`, no padding, and the weight
+  // [K, C + C2], the two layers' weights side by side; the first input is then the 1x1 stride-1
+  // convolution's (H = P, W = Q). out = act(input . w[:, :C] + input2[::s, ::s] . w[:, C:] + bias).
+  const void* input2 = nullptr;
+  int C2 = 0, H2 = 0, W2 = 0, stride2 = 1;
 };
 
 // The block tiles (output pixels x output channels), each one kernel instantiation per dtype in
@@ -51,7 +57,9 @@ struct ConvPlan {
   size_t workspace_bytes = 0;
 };
 
-// Why our kernel cannot run p, or nullptr when it can. Needs groups 1 in float32, input channels per group
+// Why our kernel cannot run p, or nullptr when it can. Dual (p.input2): float16/bfloat16, groups
+// 1, a 1x1 stride-1 unpadded first convolution, C and C2 multiples of 8, P = (H2 - 1) / stride2 + 1
+// (likewise Q). Needs groups 1 in float32, input channels per group
 // a multiple of 4 (the launch layer pads a 3-channel input to 4), K % 8 == 0, filters up to
 // 16 x 16, inputs and weights of under 2^31 elements (32-bit element offsets).
 const char* conv_unsupported(const ConvParams& p);
@@ -67,7 +75,8 @@ cudaError_t launch_conv(const ConvParams& p, const ConvPlan& plan, cudaStream_t 
 // p.groups > 1 (the 8-byte-load kernel, whose register count it leaves at the same occupancy, and
 // a 64x64 one, implicit_gemm_64x64g_*.cu); the others are compiled for groups 1 (the grouped
 // loader's state costs the large tiles 5-20 registers, the small ones a block per SM).
-template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped = kNarrow>
+// kDual: the instantiations that take input2 (128x128 and 128x64, float16 and bfloat16).
+template <Tile kTile, DType kDType, bool kNarrow, bool kGrouped = kNarrow, bool kDual = false>
 cudaError_t launch_conv_instance(const ConvParams& p, int splits, cudaStream_t stream);
 
 }  // namespace resnet_fused::cuda
