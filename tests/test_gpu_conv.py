@@ -88,6 +88,40 @@ def test_every_tile_full_size(algo, shape):
         torch.testing.assert_close(buf, out, rtol=0, atol=0)
 
 
+# ResNet-50's downsampling blocks' last 1x1 + downsample (test_emu_dual.RESNET50_DUAL) at full size.
+DUAL_BLOCKS = [(64, 64, 256, 1, 56), (128, 256, 512, 2, 56), (256, 512, 1024, 2, 28), (512, 1024, 2048, 2, 14)]
+
+
+@pytest.mark.parametrize("shape", DUAL_BLOCKS, ids=lambda s: "C{}+{}K{}s{}H{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("n", [1, 8])
+def test_dual_full_size(shape, dtype, n):
+    """Our dual kernel (each tile, and as planned) against eager's pair (cuDNN: each conv rounded,
+    then add, ReLU) and float64; and the op's cuDNN path (algo -2) under the same rule."""
+    c1, c2, k, s, h = shape
+    g = torch.Generator(device="cuda").manual_seed(c1)
+    p = (h - 1) // s + 1
+    y = torch.randn(n, c1, p, p, device="cuda", generator=g).relu().to(dtype).contiguous(memory_format=CL)
+    x = torch.randn(n, c2, h, h, device="cuda", generator=g).relu().to(dtype).contiguous(memory_format=CL)
+    w1 = (torch.randn(k, c1, 1, 1, device="cuda", generator=g) / c1 ** 0.5).to(dtype)
+    w2 = (torch.randn(k, c2, 1, 1, device="cuda", generator=g) / c2 ** 0.5).to(dtype)
+    b1, b2 = torch.randn(k, device="cuda", generator=g) * 0.5, torch.randn(k, device="cuda", generator=g) * 0.5
+
+    def pair(dt, fmt):
+        a = F.conv2d(y.to(dt).contiguous(memory_format=fmt), w1.to(dt), b1.to(dt))
+        return (a + F.conv2d(x.to(dt).contiguous(memory_format=fmt), w2.to(dt), b2.to(dt), stride=s)).relu()
+
+    ref = pair(torch.float64, torch.contiguous_format).cpu()
+    eagers = [pair(dtype, f).cpu() for f in (torch.contiguous_format, CL)]
+    mag = (F.conv2d(y.double().abs(), w1.double().abs(), b1.double().abs())
+           + F.conv2d(x.double().abs(), w2.double().abs(), b2.double().abs(), stride=s)).cpu()
+    w = torch.cat([w1, w2], 1).contiguous(memory_format=CL)
+    for algo in (-1, 0, 1, -2):
+        out = torch.ops.resnet_fused.cuda_conv1x1_dual_bias_act.default(y, w, b1 + b2, x, s, True, algo)
+        assert out.is_contiguous(memory_format=CL)
+        assert_accuracy_rule(out.cpu(), eagers, ref, what=f"dual algo {algo} {shape} batch {n}", magnitude=mag)
+
+
 # ResNeXt-50 32x4d's grouped 3x3s at full size (32 groups of 4, 8, 16 and 32 channels).
 RESNEXT50_GROUPED = [(128, 1, 56), (256, 2, 56), (256, 1, 28), (512, 2, 28), (512, 1, 14), (1024, 2, 14),
                      (1024, 1, 7)]
@@ -139,8 +173,9 @@ def test_tuned_resnet50_chooses_measured_paths_within_the_accuracy_rule(tactics_
     out, eagers, ref, fused = fused_and_reference(model, torch.randn(4, 3, 96, 96), torch.float16, "cuda", True)
     assert_accuracy_rule(out, eagers, ref, what="resnet50 f16 tuned, first call")
     choices = fused.fuse_report.tactics
-    names = set(tactics.CUDA_ALGOS) | {tactics.CUDNN_FUSED}
+    names = set(tactics.CUDA_ALGOS) | {tactics.CUDNN_FUSED, tactics.SEPARATE} | {c.name for c in tactics.DUAL_CANDIDATES}
     assert choices and all(t["choice"] in names and t["times_ms"] for t in choices), choices
+    assert sum(" + " in t["layer"] for t in choices) == 4  # (the downsampling blocks' pairs: FusedDual)
     x = torch.randn(4, 3, 96, 96)
     with torch.inference_mode():
         again = fused(x.to("cuda", torch.float16).contiguous(memory_format=CL)).cpu()

@@ -11,7 +11,7 @@ from .cuda_graph import CUDAGraphModule, cuda_graph
 from .export import export, hold_for_serving, trace, unpack_weights
 from .fold import fold_conv_bn
 from .fuse import FuseReport, fuse
-from .modules import FusedAddReLU, FusedConv2d
+from .modules import FusedAddReLU, FusedConv2d, FusedDual
 from .ops import add_relu, conv2d_bias_act, prepack_conv2d_weight
 from . import tactics
 from .tactics import tune
@@ -49,6 +49,7 @@ __all__ = [
     "hold_for_serving",
     "FuseReport",
     "FusedAddReLU",
+    "FusedDual",
     "FusedConv2d",
     "add_relu",
     "conv2d_bias_act",

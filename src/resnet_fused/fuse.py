@@ -8,6 +8,8 @@ Patterns (each a small match on the graph, in this order):
   fused_conv -> add(., other)     absorb the residual (the add's only producer of that operand)
      -> relu                      ... and the ReLU after it
   add(a, b) -> relu               FusedAddReLU (a join no conv could absorb)
+  1x1 fused_conv(y, residual=1x1 downsample(x))
+                                  FusedDual (on CUDA, one product over both reductions where faster)
   conv (anything left)            FusedConv2d with the conv's own bias
 What does not match is left as it is, and the report says why.
 """
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fold import can_fold, fold_conv_bn, master_dtype
-from .modules import FusedAddReLU, FusedConv2d, FusedLinear, FusedMaxPool2d, InputsFinite, ToChannelsLast
+from .modules import (FusedAddReLU, FusedConv2d, FusedDual, FusedLinear, FusedMaxPool2d, InputsFinite,
+                      ToChannelsLast)
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -83,7 +86,7 @@ class _Tracer(fx.Tracer):
     """torch.nn modules and our fused modules are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConv2d, FusedAddReLU, FusedMaxPool2d, ToChannelsLast, InputsFinite)):
+        if isinstance(m, (FusedConv2d, FusedDual, FusedAddReLU, FusedMaxPool2d, ToChannelsLast, InputsFinite)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -453,6 +456,30 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
         for n in fused_calls:
             n.kwargs = {**n.kwargs, "assume_finite": finite}
 
+    # 7. A bottleneck's last 1x1 whose residual is its downsample 1x1 (read by nothing else): the
+    #    pair becomes one FusedDual, which on CUDA may run both as one product (see FusedDual).
+    def plain_1x1(mod, stride_one: bool) -> bool:
+        return (type(mod) is FusedConv2d and tuple(mod.kernel_size) == (1, 1) and list(mod.padding) == [0, 0]
+                and list(mod.dilation) == [1, 1] and mod.groups == 1 and mod.stride[0] == mod.stride[1]
+                and (not stride_one or mod.stride[0] == 1))
+
+    for node in list(graph.nodes):
+        conv = fused_conv(node)
+        if conv is None or not conv.residual or len(node.args) != 2 or not plain_1x1(conv, True):
+            continue
+        other = node.args[1]
+        ds = fused_conv(other) if isinstance(other, fx.Node) else None
+        if ds is None or ds.relu or ds.residual or len(other.users) != 1 or not plain_1x1(ds, False):
+            continue
+        dual = FusedDual(conv, ds)
+        dual.downsample_name = prefix + other.target
+        _set_module(gm, node.target, dual)
+        with graph.inserting_before(node):
+            new = graph.call_module(node.target, (node.args[0], other.args[0]), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(other)
+
     for target, pat in pattern.items():
         report.fused.append((prefix + target, pat))
     for node in graph.nodes:
@@ -471,7 +498,7 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
 
 
 def _fuse_module(module: nn.Module, report: FuseReport, prefix: str, prepack: bool, channels_last: bool):
-    if isinstance(module, (FusedConv2d, FusedAddReLU)):
+    if isinstance(module, (FusedConv2d, FusedDual, FusedAddReLU)):
         return module
     try:
         gm = _trace(module)
@@ -553,6 +580,11 @@ def fuse(
             m.tune = tune
             m.tune_name = name
             m._tuned = {}
+            m._tactics_log = report.tactics
+    for name, m in fused.named_modules():
+        if isinstance(m, FusedDual):  # (its two layers keep their names in the model)
+            m.conv.tune_name, m.downsample.tune_name = name, m.downsample_name
+            m._choice = {}
             m._tactics_log = report.tactics
     for p in fused.parameters():
         p.requires_grad_(False)  # inference-only: nothing of it is trained

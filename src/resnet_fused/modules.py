@@ -699,6 +699,88 @@ class FusedLinear(FusedConv2d):
         return torch.nn.functional.linear(x.flatten(1), hit[0], hit[1])[:, :, None, None]
 
 
+class FusedDual(nn.Module):
+    """A bottleneck's last 1x1 (``conv``: with the block's residual and ReLU) whose residual is its
+    downsample 1x1 (``downsample``: no ReLU) of the block's input; fuse() makes it. On CUDA in
+    float16/bfloat16 (channels-last, ``tune``) the pair runs as one product over both reductions
+    (our dual kernel: the downsample's output is never written nor read back) where the tactics
+    measured that faster than the two layers (tactics.decide_dual); everywhere else, and while a
+    graph is captured or compiled, as the two layers, each on its own choice, as before."""
+
+    def __init__(self, conv: FusedConv2d, downsample: FusedConv2d):
+        super().__init__()
+        self.conv, self.downsample = conv, downsample
+        self._choice: dict = {}  # input regime -> tactics.SEPARATE or a dual tile
+        self._weights_cache: tuple = ()  # (key, w, b)
+        self._lock = threading.Lock()
+        self._tactics_log = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_choice"], state["_weights_cache"] = {}, ()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def stride2(self) -> int:
+        return int(self.downsample.stride[0])
+
+    @property
+    def tune_name(self) -> str:
+        return f"{self.conv.tune_name} + {self.downsample.tune_name}"
+
+    def separate(self, y: Tensor, x: Tensor, assume_finite: bool = False) -> Tensor:
+        return self.conv(y, self.downsample(x, assume_finite=assume_finite), assume_finite=assume_finite)
+
+    def dual_weights(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """[conv's weight | downsample's] in y's dtype, channels-last, and the sum of their biases
+        (float32), cached for the weights they were made from."""
+        c, d = self.conv, self.downsample
+        key = (y.dtype, y.device, c._weights_token(), d._weights_token())
+        if not self._weights_cache or self._weights_cache[0] != key:
+            with torch.no_grad():
+                w = torch.cat([c.dense_weight(), d.dense_weight()], 1).to(y.dtype)
+                w = w.contiguous(memory_format=torch.channels_last)
+                b = c.bias.to(torch.float32) + d.bias.to(torch.float32)
+            self._weights_cache = (key, w, b)
+        return self._weights_cache[1], self._weights_cache[2]
+
+    def _path(self, y: Tensor, x: Tensor, assume_finite: bool) -> str:
+        key = (tuple(y.shape), tuple(x.shape), y.dtype, x.dtype, y.device, _is_channels_last(y), _is_channels_last(x),
+               tactics.cuda_backend())
+        name = self._choice.get(key)
+        if name is None:
+            with self._lock:
+                name = self._choice.get(key)
+                if name is None:
+                    name, record = tactics.SEPARATE, {}
+                    if tactics.dual_applies(self, y, x):
+                        name, record = tactics.decide_dual(self, y, x, assume_finite)
+                        if self._tactics_log is not None:
+                            self._tactics_log.append({
+                                "layer": self.tune_name, "input": "x".join(map(str, x.shape)),
+                                "threads": torch.get_num_threads(),
+                                "choice": name, "source": record.get("source", ""),
+                                "times_ms": record.get("times_ms", {}), "rejected": record.get("rejected", {})})
+                    if name == tactics.SEPARATE:
+                        self._weights_cache = ()  # (the pair's weight is not kept for the two layers)
+                    self._choice = {**self._choice, key: name}
+        return name
+
+    def forward(self, y: Tensor, x: Tensor, assume_finite: bool = False) -> Tensor:
+        if (self.conv.tune and self.downsample.tune and tactics.cuda_tunable(self.conv, y)
+                and not capturing_for_serving() and not torch.compiler.is_compiling()):
+            name = self._path(y, x, assume_finite)
+            if name != tactics.SEPARATE:
+                w, b = self.dual_weights(y)
+                return next(c for c in tactics.DUAL_CANDIDATES if c.name == name).run(self, y, w, b, x)
+        return self.separate(y, x, assume_finite)
+
+
 class FusedAddReLU(nn.Module):
     """``relu(a + b)`` for a residual join that no convolution absorbed. Operands of different
     shapes or dtypes (broadcasting, type promotion) take PyTorch's own ops, so the result is

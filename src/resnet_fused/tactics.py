@@ -400,6 +400,148 @@ class CudnnFused(CudaCandidate):
 CUDA_CANDIDATES: list = [CudaAlgo(n) for n in CUDA_ALGOS] + [CudnnFused()]
 
 
+# --- a bottleneck's last 1x1 and its downsample 1x1 in one product (modules.FusedDual) --------------
+#: The pair run as two layers, each on its own choice (the yardstick of the dual's accuracy rule).
+SEPARATE = "separate"
+
+
+class DualTile:
+    """Our dual kernel in one tile (the op cuda_conv1x1_dual_bias_act): the block's last 1x1 and its
+    downsample as one product over both reductions, both biases, the ReLU; the downsample's output
+    is never written nor read back."""
+
+    def __init__(self, name: str, algo: int):
+        self.name, self.algo = name, algo
+
+    def run(self, layer, y: Tensor, w: Tensor, b: Tensor, x: Tensor) -> Tensor:
+        return torch.ops.resnet_fused.cuda_conv1x1_dual_bias_act.default(y, w, b, x, layer.stride2, layer.conv.relu,
+                                                                          self.algo)
+
+    def __repr__(self) -> str:
+        return f"<dual candidate {self.name}>"
+
+
+DUAL_CANDIDATES: list = [DualTile("dual128x128", CUDA_ALGOS["tc128x128"]), DualTile("dual128x64", CUDA_ALGOS["tc128x64"])]
+
+
+def dual_unsupported(y: Tensor, w: Tensor, x: Tensor, stride2: int) -> str:
+    """Why our dual kernel cannot run these operands ("" when it can)."""
+    if not hasattr(torch.ops.resnet_fused, "_cuda_dual_unsupported"):
+        return "a build without CUDA kernels"
+    return torch.ops.resnet_fused._cuda_dual_unsupported.default(y, w, x, stride2)
+
+
+def dual_applies(layer, y: Tensor, x: Tensor) -> bool:
+    """Whether the dual kernel is a candidate for FusedDual ``layer`` on inputs y (the last 1x1's)
+    and x (the downsample's): the CUDA regime of both layers (float16/bfloat16 channels-last;
+    float32 stays with the two layers), our backend, and a shape the kernel takes."""
+    if y.dtype == torch.float32 or cuda_backend() != "ours":
+        return False
+    if not (cuda_tunable(layer.conv, y) and cuda_tunable(layer.downsample, x)):
+        return False
+    if y.dtype != layer.conv.dtype or x.dtype != y.dtype or y.device != x.device:
+        return False
+    w, _ = layer.dual_weights(y)
+    return dual_unsupported(y, w, x, layer.stride2) == ""
+
+
+def dual_problem_key(layer, y: Tensor, x: Tensor) -> str:
+    return (f"dual C{layer.conv.in_channels}+{layer.downsample.in_channels} K{layer.conv.out_channels} "
+            f"s{layer.stride2} {str(y.dtype).replace('torch.', '')} relu={int(bool(layer.conv.relu))} "
+            f"N{x.shape[0]} H{x.shape[2]} W{x.shape[3]}")
+
+
+def _dual_reference(layer, y: Tensor, x: Tensor, rows) -> tuple[Tensor, float]:
+    """The pair in float64 on images ``rows``, and the scale of its terms."""
+    c, d = layer.conv, layer.downsample
+    yd, xd = y[rows].double(), x[rows].double()
+    w1, w2 = c.dense_weight().double(), d.dense_weight().double()
+    b1, b2 = c.bias.double(), d.bias.double()
+    ref = F.conv2d(yd, w1, b1) + F.conv2d(xd, w2, b2, stride=d.stride)
+    mag = F.conv2d(yd.abs(), w1.abs(), b1.abs()) + F.conv2d(xd.abs(), w2.abs(), b2.abs(), stride=d.stride)
+    if c.relu:
+        ref = ref.relu()
+    return ref, max(ref.abs().max().item(), mag.max().item()) if ref.numel() else 0.0
+
+
+def measure_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> dict:
+    """Time the pair as two layers (each on its own choice, as the model runs them) against each
+    dual tile, L2 flushed before each call, and check each output against float64: a tile whose
+    error is above 2x the two layers' + one ulp of the terms' scale is rejected. A record as
+    measure() returns."""
+    clock = _Clock(y.device)
+    with torch.no_grad():
+        y, x = _finite_inputs(y, x)
+        w, b = layer.dual_weights(y)
+        calls = {SEPARATE: lambda: layer.separate(y, x, assume_finite)}
+        for c in DUAL_CANDIDATES:
+            calls[c.name] = functools.partial(c.run, layer, y, w, b, x)
+        outs, failed = {}, {}
+        for name, fn in list(calls.items()):  # warm-up (the two layers make their own choices here)
+            try:
+                outs[name] = fn().clone()
+            except Exception as err:  # noqa: BLE001 - one failing kernel must not stop the others
+                if name == SEPARATE:
+                    raise
+                failed[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                del calls[name]
+        times: dict = {n: [] for n in calls}
+        for i in range(MAX_TIMED_CALLS):
+            for name, fn in calls.items():
+                _flush(y.device)
+                times[name].append(clock(fn))
+            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
+                break
+        rows = sorted({0, y.shape[0] - 1})
+        ref, scale = _dual_reference(layer, y, x, rows)
+        ulp = torch.finfo(y.dtype).eps * max(scale, 1e-30)
+        errors = {}
+        for name, out in outs.items():
+            o = out[rows].double()
+            errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
+        yard = errors[SEPARATE]
+        rejected = {n: f"error {e:.3g} > 2 x {SEPARATE}'s {yard:.3g} + ulp {ulp:.3g}"
+                    for n, e in errors.items() if not e <= 2.0 * yard + ulp}
+        rejected.update(failed)
+    record = {
+        "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
+        "errors": {n: float(f"{e:.4g}") for n, e in errors.items()},
+        "rejected": rejected,
+    }
+    record["fastest"] = _pick(record, list(times))
+    return record
+
+
+def decide_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> tuple[str, dict]:
+    """SEPARATE or a dual tile for FusedDual ``layer`` (measured once per machine and shape, cached
+    beside the layers' choices; the two layers are kept where a tile is within TIE of them)."""
+    mkey = machine_key(y.device)
+    mid, problem, path = machine_id(mkey), dual_problem_key(layer, y, x), cache_path()
+    names = [SEPARATE] + [c.name for c in DUAL_CANDIDATES]
+    with _lock:
+        entries = _entries(path, mid)
+        record = entries.get(problem)
+    source = "cache"
+    if not (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
+            and isinstance(record.get("rejected", {}), dict)
+            and all(n in record["times_ms"] or n in record.get("rejected", {}) for n in names)):
+        record = measure_dual(layer, y, x, assume_finite)
+        source = "measured"
+        with _lock:
+            _stats["measured"] += 1
+            entries[problem] = record
+            _write(path, mkey, mid, problem, record)
+    else:
+        with _lock:
+            _stats["cache_hits"] += 1
+    choice = _pick(record, names, prefer=SEPARATE) or SEPARATE
+    listed = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
+    _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} {layer.tune_name or problem}: {choice} "
+         f"({listed} ms)", quiet=source != "measured")
+    return choice, {"source": source, "times_ms": dict(record["times_ms"]), "rejected": dict(record.get("rejected", {})),
+                    "problem": problem}
+
+
 def candidate(name: str) -> Candidate:
     for c in CANDIDATES + CUDA_CANDIDATES:
         if c.name == name:
