@@ -409,6 +409,8 @@ def run_layer_benchmark(args) -> dict:
     for name, c, k, kernel, stride, h, residual, *grouping in progress(table, len(table), "layers"):
         groups = grouping[0] if grouping else 1
         pad = kernel // 2
+        relu = " ds " not in name  # (a downsample has no ReLU: cuDNN's fused op cannot run it)
+        act = torch.relu if relu else (lambda t: t)
         conv = nn.Conv2d(c, k, kernel, stride, pad, bias=False, groups=groups)
         bn = nn.BatchNorm2d(k).eval()
         with torch.no_grad():
@@ -418,15 +420,15 @@ def run_layer_benchmark(args) -> dict:
         chain_cl = copy.deepcopy(chain).to(memory_format=torch.channels_last)
         w, b = resnet_fused.fold_conv_bn(conv, bn)
         fused = resnet_fused.FusedConv2d.from_conv(conv, w, b, [pad, pad], folded_bn=True)
-        fused.relu, fused.residual = True, residual
+        fused.relu, fused.residual = relu, residual
         fused = fused.to(device=device, dtype=dtype)
         x = torch.randn(batch, c, h, h, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         ho = (h + 2 * pad - kernel) // stride + 1
         r = torch.randn(batch, k, ho, ho, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         xn, rn = x.contiguous(), r.contiguous()
         cands = {
-            "eager": lambda _: torch.relu(chain(xn) + rn) if residual else torch.relu(chain(xn)),
-            "eager_cl": lambda _: torch.relu(chain_cl(x) + r) if residual else torch.relu(chain_cl(x)),
+            "eager": lambda _: act(chain(xn) + rn) if residual else act(chain(xn)),
+            "eager_cl": lambda _: act(chain_cl(x) + r) if residual else act(chain_cl(x)),
             # as a fused model calls it (its input checked finite once per forward)
             "fused": lambda _: fused(x, r, assume_finite=True) if residual else fused(x, assume_finite=True),
         }
@@ -447,11 +449,11 @@ def run_layer_benchmark(args) -> dict:
                 # our TF32 kernel itself (a fused model runs it only where the tactics chose it)
                 algo, bd = tactics.fixed_cuda_tile(groups, c, dtype), b.to(device=device, dtype=torch.float32)
                 cands["ours_tf32"] = lambda _: torch.ops.resnet_fused.cuda_conv2d_bias_act.default(
-                    x, wf, bd, r if residual else None, [stride] * 2, [pad] * 2, [1, 1], groups, True, algo)
-            if residual:
+                    x, wf, bd, r if residual else None, [stride] * 2, [pad] * 2, [1, 1], groups, relu, algo)
+            if relu and residual:
                 cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_add_relu(
                     x, wf, r, 1.0, bf, [stride] * 2, [pad] * 2, [1, 1], groups)
-            else:
+            elif relu:
                 cands["cudnn_fused"] = lambda _: torch.cudnn_convolution_relu(
                     x, wf, bf, [stride] * 2, [pad] * 2, [1, 1], groups)
         flops = 2 * batch * k * ho * ho * c // groups * kernel * kernel
