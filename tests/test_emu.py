@@ -453,12 +453,13 @@ def test_emulator_error_names_kernel_block_thread_and_line():
 def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
     """A fused torchvision ResNet with every convolution run by the emulated GPU kernel, as
     conv2d_bias_act runs it on a GPU (the module's weight and bias, its residual, in place or
-    not), against float64 and eager in the same dtype (float32: eager as a GPU runs it under
+    not; the downsampling blocks' pairs as our dual kernel in float16/bfloat16), against float64 and
+    eager in the same dtype (float32: eager as a GPU runs it under
     torch.backends.cudnn.allow_tf32, each convolution's input and weight rounded to TF32; ResNeXt's
     grouped layers, which keep cuDNN there, run eager's way)."""
     from test_fuse import fused_and_reference, torchvision_model  # skips without torchvision
 
-    from resnet_fused import FusedConv2d
+    from resnet_fused import FusedConv2d, FusedDual
     from resnet_fused.modules import FusedLinear
 
     calls = []
@@ -480,11 +481,24 @@ def test_whole_model_on_the_emulated_gpu_kernel(name, dtype, monkeypatch):
         return E.conv2d_bias_act(x, w, self.bias.float(), residual, self.stride, self.padding, self.dilation,
                                  self.relu, H100_SMS, -1, -1, self.groups)
 
+    duals = []
+
+    def dual_on_emulated_gpu_kernel(self, y, x, assume_finite=False):
+        # (float16/bfloat16: a downsampling block's last 1x1 and its downsample as our dual kernel,
+        # as FusedDual runs it where the tactics chose it; float32 keeps the two layers)
+        if y.dtype == torch.float32:
+            return self.separate(y, x, assume_finite)
+        duals.append(self)
+        w, b = self.dual_weights(y)
+        return E.conv1x1_dual_bias_act(y, w, b, x, self.stride2, self.conv.relu, H100_SMS, -1, -1)
+
     monkeypatch.setattr(FusedConv2d, "forward", on_emulated_gpu_kernel)
+    monkeypatch.setattr(FusedDual, "forward", dual_on_emulated_gpu_kernel)
     model = torchvision_model(name)
     x = torch.randn(2, 3, 64, 64)
     out, eagers, ref, fused = fused_and_reference(model, x, dtype, "cpu", channels_last=True)
-    assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert len(calls) + 2 * len(duals) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert len(duals) == (0 if dtype == torch.float32 or name == "resnet18" else 4)
     if dtype == torch.float32:
         eagers = eager_on_tf32(model, x)
     assert_accuracy_rule(out, eagers, ref, what=f"{name} {dtype} on the emulated kernel")
