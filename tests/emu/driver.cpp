@@ -1,6 +1,6 @@
 // The emulator and our kernels without torch, for the sanitizer builds (tests/test_emu_sanitizers.py
 // compiles this with -fsanitize=thread, and with -fsanitize=address,undefined): the self-tests,
-// the epilogue kernel and the fused convolution (every tile, split-K, the narrow stem path)
+// the epilogue kernel and the fused convolution (every tile, split-K, the narrow stem path, the dual)
 // against float64 references, blocks spread over several OS threads. Exit code 0: all passed.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -140,6 +140,67 @@ void conv(int N, int C, int K, int R, int stride, int H, int W, int tile, int sp
   check(launched && worst < 4e-3, std::string(what) + (launched ? "" : ": " + rf::emu::last_error()));
 }
 
+// The dual kernel: act(y . w[:, :C1] + x[::s, ::s] . w[:, C1:] + bias), y [N, P, Q, C1], x [N, H2, W2, C2].
+void dual(int N, int C1, int C2, int K, int stride, int H2, int W2, int tile, int splits) {
+  const int P = (H2 - 1) / stride + 1, Q = (W2 - 1) / stride + 1, C = C1 + C2;
+  std::mt19937 rng(N * 1000 + C1 * 10 + K);
+  std::normal_distribution<float> d;
+  std::vector<__half> y(size_t(N) * P * Q * C1), x(size_t(N) * H2 * W2 * C2), w(size_t(K) * C), out(size_t(N) * P * Q * K);
+  std::vector<float> bias(K);
+  for (auto& v : y) v = __float2half_rn(d(rng));
+  for (auto& v : x) v = __float2half_rn(d(rng));
+  for (auto& v : w) v = __float2half_rn(d(rng) / std::sqrt(float(C)));
+  for (auto& v : bias) v = d(rng);
+  ConvParams p;
+  p.input = y.data();
+  p.input2 = x.data();
+  p.weight = w.data();
+  p.bias = bias.data();
+  p.output = out.data();
+  p.N = N;
+  p.H = p.P = P;
+  p.W = p.Q = Q;
+  p.C = C1;
+  p.C2 = C2;
+  p.H2 = H2;
+  p.W2 = W2;
+  p.stride2 = stride;
+  p.K = K;
+  p.relu = true;
+  p.dtype = DType::kHalf;
+  const ConvPlan plan = plan_conv(p, 132, tile, splits);
+  std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1);
+  p.workspace = plan.workspace_bytes ? ws.data() : nullptr;
+  std::vector<rf::emu::Buffer> bufs = {{y.data(), y.size() * 2, "input", false},
+                                       {x.data(), x.size() * 2, "input2", false},
+                                       {w.data(), w.size() * 2, "weight", false},
+                                       {bias.data(), bias.size() * 4, "bias", false},
+                                       {out.data(), out.size() * 2, "output", true}};
+  if (plan.workspace_bytes) bufs.push_back({ws.data(), plan.workspace_bytes, "workspace", true});
+  rf::emu::Buffers scope(bufs);
+  const char* why = conv_unsupported(p);
+  const bool launched = !why && launch_conv(p, plan, nullptr) == cudaSuccess;
+  double worst = 0;
+  for (int n = 0; n < N && launched; ++n)
+    for (int pp = 0; pp < P; ++pp)
+      for (int q = 0; q < Q; ++q)
+        for (int k = 0; k < K; ++k) {
+          double acc = bias[k];
+          for (int c = 0; c < C1; ++c)
+            acc += double(h2f(y[((size_t(n) * P + pp) * Q + q) * C1 + c])) * h2f(w[size_t(k) * C + c]);
+          for (int c = 0; c < C2; ++c)
+            acc += double(h2f(x[((size_t(n) * H2 + pp * stride) * W2 + q * stride) * C2 + c])) *
+                   h2f(w[size_t(k) * C + C1 + c]);
+          acc = acc < 0 ? 0 : acc;
+          const size_t o = ((size_t(n) * P + pp) * Q + q) * K + k;
+          worst = std::max(worst, std::fabs(acc - h2f(out[o])) / std::max(1.0, std::fabs(acc)));
+        }
+  char what[160];
+  std::snprintf(what, sizeof(what), "dual N%d C%d+%d K%d s%d %dx%d tile %d splits %d (ran %d)", N, C1, C2, K, stride,
+                H2, W2, tile, splits, plan.splits);
+  check(launched && worst < 4e-3, std::string(what) + (why ? std::string(": ") + why : launched ? "" : ": " + rf::emu::last_error()));
+}
+
 }  // namespace
 
 int main() {
@@ -151,6 +212,8 @@ int main() {
   conv(2, 64, 64, 3, 2, 7, 7, 2, 2, false);
   conv(1, 4, 64, 7, 2, 13, 11, -1, -1, true);  // 4 channels: the 8-byte loads of the stem
   conv(1, 256, 64, 1, 1, 4, 4, -1, 8, true);
+  dual(2, 40, 72, 136, 2, 7, 5, 0, 1);
+  dual(1, 64, 128, 64, 2, 5, 5, 1, 3);
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
