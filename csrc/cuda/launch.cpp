@@ -136,6 +136,23 @@ ConvParams shape_params(at::IntArrayRef in, at::IntArrayRef w, at::IntArrayRef s
   return p;
 }
 
+// Checks that our kernel takes p, plans it (tile, split-K), allocates the split-K workspace on
+// `like`'s device and launches; `bufs` holds the call's other tensors (for the emulator).
+void plan_and_launch(ConvParams& p, Buffers& bufs, const Tensor& like, int64_t num_sms, int64_t tile, int64_t splits,
+                     const char* what) {
+  if (const char* why = conv_unsupported(p)) {
+    TORCH_CHECK_VALUE(false, "resnet_fused: ", what, " cannot run this call: ", why);
+  }
+  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile), int(splits));
+  Tensor ws;
+  if (plan.workspace_bytes) {
+    ws = at::empty({int64_t(plan.workspace_bytes / sizeof(float))}, like.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+  bufs.add_fresh(ws, "split-K workspace", false);
+  check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(like))), what);
+}
+
 }  // namespace
 
 void run_epilogue(const Tensor& src, const Tensor& dst, const Tensor* bias_f, const Tensor* residual, bool relu,
@@ -240,15 +257,6 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
   p.output = out.data_ptr();
   p.relu = relu;
   p.dtype = to_dtype(input.scalar_type());
-  if (const char* why = conv_unsupported(p)) {
-    TORCH_CHECK_VALUE(false, "resnet_fused: the fused convolution kernel cannot run this call: ", why);
-  }
-  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile), int(splits));
-  Tensor ws;
-  if (plan.workspace_bytes) {
-    ws = at::empty({int64_t(plan.workspace_bytes / sizeof(float))}, input.options().dtype(at::kFloat));
-    p.workspace = ws.data_ptr<float>();
-  }
   Buffers bufs;
   bufs.add(x, "input", false);
   bufs.add(w, "weight", false);
@@ -259,8 +267,7 @@ Tensor fused_conv(const Tensor& input, const Tensor& weight, const std::optional
   } else {
     bufs.add_fresh(out, "output", true);
   }
-  bufs.add_fresh(ws, "split-K workspace", false);
-  check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(input))), "the fused convolution kernel");
+  plan_and_launch(p, bufs, input, num_sms, tile, splits, "the fused convolution kernel");
   return out;
 }
 
@@ -330,23 +337,13 @@ Tensor fused_conv_dual(const Tensor& input, const Tensor& weight, const std::opt
   p.relu = relu;
   p.dtype = to_dtype(input.scalar_type());
   if (out.numel() == 0) return out;
-  if (const char* why = conv_unsupported(p)) {
-    TORCH_CHECK_VALUE(false, "resnet_fused: the dual convolution kernel cannot run this call: ", why);
-  }
-  const ConvPlan plan = plan_conv(p, int(num_sms), int(tile), int(splits));
-  Tensor ws;
-  if (plan.workspace_bytes) {
-    ws = at::empty({int64_t(plan.workspace_bytes / sizeof(float))}, input.options().dtype(at::kFloat));
-    p.workspace = ws.data_ptr<float>();
-  }
   Buffers bufs;
   bufs.add(x, "input", false);
   bufs.add(x2, "input2", false);
   bufs.add(w, "weight", false);
   bufs.add(b, "bias", false);
   bufs.add_fresh(out, "output", true);
-  bufs.add_fresh(ws, "split-K workspace", false);
-  check_launch(RF_RUN(bufs, launch_conv(p, plan, stream_of(input))), "the dual convolution kernel");
+  plan_and_launch(p, bufs, input, num_sms, tile, splits, "the dual convolution kernel");
   return out;
 }
 

@@ -485,13 +485,7 @@ def measure_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> di
                     raise
                 failed[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
                 del calls[name]
-        times: dict = {n: [] for n in calls}
-        for i in range(MAX_TIMED_CALLS):
-            for name, fn in calls.items():
-                _flush(y.device)
-                times[name].append(clock(fn))
-            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values()) >= SMALL_ROUND_S:
-                break
+        times = _timed_rounds(calls, clock, y.device)
         rows = sorted({0, y.shape[0] - 1})
         ref, scale = _dual_reference(layer, y, x, rows)
         ulp = torch.finfo(y.dtype).eps * max(scale, 1e-30)
@@ -515,25 +509,8 @@ def measure_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> di
 def decide_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> tuple[str, dict]:
     """SEPARATE or a dual tile for FusedDual ``layer`` (measured once per machine and shape, cached
     beside the layers' choices; the two layers are kept where a tile is within TIE of them)."""
-    mkey = machine_key(y.device)
-    mid, problem, path = machine_id(mkey), dual_problem_key(layer, y, x), cache_path()
-    names = [SEPARATE] + [c.name for c in DUAL_CANDIDATES]
-    with _lock:
-        entries = _entries(path, mid)
-        record = entries.get(problem)
-    source = "cache"
-    if not (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
-            and isinstance(record.get("rejected", {}), dict)
-            and all(n in record["times_ms"] or n in record.get("rejected", {}) for n in names)):
-        record = measure_dual(layer, y, x, assume_finite)
-        source = "measured"
-        with _lock:
-            _stats["measured"] += 1
-            entries[problem] = record
-            _write(path, mkey, mid, problem, record)
-    else:
-        with _lock:
-            _stats["cache_hits"] += 1
+    problem, names = dual_problem_key(layer, y, x), [SEPARATE] + [c.name for c in DUAL_CANDIDATES]
+    record, source = _record(y.device, problem, names, lambda: measure_dual(layer, y, x, assume_finite))
     choice = _pick(record, names, prefer=SEPARATE) or SEPARATE
     listed = ", ".join(f"{n} {t:.2f}" for n, t in sorted(record["times_ms"].items(), key=lambda kv: kv[1]))
     _say(f"resnet_fused: {'tuned' if source == 'measured' else 'cached'} {layer.tune_name or problem}: {choice} "
@@ -865,6 +842,22 @@ def check_accuracy(layer, x: Tensor, residual: Optional[Tensor], name: str) -> O
         return _accuracy(layer, x, residual, outs)[1].get(name)
 
 
+def _timed_rounds(calls: dict, clock, device: torch.device, before=None) -> dict:
+    """{name: [seconds]}: each call timed once per round, interleaved, the caches flushed before
+    each (``before()`` first, where given: untimed); TIMED_CALLS rounds, more (up to
+    MAX_TIMED_CALLS) while a round's fastest times add up to less than SMALL_ROUND_S."""
+    times: dict = {n: [] for n in calls}
+    for i in range(MAX_TIMED_CALLS):
+        for name, fn in calls.items():
+            if before is not None:
+                before()
+            _flush(device)
+            times[name].append(clock(fn))
+        if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values() if t) >= SMALL_ROUND_S:
+            break
+    return times
+
+
 def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None) -> dict:
     """Time every applicable candidate on x's shape and check its output. Returns a record:
     {"times_ms": {name: median ms}, "errors": {name: max abs error on the checked images},
@@ -904,15 +897,8 @@ def measure(layer, x: Tensor, residual: Optional[Tensor] = None, candidates=None
             except Exception as err:  # noqa: BLE001 - one failing kernel must not stop the others
                 failed[c.name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         cands = [c for c in cands if c.name not in failed]
-        times: dict = {c.name: [] for c in cands}
-        for i in range(MAX_TIMED_CALLS):
-            for c in cands:
-                if inplace:
-                    buf.copy_(residual)
-                _flush(x.device)
-                times[c.name].append(clock(lambda: call(c)))
-            if i + 1 >= TIMED_CALLS and sum(min(t) for t in times.values() if t) >= SMALL_ROUND_S:
-                break
+        times = _timed_rounds({c.name: functools.partial(call, c) for c in cands}, clock, x.device,
+                              (lambda: buf.copy_(residual)) if inplace else None)
         errors, rejected = _accuracy(layer, x, residual, outs, yardstick)
         rejected.update(failed)
     record = {
@@ -981,6 +967,29 @@ def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     return decide(layer, x, residual, tune)[0]
 
 
+def _record(device: torch.device, problem: str, names, measure_fn) -> tuple[dict, str]:
+    """(record, source): the cached record of ``problem`` on this machine where it has a time or a
+    verdict for every candidate in ``names`` ("cache"), else ``measure_fn()``'s, written to the
+    cache ("measured"). A record this version cannot read is measured again."""
+    mkey = machine_key(device)
+    mid, path = machine_id(mkey), cache_path()
+    with _lock:
+        entries = _entries(path, mid)
+        record = entries.get(problem)
+    if (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
+            and isinstance(record.get("rejected", {}), dict)
+            and all(n in record["times_ms"] or n in record.get("rejected", {}) for n in names)):
+        with _lock:
+            _stats["cache_hits"] += 1
+        return record, "cache"
+    record = measure_fn()
+    with _lock:
+        _stats["measured"] += 1
+        entries[problem] = record
+        _write(path, mkey, mid, problem, record)
+    return record, "measured"
+
+
 def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> tuple[str, dict]:
     """The kernel for ``layer`` on input ``x`` and the record behind it: ("onednn" | "winograd" |
     "gemm", record). The record says where the choice came from ("source": "cache", "measured" or
@@ -992,26 +1001,8 @@ def decide(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = Tru
     allowed = [c.name for c in cands if c.enabled(layer) and c.applies(layer, x)]
     if not tune:
         return rule_choice(layer, x), {"source": "rule"}
-    mkey = machine_key(x.device)
-    mid, problem, path = machine_id(mkey), problem_key(layer, x), cache_path()
-    with _lock:
-        entries = _entries(path, mid)
-        record = entries.get(problem)
-    if not (isinstance(record, dict) and isinstance(record.get("times_ms"), dict)
-            and isinstance(record.get("rejected", {}), dict)):
-        record = None  # (a record this version cannot read is measured again)
-    source = "cache"
-    if record is None or not all(n in record.get("times_ms", {}) or n in record.get("rejected", {})
-                                 for n in allowed):
-        record = measure(layer, x, residual)
-        source = "measured"
-        with _lock:
-            _stats["measured"] += 1
-            entries[problem] = record
-            _write(path, mkey, mid, problem, record)
-    else:
-        with _lock:
-            _stats["cache_hits"] += 1
+    problem = problem_key(layer, x)
+    record, source = _record(x.device, problem, allowed, lambda: measure(layer, x, residual))
     # The record's timings hold for every layer of this shape, its accuracy verdicts only for the
     # layer it measured: a weight-dependent candidate is checked on this layer before it is used.
     rejected = dict(record.get("rejected", {}))
