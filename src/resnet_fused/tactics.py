@@ -487,15 +487,7 @@ def measure_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> di
                 del calls[name]
         times = _timed_rounds(calls, clock, y.device)
         rows = sorted({0, y.shape[0] - 1})
-        ref, scale = _dual_reference(layer, y, x, rows)
-        ulp = torch.finfo(y.dtype).eps * max(scale, 1e-30)
-        errors = {}
-        for name, out in outs.items():
-            o = out[rows].double()
-            errors[name] = (o - ref).abs().max().item() if torch.isfinite(o).all() else float("inf")
-        yard = errors[SEPARATE]
-        rejected = {n: f"error {e:.3g} > 2 x {SEPARATE}'s {yard:.3g} + ulp {ulp:.3g}"
-                    for n, e in errors.items() if not e <= 2.0 * yard + ulp}
+        errors, rejected = _judge(outs, rows, *_dual_reference(layer, y, x, rows), y.dtype, SEPARATE)
         rejected.update(failed)
     record = {
         "times_ms": {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()},
@@ -814,8 +806,13 @@ def _accuracy(layer, x: Tensor, residual: Optional[Tensor], outs: dict,
     rule: error at most 2x the yardstick's (oneDNN on the CPU, cuDNN + epilogue on CUDA: in outs)
     plus one ulp of the terms' scale in x's dtype."""
     rows = sorted({0, x.shape[0] - 1})
-    ref, scale = _reference(layer, x, residual, rows)
-    ulp = torch.finfo(x.dtype).eps * max(scale, 1e-30)
+    return _judge(outs, rows, *_reference(layer, x, residual, rows), x.dtype, yardstick)
+
+
+def _judge(outs: dict, rows, ref: Tensor, scale: float, dtype: torch.dtype, yardstick: str) -> tuple[dict, dict]:
+    """Each output's max abs error on images ``rows`` against ``ref`` (float64), and those above 2x
+    the yardstick's error plus one ulp of ``scale`` in ``dtype`` (rejected, with why)."""
+    ulp = torch.finfo(dtype).eps * max(scale, 1e-30)
     errors = {}
     for name, out in outs.items():
         o = out[rows].double()
