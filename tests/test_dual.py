@@ -162,3 +162,20 @@ def test_float32_and_the_cudnn_backend_keep_the_two_layers(tactics_cache, monkey
         fused(x)
     assert not any(n.startswith("dual") for n, _ in ran)
     assert tactics.dual_applies(duals(fused)[0], x.float(), x.float()) is False
+
+
+def test_bad_input_gets_the_layers_own_errors(tactics_cache, monkeypatch):
+    """Inputs the pair cannot take (the shortcut's input with the wrong channels, another dtype) go
+    to the two layers, whose errors name the problem."""
+    emulated_dual(monkeypatch, {"tc64x64": 1e-3, "tc128x64": 2e-3, "cudnn": 3e-3, "dual128x128": 1e-5,
+                                "dual128x64": 1e-5})
+    monkeypatch.setattr(tactics, "dual_unsupported",
+                        lambda y, w, x, stride2: "" if w.shape[1] == y.shape[1] + x.shape[1] else "channels")
+    m, x = half_block_and_input()
+    (d,) = duals(resnet_fused.fuse(m).half())
+    y = torch.randn(2, 8, 6, 5).half().contiguous(memory_format=CL)
+    with torch.inference_mode():
+        with pytest.raises((ValueError, RuntimeError), match="channels"):
+            d(y, x[:, :12].contiguous(memory_format=CL))
+        with pytest.raises(TypeError, match="computes in torch.float16 but got a torch.float32 input"):
+            d(y, x.float())
