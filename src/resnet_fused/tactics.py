@@ -811,7 +811,11 @@ def _accuracy(layer, x: Tensor, residual: Optional[Tensor], outs: dict,
 
 def _judge(outs: dict, rows, ref: Tensor, scale: float, dtype: torch.dtype, yardstick: str) -> tuple[dict, dict]:
     """Each output's max abs error on images ``rows`` against ``ref`` (float64), and those above 2x
-    the yardstick's error plus one ulp of ``scale`` in ``dtype`` (rejected, with why)."""
+    the yardstick's error plus one ulp of ``scale`` in ``dtype`` (rejected, with why). A candidate
+    whose error depends on the weights (F(4x4)) gets no ulp: that allowance is for rounding the same
+    sums another way, and F(4x4)'s extra error is its transforms', which compounds from layer to
+    layer (a CIFAR ResNet with four F(4x4) layers each within 2x + an ulp came out at 3.9x eager's
+    error)."""
     ulp = torch.finfo(dtype).eps * max(scale, 1e-30)
     errors = {}
     for name, out in outs.items():
@@ -820,8 +824,9 @@ def _judge(outs: dict, rows, ref: Tensor, scale: float, dtype: torch.dtype, yard
     yard = errors.get(yardstick)
     rejected = {}
     for name, e in errors.items():
-        if yard is not None and not e <= 2.0 * yard + ulp:
-            rejected[name] = f"error {e:.3g} > 2 x {yardstick}'s {yard:.3g} + ulp {ulp:.3g}"
+        allowance = 0.0 if weight_dependent(name) else ulp
+        if yard is not None and not e <= 2.0 * yard + allowance:
+            rejected[name] = f"error {e:.3g} > 2 x {yardstick}'s {yard:.3g} + ulp {allowance:.3g}"
     return errors, rejected
 
 
