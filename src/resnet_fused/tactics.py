@@ -511,11 +511,21 @@ def decide_dual(layer, y: Tensor, x: Tensor, assume_finite: bool = False) -> tup
                     "problem": problem}
 
 
+#: (CANDIDATES, CUDA_CANDIDATES, {name: the first candidate of that name}): candidate() runs on
+#: every call of a tuned layer (a GPU at small batches is bound by the host's time per layer).
+_by_name: tuple = (None, None, {})
+
+
 def candidate(name: str) -> Candidate:
-    for c in CANDIDATES + CUDA_CANDIDATES:
-        if c.name == name:
-            return c
-    raise KeyError(name)
+    global _by_name
+    memo = _by_name
+    if memo[0] is not CANDIDATES or memo[1] is not CUDA_CANDIDATES:  # (tests replace the lists)
+        memo = _by_name = (CANDIDATES, CUDA_CANDIDATES,
+                           {c.name: c for c in reversed(CANDIDATES + CUDA_CANDIDATES)})
+    found = memo[2].get(name)
+    if found is None:
+        raise KeyError(name)
+    return found
 
 
 def candidates_for(layer, x: Tensor) -> tuple[list, str]:
