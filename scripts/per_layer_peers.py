@@ -1,9 +1,9 @@
-"""Per-layer time of a ResNet (resnet50 by default) fp32 on CPU: each fused layer against OpenVINO's node for it.
+"""Per-layer time of a ResNet (resnet50 by default) fp32 on CPU: each fused layer against OpenVINO's and ONNX Runtime's node for it.
 
 The must-show table of issue 16 ("where a goal is missed: on which layers"): fused layers timed
 with forward hooks (the module's Python included), OpenVINO's nodes with its own PERF_COUNT
-profiler (real time), the two interleaved in one process, same thread count. Prints a markdown
-table and writes it to --out.
+profiler (real time), ONNX Runtime's with its profiler (the node's kernel time), the three
+interleaved in one process, same thread count. Prints a markdown table and writes it to --out.
 
     python scripts/per_layer_peers.py --batch 1 --rounds 30 --out benchmarks/results/cpu_layers_peers_b1.md
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import re
 import time
 
@@ -42,6 +44,17 @@ def main() -> None:
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32",
         "NUM_STREAMS": 1, "PERF_COUNT": True})
     request = compiled.create_infer_request()
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()  # (as bench.build_peer, with the profiler on)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    # (its threads otherwise spin after each run, taking the cores from the fused model timed next)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.profile_file_prefix = os.path.join(os.path.dirname(path), "ort_profile")
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
     fused_t = collections.defaultdict(list)
     kernels = {}
@@ -50,16 +63,18 @@ def main() -> None:
         names = {}
         for name, m in fused.named_modules():
             if isinstance(m, FusedConv2d):
-                names[m] = name
+                # (a FusedDual pair's two layers, as the model's own names: convN.conv, convN.downsample)
+                names[m] = re.sub(r"\.conv\d\.downsample$", ".downsample.0", re.sub(r"(\.conv\d)\.conv$", r"\1", name))
                 m.register_forward_pre_hook(lambda mod, a: setattr(mod, "_t0", time.perf_counter()))
                 m.register_forward_hook(lambda mod, a, o: fused_t[names[mod]].append(time.perf_counter() - mod._t0))
         for _ in range(3):
             fused(x)
             request.infer({0: x.numpy()})
+            session.run(None, {"x": x.numpy()})
         fused_t.clear()
         ov_t = collections.defaultdict(list)
         ov_kind = {}
-        whole = {"fused": [], "openvino": []}
+        whole = {"fused": [], "openvino": [], "onnxruntime": []}
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             fused(x)
@@ -67,6 +82,9 @@ def main() -> None:
             t0 = time.perf_counter()
             request.infer({0: x.numpy()})
             whole["openvino"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            session.run(None, {"x": x.numpy()})
+            whole["onnxruntime"].append(time.perf_counter() - t0)
             for info in request.get_profiling_info():
                 if info.node_type in ("Convolution", "Pooling", "MaxPool", "AvgPool", "FullyConnected",
                                       "Reorder", "Eltwise", "Reduce", "MatMul") or "Conv" in info.node_type:
@@ -76,6 +94,8 @@ def main() -> None:
         for m, name in names.items():
             path_ = next(iter(m._cache.values()))[2] if m._cache else ""
             kernels[name] = path_ or "onednn"
+
+    ort_t = onnxruntime_node_times(session.end_profiling(), warmup=3)
 
     def med(v):
         v = sorted(v)
@@ -92,28 +112,57 @@ def main() -> None:
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
              f"{args.rounds} rounds interleaved, medians; host allocator: {allocator}", "",
              f"whole forward: fused {med(whole['fused']):.2f} ms (with the hooks), openvino "
-             f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on); the whole-model comparison without either "
+             f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on), onnxruntime {med(whole['onnxruntime']):.2f} ms "
+             f"(with its profiler on; onnxruntime {ort.__version__}); the whole-model comparison without them "
              "is the benchmark's (python -m resnet_fused.bench)", "",
-             "fused ms: the FusedConv2d module (its Python included); OV ms: the node's own time", "",
-             "| layer | fused kernel | fused ms | OV ms | OV exec | fused/OV |", "|---|---|---:|---:|---|---:|"]
-    tf = to = 0.0
+             "fused ms: the FusedConv2d module (its Python included); OV ms, ORT ms: the node's own time", "",
+             "| layer | fused kernel | fused ms | OV ms | OV exec | ORT ms | fused/OV | fused/ORT |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    tf = to = tr = 0.0
     for name in sorted(fused_t, key=lambda n: list(names.values()).index(n)):
         key = ov_conv.get(name)
         f = med(fused_t[name])
         o = med(ov_t[key]) if key else float("nan")
+        r = med(ort_t[name]) if name in ort_t else float("nan")
         tf += f
         to += o if key else 0.0
+        tr += r if name in ort_t else 0.0
         lines.append(f"| {name} | {kernels.get(name, '')} | {f:.3f} | {o:.3f} | {ov_kind[key][1] if key else ''} | "
-                     f"{f / o:.2f} |")
+                     f"{r:.3f} | {f / o:.2f} | {f / r:.2f} |")
     other = sum(med(v) for k, v in ov_t.items() if k not in ov_conv.values())
-    lines += [f"| **all convs** | | {tf:.2f} | {to:.2f} | | {tf / to:.2f} |",
-              f"| everything else (fused: forward minus its convs; OV: its other nodes) | | "
-              f"{med(whole['fused']) - tf:.2f} | {other:.2f} | | |"]
+    ort_other = sum(med(v) for k, v in ort_t.items() if k not in fused_t)
+    lines += [f"| **all convs** | | {tf:.2f} | {to:.2f} | | {tr:.2f} | {tf / to:.2f} | {tf / tr:.2f} |",
+              f"| everything else (fused: forward minus its convs; OV, ORT: their other nodes) | | "
+              f"{med(whole['fused']) - tf:.2f} | {other:.2f} | | {ort_other:.2f} | | |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+def onnxruntime_node_times(profile: str, warmup: int) -> dict:
+    """ONNX Runtime's per-node kernel times (seconds, one list per node, the first `warmup` runs
+    dropped) from its profiler's JSON, its convolutions keyed by the torchvision layer they come
+    from. Its fused Conv nodes are named by the tensor they write: a block's relu / relu_1 (after
+    conv1 / conv2), convN/Conv or downsample.0/Conv (the residual add is fused into them)."""
+    with open(profile) as f:
+        events = json.load(f)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[warmup]["ts"] if len(runs) > warmup else 0
+    times = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < start:
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        m = re.match(r"/(?:(layer\d)/\1\.(\d+)/)?(relu|relu_1|conv\d|downsample/downsample\.0)/(?:Relu|Conv)_output_0",
+                     name)
+        if m and e["args"].get("op_name") == "Conv":
+            layer, block, what = m.groups()
+            what = {"relu": "conv1", "relu_1": "conv2", "downsample/downsample.0": "downsample.0"}.get(what, what)
+            name = f"{layer}.{block}.{what}" if layer else what
+        times[name].append(e["dur"] * 1e-6)
+    return times
 
 
 if __name__ == "__main__":
