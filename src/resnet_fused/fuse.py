@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fold import can_fold, fold_conv_bn, master_dtype
+from .replay import as_replayed
 from .modules import (FusedAddReLU, FusedConv2d, FusedDual, FusedLinear, FusedMaxPool2d, InputsFinite,
                       ToChannelsLast)
 
@@ -508,7 +509,7 @@ def _fuse_module(module: nn.Module, report: FuseReport, prefix: str, prepack: bo
             setattr(module, name, _fuse_module(child, report, f"{prefix}{name}.", prepack, channels_last))
         return module
     _fuse_graph(gm, report, prefix, prepack, channels_last)
-    return gm
+    return as_replayed(gm)
 
 
 def fuse(

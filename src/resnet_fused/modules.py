@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from . import tactics
 from .fold import master_dtype
 from .ops import conv_output_size
+from .replay import invalidate
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,16 +152,26 @@ def runs_cudnn_fused(model: nn.Module) -> bool:
 _verified = threading.local()
 
 
+class _Watched(nn.Module):
+    """A fused module whose every attribute, parameter or submodule set drops the recorded runs
+    that may rely on it (see replay.py); ``_memo`` (a memo of the last call) excepted."""
+
+    def __setattr__(self, name, value):
+        if name != "_memo":
+            invalidate()
+        super().__setattr__(name, value)
+
+
 # The fused graph calls these two as submodules rather than functions: a pickled GraphModule is
 # re-traced on torch.load with every module a leaf, and a module call survives that unchanged.
-class ToChannelsLast(nn.Module):
+class ToChannelsLast(_Watched):
     """See :func:`to_channels_last`."""
 
     def forward(self, x):
         return to_channels_last(x)
 
 
-class InputsFinite(nn.Module):
+class InputsFinite(_Watched):
     """See :func:`inputs_finite`."""
 
     def forward(self, *xs) -> bool:
@@ -171,7 +182,7 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-class FusedConv2d(nn.Module):
+class FusedConv2d(_Watched):
     """``act(conv2d(x, W') + b' [+ residual])`` with BatchNorm folded into ``W'`` and ``b'``.
 
     ``forward(x, residual=None)``. Inference only: parameters do not require grad, and an input
@@ -321,6 +332,7 @@ class FusedConv2d(nn.Module):
     def _unpack_master(self) -> None:
         """Make the master a plain tensor again (before it is moved, saved or loaded into)."""
         if _is_packed(self.weight):
+            invalidate()
             self._parameters["weight"] = self._plain_master()
             self._cache = {}
             self._same_values_new_master()
@@ -352,6 +364,7 @@ class FusedConv2d(nn.Module):
             plain = self.dense_weight()
             panels = torch.ops.resnet_fused.gemm_prepack.default(plain.to(torch.float32))
             self._plain_strides = plain.stride()
+            invalidate()
             self._parameters["weight"] = nn.Parameter(panels, requires_grad=False)
             self._same_values_new_master()
             self._packed_for = None
@@ -557,6 +570,7 @@ class FusedConv2d(nn.Module):
                     w = torch.ops.resnet_fused.gemm_prepack.default(self.dense_weight().to(dtype))
                     if not _is_packed(master) and master.dtype == w.dtype:
                         self._plain_strides = master.stride()
+                        invalidate()
                         self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
                         self._same_values_new_master()
                         self._packed_for = key[0]
@@ -573,6 +587,7 @@ class FusedConv2d(nn.Module):
                     )
                 if w.is_mkldnn and not _is_packed(master) and w.dtype == master.dtype:
                     # Same values, reordered: the packed weight replaces the plain master.
+                    invalidate()
                     self._parameters["weight"] = w = nn.Parameter(w, requires_grad=False)
                     self._same_values_new_master()
                     self._packed_for = key[0]
@@ -699,7 +714,7 @@ class FusedLinear(FusedConv2d):
         return torch.nn.functional.linear(x.flatten(1), hit[0], hit[1])[:, :, None, None]
 
 
-class FusedDual(nn.Module):
+class FusedDual(_Watched):
     """A bottleneck's last 1x1 (``conv``: with the block's residual and ReLU) whose residual is its
     downsample 1x1 (``downsample``: no ReLU) of the block's input; fuse() makes it. On CUDA in
     float16/bfloat16 (channels-last, ``tune``) the pair runs as one product over both reductions
@@ -781,7 +796,7 @@ class FusedDual(nn.Module):
         return self.separate(y, x, assume_finite)
 
 
-class FusedAddReLU(nn.Module):
+class FusedAddReLU(_Watched):
     """``relu(a + b)`` for a residual join that no convolution absorbed. Operands of different
     shapes or dtypes (broadcasting, type promotion) take PyTorch's own ops, so the result is
     always what eager gives."""
@@ -799,7 +814,7 @@ class FusedAddReLU(nn.Module):
         return torch.relu(a + b)
 
 
-class FusedMaxPool2d(nn.Module):
+class FusedMaxPool2d(_Watched):
     """``nn.MaxPool2d`` (dilation 1, no indices) that runs our channels-last kernel on a CPU
     float32 channels-last input (``max_pool2d_nhwc``: PyTorch's CPU kernel computes indices and
     drops them) and ``F.max_pool2d`` on anything else, or while a graph is captured or compiled.

@@ -1,0 +1,299 @@
+"""Replay a fused graph's ops on CPU without the Python between them.
+
+At batch 1 on CPU the Python around each fused layer (the module call, its weight-cache key, the
+op's dispatch from Python) costs tens of microseconds once the kernel before has evicted it from
+the caches: a few percent of a ResNet-50 forward, where ONNX Runtime's executor is C++. So after a
+fused graph has run twice on inputs of one regime (shape, strides, dtype, threads, grad and
+inference mode), the next call records the ops it dispatches (a TorchDispatchMode), and later calls
+of that regime run that list of ops directly: the same kernels on the same prepared weights, in the
+same order, so the same result bit for bit.
+
+A recorded run is only replayed while nothing it relied on can have changed:
+
+- the modules: any attribute, parameter, buffer or submodule set on a fused module, and any
+  parameter, buffer or submodule registered on any module, moves a process-wide epoch
+  (:func:`invalidate`), which drops every recording;
+- the tensors: every tensor the ops read that was not made during the call, and every parameter
+  and buffer of the graph, must keep its version (in-place edits) and its data (``.data =``);
+- data-dependent branches: an op that returned a Python value (the finiteness check's
+  ``is_nonzero``) must return the same value again, else the call starts over on the module path;
+- hooks: the graph or a module it calls having any hook turns replay off for the call.
+
+Recording happens only where every op is a plain ATen or resnet_fused op and every tensor an op
+writes in place was made during the call. ``RESNET_FUSED_REPLAY=0`` turns replay off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_epoch = [0]
+_RECORD_AFTER = 2  # normal calls of a regime before the one that records (the first may tune)
+_MAX_PLANS = 4
+enabled = os.environ.get("RESNET_FUSED_REPLAY", "1") != "0"
+
+
+def invalidate(*_args) -> None:
+    """Drop every recorded run (something a recording relied on may have changed)."""
+    _epoch[0] += 1
+
+
+for _register in (nn.modules.module.register_module_module_registration_hook,
+                  nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook):
+    _register(invalidate)
+
+
+class _Diverged(Exception):
+    """A replayed data-dependent value differed from the recorded one."""
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _version(t: Tensor) -> int:
+    if t.is_inference():
+        return -1
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _data(t: Tensor) -> int:
+    return 0 if t.is_mkldnn or t.is_sparse else t.data_ptr()
+
+
+class _Plan:
+    """One recorded run: steps of (op, positional args, keyword args, where the args' produced tensors
+    come from, what its output is), and the tensors it relies on with their versions and data."""
+
+    __slots__ = ("steps", "nslots", "out", "guards", "epoch")
+
+    def __init__(self, steps, nslots, out, guards, epoch):
+        self.steps, self.nslots, self.out, self.guards, self.epoch = steps, nslots, out, guards, epoch
+
+    def unchanged(self) -> bool:
+        for t, v, d in self.guards:
+            if _version(t) != v or _data(t) != d:
+                return False
+        return True
+
+    def run(self, x: Tensor):
+        vals: list = [None] * self.nslots
+        vals[0] = x
+        for func, args, kwargs, dyn, kind, dest in self.steps:
+            if dyn:
+                args = list(args)
+                for pos, slot in dyn:
+                    args[pos] = vals[slot]
+            r = func(*args, **kwargs)
+            if kind == 1:
+                vals[dest] = r
+            elif kind == 2:
+                if r != dest:
+                    raise _Diverged
+            elif kind == 3:
+                for i, s in dest:
+                    vals[s] = r[i]
+        return vals[self.out]
+
+
+def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
+    """Runs gm on x through `call` (the module path), recording its ops; returns the result and
+    the plan, or None where the run cannot be replayed."""
+    epoch = _epoch[0]
+    rec = _Recorder()
+    with rec:
+        result = call(x)
+    if _epoch[0] != epoch or type(result) is not Tensor:
+        return result, None
+    slots = {id(x): 0}
+    keep = [x]
+    steps, consts = [], {}
+    nslots = 1
+    for func, args, kwargs, out in rec.ops:
+        if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "resnet_fused"):
+            return result, None
+        if any(isinstance(v, Tensor) for v in kwargs.values()):
+            return result, None
+        dyn, args = [], list(args)
+        for pos, a in enumerate(args):
+            if isinstance(a, Tensor):
+                if type(a) not in (Tensor, nn.Parameter):  # (no tensor subclass: FakeTensor, ...)
+                    return result, None
+                if id(a) in slots:
+                    dyn.append((pos, slots[id(a)]))
+                    args[pos] = None
+                else:
+                    consts[id(a)] = a
+            elif isinstance(a, (list, tuple)) and any(isinstance(e, Tensor) for e in a):
+                return result, None  # (no op of a ResNet takes a list of tensors)
+        # A tensor an op writes in place must be one this call made: never the caller's input or a
+        # weight, which a replay would otherwise change.
+        for pos, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                if pos >= len(args) or not any(p == pos for p, s in dyn) or dict(dyn)[pos] == 0:
+                    return result, None
+        if out is None:
+            kind, dest = 0, None
+        elif isinstance(out, Tensor):
+            if type(out) is not Tensor:
+                return result, None
+            if id(out) in slots:  # (an in-place op returning its argument: the same slot)
+                kind, dest = 0, None
+            else:
+                kind, dest = 1, nslots
+                slots[id(out)] = nslots
+                keep.append(out)
+                nslots += 1
+        elif isinstance(out, (bool, int, float)):
+            kind, dest = 2, out
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) and type(o) is Tensor for o in out):
+            kind, dest = 3, []
+            for i, o in enumerate(out):
+                if id(o) not in slots:
+                    slots[id(o)] = nslots
+                    keep.append(o)
+                    dest.append((i, nslots))
+                    nslots += 1
+        else:
+            return result, None
+        steps.append((func, tuple(args), dict(kwargs), tuple(dyn), kind, dest))
+    if id(result) not in slots:
+        return result, None
+    tensors = list(consts.values()) + [t for t in gm.parameters()] + [t for t in gm.buffers()]
+    guards, seen = [], set()
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            guards.append((t, _version(t), _data(t)))
+    return result, _Plan(steps, nslots, slots[id(result)], guards, epoch)
+
+
+def _hooked(modules) -> bool:
+    g = nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return True
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
+
+
+def _called_modules(gm: fx.GraphModule) -> list:
+    """gm and every module its graph calls, with their submodules (whose hooks a call would run)."""
+    found = {id(gm): gm}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            for m in gm.get_submodule(node.target).modules():
+                found[id(m)] = m
+    return list(found.values())
+
+
+class _Replayer:
+    """A graph module's recordings, per input regime. Not copied or pickled with the module."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.plans: dict = {}
+        self.counts: dict = {}
+        self.epoch = _epoch[0]
+        self.modules: list = []
+
+    def __deepcopy__(self, memo):
+        return _Replayer()
+
+    def __reduce__(self):
+        return (_Replayer, ())
+
+    def regime(self, x: Tensor) -> tuple:
+        return (x.shape, x.stride(), x.dtype, torch.get_num_threads(), torch.is_grad_enabled(),
+                torch.is_inference_mode_enabled(), x.requires_grad, x.is_inference())
+
+    def call(self, gm: nn.Module, x: Tensor, call):
+        if self.epoch != _epoch[0]:
+            with self.lock:
+                self.plans, self.counts, self.epoch = {}, {}, _epoch[0]
+                self.modules = []
+        key = self.regime(x)
+        plan = self.plans.get(key)
+        if plan is not None and plan.epoch == _epoch[0] and not _hooked(self.modules) and plan.unchanged():
+            try:
+                return plan.run(x)
+            except _Diverged:
+                return call(x)
+        n = self.counts.get(key, 0)
+        if n < _RECORD_AFTER or not self.modules or _hooked(self.modules):
+            if not self.modules:
+                self.modules = _called_modules(gm)
+            self.counts = {**self.counts, key: n + 1}
+            return call(x)
+        if not self.modules:
+            self.modules = _called_modules(gm)
+        result, plan = _record(gm, x, call)
+        with self.lock:
+            self.counts = {**self.counts, key: -(1 << 30)} if plan is None else self.counts
+            if plan is not None and plan.epoch == _epoch[0] == self.epoch:
+                plans = dict(list(self.plans.items())[-(_MAX_PLANS - 1):])
+                plans[key] = plan
+                self.plans = plans
+        return result
+
+
+class FusedGraphModule(fx.GraphModule):
+    """The GraphModule fuse() returns: on CPU, its calls after the first few of an input regime
+    replay the recorded ops (see the module docstring)."""
+
+    def _call_impl(self, *args, **kwargs):
+        if (enabled and len(args) == 1 and not kwargs and type(args[0]) is Tensor and args[0].device.type == "cpu"
+                and args[0].layout == torch.strided and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not _serving()):
+            replayer = self.__dict__.get("_replayer")
+            if replayer is None:
+                replayer = self.__dict__["_replayer"] = _Replayer()
+            parent = super()._call_impl
+            return replayer.call(self, args[0], parent)
+        return super()._call_impl(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+        invalidate()
+        super().__setattr__(name, value)
+
+    def __reduce__(self):
+        fn, args = super().__reduce__()
+        return (_rebuild, (fn, args))
+
+
+def _serving() -> bool:
+    from .modules import capturing_for_serving
+
+    return capturing_for_serving()
+
+
+def _rebuild(fn, args):
+    return as_replayed(fn(*args))
+
+
+def as_replayed(gm: fx.GraphModule) -> FusedGraphModule:
+    """gm as a FusedGraphModule (the same modules, graph and attributes)."""
+    new = FusedGraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    for k, v in gm.__dict__.items():
+        if k not in new.__dict__:
+            new.__dict__[k] = v
+    return new

@@ -1,0 +1,207 @@
+"""A fused graph's recorded runs on CPU (resnet_fused.replay): after two calls of an input regime
+the third records its ops and later calls replay them. A replay must give the module path's answer
+bit for bit, and must stop the moment anything it relied on changes."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused
+from resnet_fused import FusedConv2d, replay
+from resnet_fused.replay import FusedGraphModule
+
+import models
+from conftest import randomize_bn
+
+
+def fused_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval(), **kw)
+
+
+def module_path(model, x):
+    """The answer without replay."""
+    was, replay.enabled = replay.enabled, False
+    try:
+        with torch.inference_mode():
+            return model(x)
+    finally:
+        replay.enabled = was
+
+
+def warm(model, x, calls=4):
+    with torch.inference_mode():
+        return [model(x) for _ in range(calls)]
+
+
+def plans(model):
+    r = model.__dict__.get("_replayer")
+    return {} if r is None else r.plans
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 3, 32, 32)
+
+
+def test_third_call_records_and_later_calls_replay_bit_for_bit(x, monkeypatch):
+    model = fused_model()
+    assert isinstance(model, FusedGraphModule)
+    outs = warm(model, x, 2)
+    assert not plans(model)
+    outs += warm(model, x, 3)
+    assert len(plans(model)) == 1
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    # the replay runs no module's Python: with the fused layers' forward broken, it still answers
+    monkeypatch.setattr(FusedConv2d, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("module path")))
+    with torch.inference_mode():
+        assert torch.equal(model(x), outs[0])
+
+
+def test_outputs_are_fresh_and_the_input_is_untouched(x):
+    model = fused_model()
+    x0 = x.clone()
+    a, b, c, d = warm(model, x, 4)
+    assert torch.equal(x, x0)
+    assert len({t.data_ptr() for t in (c, d)}) == 2 and torch.equal(c, d)
+
+
+def test_a_new_regime_gets_its_own_recording(x):
+    model = fused_model()
+    warm(model, x)
+    x1 = torch.randn(1, 3, 32, 32)
+    outs = warm(model, x1)  # (its first call packs weights for batch 1: the recording of batch 2 goes)
+    assert torch.equal(outs[-1], module_path(model, x1))
+    warm(model, x)  # (a layer whose master changed form for batch 1 prepares batch 2's weight again)
+    assert torch.equal(warm(model, x1)[-1], outs[-1])
+    warm(model, x)
+    assert len(plans(model)) == 2  # (both regimes prepared now: nothing changes any more)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        outs = warm(model, x)
+        assert torch.equal(outs[-1], module_path(model, x))
+        assert any(k[3] == 1 for k in plans(model))
+    finally:
+        torch.set_num_threads(threads)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(warm(model, xc)[-1], module_path(model, xc))
+
+
+def test_new_weights_by_load_state_dict_are_used(x):
+    model, other = fused_model(0), fused_model(1)
+    warm(model, x)
+    expected = module_path(other, x)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(warm(model, x, 1)[0], expected)
+    assert torch.equal(warm(model, x, 4)[-1], expected)
+
+
+def test_an_in_place_edit_of_a_weight_is_seen(x):
+    """A layer that runs on a weight made from its master (Winograd's transform) must not replay
+    the old one after the master is edited in place."""
+    model = fused_model()
+    warm(model, x)
+    conv = next(m for m in model.modules() if isinstance(m, FusedConv2d) and m._cache
+                and all(k[0][-1].startswith("winograd") for k in m._cache) and m.weight.dim() == 4)
+    with torch.no_grad():
+        conv.weight.mul_(1.5)
+    out = warm(model, x, 1)[0]
+    assert torch.equal(out, module_path(model, x))
+    assert not torch.equal(out, module_path(fused_model(), x))
+
+
+def test_a_replaced_layer_is_used(x):
+    model, other = fused_model(0), fused_model(1)
+    warm(model, x)
+    name = next(n for n, m in model.named_modules() if isinstance(m, FusedConv2d))
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, copy.deepcopy(other.get_submodule(name)))
+    out = warm(model, x, 1)[0]
+    assert torch.equal(out, module_path(model, x))
+    assert torch.equal(warm(model, x)[-1], out)
+
+
+def test_a_non_finite_input_after_a_finite_recording_takes_the_module_path(x, monkeypatch):
+    """The finiteness check's answer is a branch in the recording: an input that answers otherwise
+    (its Winograd layers must run direct, see FusedConv2d.forward) starts over on the module path."""
+    model = fused_model()
+    warm(model, x)
+    calls = []
+    forward = FusedConv2d.forward
+    monkeypatch.setattr(FusedConv2d, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    warm(model, x, 1)
+    assert not calls  # (replayed)
+    bad = x.clone()
+    bad[0, 0, 3, 3] = math.inf
+    bad[1, 1, 5, 5] = math.nan
+    out = warm(model, bad, 1)[0]
+    assert calls
+    torch.testing.assert_close(out, module_path(model, bad), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(warm(model, x, 1)[0], module_path(model, x))
+
+
+def test_hooks_registered_after_recording_still_fire(x):
+    model = fused_model()
+    warm(model, x)
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, FusedConv2d))
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    warm(model, x, 2)
+    assert len(seen) == 2
+    handle.remove()
+    top = model.register_forward_pre_hook(lambda m, i: seen.append("top"))
+    warm(model, x, 1)
+    assert seen[-1] == "top"
+    top.remove()
+
+
+def test_dtype_round_trip_and_copies(x):
+    model = fused_model()
+    expected = warm(model, x)[-1]
+    model.half().float()
+    assert torch.equal(warm(model, x)[-1], module_path(model, x))
+    for twin in (copy.deepcopy(model), torch.load(_saved(model), weights_only=False)):
+        assert isinstance(twin, FusedGraphModule)
+        outs = warm(twin, x)
+        assert torch.equal(outs[-1], expected) and plans(twin)
+
+
+def _saved(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_grad_mode_and_inference_mode_each_their_own(x):
+    model = fused_model()
+    with torch.no_grad():
+        outs = [model(x) for _ in range(4)]
+    assert not outs[-1].is_inference() and torch.equal(outs[-1], module_path(model, x))
+    assert torch.equal(warm(model, x)[-1], outs[-1])
+    assert len(plans(model)) == 2
+
+
+def test_switched_off(x, monkeypatch):
+    monkeypatch.setattr(replay, "enabled", False)
+    model = fused_model()
+    warm(model, x, 5)
+    assert not plans(model)
+
+
+def test_a_resnet_records_every_layer_once():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = resnet_fused.fuse(randomize_bn(torchvision.models.resnet18(weights=None)).eval())
+    x = torch.randn(1, 3, 64, 64)
+    outs = warm(model, x, 4)
+    (plan,) = plans(model).values()
+    convs = [s for s in plan.steps if "conv2d_bias_act" in str(s[0])]
+    assert len(convs) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in torchvision.models.resnet18().modules())
+    assert torch.equal(outs[-1], outs[1])
