@@ -227,43 +227,150 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
   }
 }
 
-// AVX2 + FMA, 3 rows x the whole 32-column panel (four ymm per row): 12 accumulators, the panel
-// row's four vectors read with the FMAs. (The step is written out in both loops: put in an inline
-// helper as tile_avx512's is, GCC 12 compiled this kernel into slower code.)
+// One step: row r's value k broadcast into ymm12+r, the panel row's four vectors in turn into ymm15,
+// acc[r][j] = ymm(4r + j) += ymm12+r * ymm15. a: byte offset of k in the rows; b0-b3: of the vectors.
+#define RF_FMA3(j)                                                                                \
+  "vfmadd231ps %%ymm15, %%ymm12, %%ymm" #j "\n"                                                   \
+  "vfmadd231ps %%ymm15, %%ymm13, %%ymm" RF_PLUS4(j) "\n"                                          \
+  "vfmadd231ps %%ymm15, %%ymm14, %%ymm" RF_PLUS8(j) "\n"
+#define RF_STEP3(a, b0, b1, b2, b3)                                                               \
+  "vbroadcastss " #a "(%[a0]), %%ymm12\n"                                                         \
+  "vbroadcastss " #a "(%[a1]), %%ymm13\n"                                                         \
+  "vbroadcastss " #a "(%[a2]), %%ymm14\n"                                                         \
+  "vmovups " #b0 "(%[b]), %%ymm15\n" RF_FMA3(0) "vmovups " #b1 "(%[b]), %%ymm15\n" RF_FMA3(1)     \
+  "vmovups " #b2 "(%[b]), %%ymm15\n" RF_FMA3(2) "vmovups " #b3 "(%[b]), %%ymm15\n" RF_FMA3(3)
+#define RF_PLUS4(j) RF_PLUS4_##j
+#define RF_PLUS4_0 "4"
+#define RF_PLUS4_1 "5"
+#define RF_PLUS4_2 "6"
+#define RF_PLUS4_3 "7"
+#define RF_PLUS8(j) RF_PLUS8_##j
+#define RF_PLUS8_0 "8"
+#define RF_PLUS8_1 "9"
+#define RF_PLUS8_2 "10"
+#define RF_PLUS8_3 "11"
+
+// The 3-row main loop of full_avx2 on a packed panel (row stride kPanel), in assembly as MLAS writes
+// its kernels: the accumulators fixed in ymm0-11, three broadcasts and four panel loads a step, each
+// panel vector used by three FMAs. (GCC 12 kept one accumulator on the stack and copied others
+// between registers in the intrinsic loop.) Writes the 3 x 32 sums to out; prefetches the next tile's
+// rows (pf, row stride lda) a line per row every 16 steps.
+__attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda, const float* b, int64_t kd,
+                                                  const float* pf, float* out) {
+  const float* a1 = a0 + lda;
+  const float* a2 = a1 + lda;
+  if (!pf) pf = a0;  // (a harmless address: lines already in cache)
+  const float* pf1 = pf + lda;
+  const float* pf2 = pf1 + lda;
+  asm volatile(
+      "vxorps %%ymm0, %%ymm0, %%ymm0\n vxorps %%ymm1, %%ymm1, %%ymm1\n vxorps %%ymm2, %%ymm2, %%ymm2\n"
+      "vxorps %%ymm3, %%ymm3, %%ymm3\n vxorps %%ymm4, %%ymm4, %%ymm4\n vxorps %%ymm5, %%ymm5, %%ymm5\n"
+      "vxorps %%ymm6, %%ymm6, %%ymm6\n vxorps %%ymm7, %%ymm7, %%ymm7\n vxorps %%ymm8, %%ymm8, %%ymm8\n"
+      "vxorps %%ymm9, %%ymm9, %%ymm9\n vxorps %%ymm10, %%ymm10, %%ymm10\n vxorps %%ymm11, %%ymm11, %%ymm11\n"
+      "cmp $16, %[kd]\n"
+      "jl 2f\n"
+      "1:\n"  // 16 steps: a cache line of each row
+      "prefetcht0 (%[pf0])\n prefetcht0 (%[pf1])\n prefetcht0 (%[pf2])\n"
+      RF_STEP3(0, 0, 32, 64, 96)
+      RF_STEP3(4, 128, 160, 192, 224)
+      RF_STEP3(8, 256, 288, 320, 352)
+      RF_STEP3(12, 384, 416, 448, 480)
+      RF_STEP3(16, 512, 544, 576, 608)
+      RF_STEP3(20, 640, 672, 704, 736)
+      RF_STEP3(24, 768, 800, 832, 864)
+      RF_STEP3(28, 896, 928, 960, 992)
+      RF_STEP3(32, 1024, 1056, 1088, 1120)
+      RF_STEP3(36, 1152, 1184, 1216, 1248)
+      RF_STEP3(40, 1280, 1312, 1344, 1376)
+      RF_STEP3(44, 1408, 1440, 1472, 1504)
+      RF_STEP3(48, 1536, 1568, 1600, 1632)
+      RF_STEP3(52, 1664, 1696, 1728, 1760)
+      RF_STEP3(56, 1792, 1824, 1856, 1888)
+      RF_STEP3(60, 1920, 1952, 1984, 2016)
+      "add $64, %[a0]\n add $64, %[a1]\n add $64, %[a2]\n"
+      "add $64, %[pf0]\n add $64, %[pf1]\n add $64, %[pf2]\n"
+      "add $2048, %[b]\n"
+      "sub $16, %[kd]\n"
+      "cmp $16, %[kd]\n"
+      "jge 1b\n"
+      "2:\n"
+      "test %[kd], %[kd]\n"
+      "jz 4f\n"
+      "3:\n"  // the steps left, one at a time
+      RF_STEP3(0, 0, 32, 64, 96)
+      "add $4, %[a0]\n add $4, %[a1]\n add $4, %[a2]\n"
+      "add $128, %[b]\n"
+      "dec %[kd]\n"
+      "jnz 3b\n"
+      "4:\n"
+      "vmovups %%ymm0, (%[out])\n vmovups %%ymm1, 32(%[out])\n vmovups %%ymm2, 64(%[out])\n"
+      "vmovups %%ymm3, 96(%[out])\n vmovups %%ymm4, 128(%[out])\n vmovups %%ymm5, 160(%[out])\n"
+      "vmovups %%ymm6, 192(%[out])\n vmovups %%ymm7, 224(%[out])\n vmovups %%ymm8, 256(%[out])\n"
+      "vmovups %%ymm9, 288(%[out])\n vmovups %%ymm10, 320(%[out])\n vmovups %%ymm11, 352(%[out])\n"
+      : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [b] "+r"(b), [kd] "+r"(kd), [pf0] "+r"(pf), [pf1] "+r"(pf1),
+        [pf2] "+r"(pf2)
+      : [out] "r"(out)
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+        "xmm13", "xmm14", "xmm15", "memory", "cc");
+}
+#undef RF_STEP3
+#undef RF_FMA3
+#undef RF_PLUS4
+#undef RF_PLUS4_0
+#undef RF_PLUS4_1
+#undef RF_PLUS4_2
+#undef RF_PLUS4_3
+#undef RF_PLUS8
+#undef RF_PLUS8_0
+#undef RF_PLUS8_1
+#undef RF_PLUS8_2
+#undef RF_PLUS8_3
+
+// AVX2 + FMA, 3 rows x the whole 32-column panel (four ymm per row): 12 accumulators. Three rows run
+// main3_avx2; the one or two rows left at the end of a block run the loop below, the panel row's
+// vectors read with the FMAs. (The step is written out in both loops: put in an inline helper as
+// tile_avx512's is, GCC 12 compiled this kernel into slower code.)
 template <int MR>
 __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   __m256 c[MR][4];
-#pragma GCC unroll 3
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) c[i][j] = _mm256_setzero_ps();
-  const float* a = t.a;
-  const int64_t lda = t.lda;
-  const float* b = t.b;
-  const float* pf = t.prefetch;
-  const int64_t kd = t.kd;
-  int64_t k = 0;
-  if (pf && kd % 16 == 0) {
-    for (int64_t k0 = 0; k0 < kd; k0 += 16) {
-#pragma GCC unroll 3
-      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
-#pragma GCC unroll 16
-      for (int64_t kk = 0; kk < 16; ++kk, b += t.ldb, ++a) {
-#pragma GCC unroll 3
-        for (int i = 0; i < MR; ++i) {
-          const __m256 av = _mm256_broadcast_ss(a + i * lda);
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+  if (MR == 3 && t.ldb == kPanel) {
+    alignas(32) float sums[3 * 4 * 8];
+    main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, sums);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm256_load_ps(sums + (i * 4 + j) * 8);
+  } else {
+  #pragma GCC unroll 3
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm256_setzero_ps();
+    const float* a = t.a;
+    const int64_t lda = t.lda;
+    const float* b = t.b;
+    const float* pf = t.prefetch;
+    const int64_t kd = t.kd;
+    int64_t k = 0;
+    if (pf && kd % 16 == 0) {
+      for (int64_t k0 = 0; k0 < kd; k0 += 16) {
+  #pragma GCC unroll 3
+        for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
+  #pragma GCC unroll 16
+        for (int64_t kk = 0; kk < 16; ++kk, b += t.ldb, ++a) {
+  #pragma GCC unroll 3
+          for (int i = 0; i < MR; ++i) {
+            const __m256 av = _mm256_broadcast_ss(a + i * lda);
+  #pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+          }
         }
       }
+      k = kd;
     }
-    k = kd;
-  }
-  for (; k < kd; ++k, b += t.ldb, ++a) {
-#pragma GCC unroll 3
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+    for (; k < kd; ++k, b += t.ldb, ++a) {
+  #pragma GCC unroll 3
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * lda);
+  #pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
+      }
     }
   }
   const int64_t cols = t.cols;
