@@ -40,16 +40,11 @@ def main() -> None:
     import openvino as ov
 
     path = bench.export_onnx(model, x)
-    compiled = ov.Core().compile_model(path, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32",
-        "NUM_STREAMS": 1, "PERF_COUNT": True})
+    compiled = ov.Core().compile_model(path, "CPU", {**bench.openvino_config(args.threads), "PERF_COUNT": True})
     request = compiled.create_infer_request()
     import onnxruntime as ort
 
-    so = ort.SessionOptions()  # (as bench.build_peer, with the profiler on)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
+    so = bench.ort_session_options(args.threads)  # (as the benchmark runs it, with the profiler on)
     so.enable_profiling = True
     # (its threads otherwise spin after each run, taking the cores from the fused model timed next)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

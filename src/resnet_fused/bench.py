@@ -162,6 +162,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> str:
     return path
 
 
+def ort_session_options(threads: int):
+    """ONNX Runtime's session options as the benchmark runs it: every graph optimisation, `threads`
+    intra-op threads, one inter-op."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return so
+
+
+def openvino_config(threads: int) -> dict:
+    """OpenVINO's CPU config as the benchmark runs it: f32, latency hint, one stream, `threads` threads."""
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+            "NUM_STREAMS": 1}
+
+
 def build_peer(name: str, model: nn.Module, example: torch.Tensor) -> Callable:
     """ONNX Runtime (every graph optimisation) or OpenVINO (f32, latency hint) on the CPU, each with
     torch's thread count; both fold BN and fuse bias, residual and ReLU into their convolutions."""
@@ -170,16 +188,11 @@ def build_peer(name: str, model: nn.Module, example: torch.Tensor) -> Callable:
     if name == "onnxruntime":
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, ort_session_options(threads), providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     import openvino as ov
 
-    compiled = ov.Core().compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                                                     "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+    compiled = ov.Core().compile_model(path, "CPU", openvino_config(threads))
     request = compiled.create_infer_request()
 
     def run(x):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import tactics
 from .fold import master_dtype
 from .ops import conv_output_size
-from .replay import invalidate
+from .replay import _version, invalidate
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,17 +63,6 @@ def _is_packed(w: Tensor) -> bool:
     """Whether a master weight is held prepacked: an opaque oneDNN tensor, or the panels of our
     matrix-product kernel (gemm_prepack: [ceil(K/32), kh, kw, C, 32])."""
     return w.is_mkldnn or w.dim() == 5
-
-
-def _version(t: Tensor) -> int:
-    # Inference tensors have no version counter; they cannot be changed in place either. (A
-    # Parameter made in inference mode keeps having none after `.data =` gives it a normal tensor.)
-    if t.is_inference():
-        return -1
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 def to_channels_last(x):

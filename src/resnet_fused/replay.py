@@ -67,6 +67,8 @@ class _Recorder(TorchDispatchMode):
 
 
 def _version(t: Tensor) -> int:
+    # Inference tensors have no version counter; they cannot be changed in place either. (A
+    # Parameter made in inference mode keeps having none after `.data =` gives it a normal tensor.)
     if t.is_inference():
         return -1
     try:
