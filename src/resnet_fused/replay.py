@@ -188,24 +188,26 @@ def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
     return result, _Plan(steps, nslots, slots[id(result)], guards, epoch)
 
 
-def _hooked(modules) -> bool:
+def _hooked(gm: nn.Module, modules) -> bool:
     g = nn.modules.module
     if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
             or g._global_backward_pre_hooks):
         return True
-    for m in modules:
+    for m in (gm, *modules):
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
     return False
 
 
 def _called_modules(gm: fx.GraphModule) -> list:
-    """gm and every module its graph calls, with their submodules (whose hooks a call would run)."""
-    found = {id(gm): gm}
+    """Every module gm's graph calls, with their submodules (whose hooks a call would run); gm's own
+    hooks are checked apart (gm holds this list)."""
+    found = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             for m in gm.get_submodule(node.target).modules():
-                found[id(m)] = m
+                if m is not gm:
+                    found[id(m)] = m
     return list(found.values())
 
 
@@ -236,13 +238,13 @@ class _Replayer:
                 self.modules = []
         key = self.regime(x)
         plan = self.plans.get(key)
-        if plan is not None and plan.epoch == _epoch[0] and not _hooked(self.modules) and plan.unchanged():
+        if plan is not None and plan.epoch == _epoch[0] and not _hooked(gm, self.modules) and plan.unchanged():
             try:
                 return plan.run(x)
             except _Diverged:
                 return call(x)
         n = self.counts.get(key, 0)
-        if n < _RECORD_AFTER or not self.modules or _hooked(self.modules):
+        if n < _RECORD_AFTER or not self.modules or _hooked(gm, self.modules):
             if not self.modules:
                 self.modules = _called_modules(gm)
             self.counts = {**self.counts, key: n + 1}
