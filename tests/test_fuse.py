@@ -57,9 +57,11 @@ def assert_fully_fused(original, fused, x, add_relus=0):
     assert not leftover, f"unfused ops left: {leftover}"
     # every conv is one fused op: direct, Winograd (CPU float32 3x3s, see tactics.Winograd.rule),
     # matrix products (CPU float32 1x1s, see tactics.Gemm.rule), or on CUDA cuDNN's fused op where
-    # the tactics chose it (tactics.CudnnFused)
+    # the tactics chose it (tactics.CudnnFused); on CUDA our dual kernel (tactics.DualTile) is two
+    # convs, a block's last 1x1 and its downsample, in one op
     fused_convs = sum(n for k, n in counts.items() if k in CUDNN_FUSED_OPS
                       or (k.startswith("resnet_fused.") and "conv2d_bias_act" in k))
+    fused_convs += 2 * counts["resnet_fused.cuda_conv1x1_dual_bias_act"]
     assert fused_convs == n_convs, counts
     assert counts["resnet_fused.add_relu"] == add_relus, counts
     return counts

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -525,6 +526,36 @@ def test_a_fused_model_runs_its_cuda_choices(cache, monkeypatch, winner):
         bad = fused(x)
         assert torch.equal(bad.isnan(), copy.deepcopy(m).half()(x).isnan()) and bad.isnan().any()
         assert {n for n, _ in ran} == ({"cudnn"} if winner == "cudnn_fused" else {winner})  # NaN kept
+
+
+def test_a_cuda_path_runs_the_weight_its_candidate_prepared(cache, monkeypatch):
+    """Where the CPU's oneDNN packs float16 weights (AMX-FP16; on an H100 host), a layer on a CUDA
+    path still runs the plain channels-last weight its candidate was timed with, not oneDNN's
+    packed one (which our kernels cannot read)."""
+    def packs_float16(w, *args):
+        return w.to_mkldnn()
+
+    monkeypatch.setattr(torch.ops.resnet_fused, "prepack_conv2d_weight",
+                        types.SimpleNamespace(default=packs_float16))
+    seen = []
+
+    class Tile(EmuTile):
+        def run(self, layer, x, w, b, residual):
+            seen.append(w.layout)
+            return super().run(layer, x, w, b, residual)
+
+    emulated_cuda(monkeypatch, [Tile("tc64x64"), EmuCudnn("cudnn")], {"tc64x64": 1e-3, "cudnn": 2e-3})
+    m = model()
+    fused = resnet_fused.fuse(m).half()
+    x = x_for().half().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused(x)  # tunes
+        seen.clear()
+        out = fused(x)
+        eager, ref = copy.deepcopy(m).half()(x), copy.deepcopy(m).double()(x.double())
+    assert [t["choice"] for t in fused.fuse_report.tactics] == ["tc64x64"] * 4
+    assert seen == [torch.strided] * 4, seen
+    assert_accuracy_rule(out, [eager], ref, what="tc64x64 chosen")
 
 
 @pytest.mark.parametrize("case", ["small_gain", "small_gain_in_use", "large_gain"])

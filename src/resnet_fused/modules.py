@@ -548,7 +548,9 @@ class FusedConv2d(_Watched):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4, tactics.GROUPED):
+            elif key[0][-1] in tactics.CUDA_PATHS or key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4,
+                                                                    tactics.GROUPED):
+                # (a CUDA path runs the weight its candidate was timed with, never oneDNN's packing)
                 w = tactics.candidate(key[0][-1]).prepare(self, x)
             elif key[0][-1] == "gemm":
                 # Packed in panels once (the same for every input regime); the panels replace a
