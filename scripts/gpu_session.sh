@@ -15,9 +15,10 @@
 #   bash scripts/gpu_session.sh resnext   # resnext50_32x4d fp16 (our grouped kernel), batch 1 and 256
 #   bash scripts/gpu_session.sh tf32      # resnet50 float32 (our TF32 kernel, TF32 allowed as PyTorch's
 #                                         # default): per layer at batch 256, whole model batch 1..256
+#   bash scripts/gpu_session.sh cpu       # the tests not marked cuda on this host's CPU (not CI's CPU)
 #
 # Stages can also be named one by one: build golden test tactics layers bench sanitize profile
-# compile resnext tf32. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
+# compile resnext tf32 cpu. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
 # on after a failed stage; SANITIZERS lists compute-sanitizer's tools to run; a summary table is
 # printed last. Results go to $OUT (or ./gpu_out): env.txt (GPU, driver, commit, torch, CUDA, cuDNN), the golden dump,
 # logs, benchmark JSON/markdown. Copy the golden file to tests/golden/ and the benchmark results
@@ -91,6 +92,7 @@ environment() {
     echo "commit $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | grep -q . && echo '(with local changes)')"
     $PY -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| cuDNN', torch.backends.cudnn.version())"
     nvcc --version 2>/dev/null | tail -n 1
+    echo "host CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores"
   } | tee "$OUT/env.txt"
 }
 
@@ -108,6 +110,13 @@ gpu_tests() {
     case $? in 0 | 5) ;; *) rc=1 ;; esac  # (5: no test of that file is marked cuda)
   done
   return $rc
+}
+
+cpu_suite() {
+  # The tests not marked cuda on this host's CPU (another CPU than CI's: on the H100 lease of
+  # 2026-11-27 its oneDNN packed float16 weights, which broke the emulated-CUDA tests there only).
+  $PY -m pytest tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m "not cuda" \
+    -k "not held_to and not narrower" -rfE --tb=short --maxfail=20
 }
 
 sanitize() {
@@ -175,7 +184,7 @@ tf32() {  # float32 models: our TF32 kernel against cuDNN (TF32 too, PyTorch's d
 }
 
 export OUT PY
-export -f build gpu_tests sanitize layers bench tactics profile compile_max resnext tf32
+export -f build gpu_tests cpu_suite sanitize layers bench tactics profile compile_max resnext tf32
 environment
 for s in "${stages[@]}"; do
   case $s in
@@ -190,7 +199,8 @@ for s in "${stages[@]}"; do
     compile) run_stage compile 540 compile_max ;;
     resnext) run_stage resnext 150 resnext ;;
     tf32) run_stage tf32 150 tf32 ;;
-    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile resnext tf32 | all)"; exit 2 ;;
+    cpu) run_stage cpu 300 cpu_suite ;;
+    *) echo "unknown stage $s (build golden test tactics layers bench sanitize profile compile resnext tf32 cpu | all)"; exit 2 ;;
   esac
 done
 
