@@ -333,13 +333,14 @@ __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda
 template <int MR>
 __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   __m256 c[MR][4];
-  if (MR == 3 && t.ldb == kPanel) {
+  if constexpr (MR == 3) {
+    TORCH_CHECK(t.ldb == kPanel, "resnet_fused: the 3-row AVX2 loop takes packed panels");
     alignas(32) float sums[3 * 4 * 8];
     main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, sums);
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j) c[i][j] = _mm256_load_ps(sums + (i * 4 + j) * 8);
   } else {
-  #pragma GCC unroll 3
+#pragma GCC unroll 3
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j) c[i][j] = _mm256_setzero_ps();
     const float* a = t.a;
@@ -350,14 +351,14 @@ __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
     int64_t k = 0;
     if (pf && kd % 16 == 0) {
       for (int64_t k0 = 0; k0 < kd; k0 += 16) {
-  #pragma GCC unroll 3
+#pragma GCC unroll 3
         for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * lda + k0), _MM_HINT_T0);
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int64_t kk = 0; kk < 16; ++kk, b += t.ldb, ++a) {
-  #pragma GCC unroll 3
+#pragma GCC unroll 3
           for (int i = 0; i < MR; ++i) {
             const __m256 av = _mm256_broadcast_ss(a + i * lda);
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
           }
         }
@@ -365,10 +366,10 @@ __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
       k = kd;
     }
     for (; k < kd; ++k, b += t.ldb, ++a) {
-  #pragma GCC unroll 3
+#pragma GCC unroll 3
       for (int i = 0; i < MR; ++i) {
         const __m256 av = _mm256_broadcast_ss(a + i * lda);
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) c[i][j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * j), c[i][j]);
       }
     }

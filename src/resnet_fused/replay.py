@@ -243,14 +243,12 @@ class _Replayer:
                 return plan.run(x)
             except _Diverged:
                 return call(x)
-        n = self.counts.get(key, 0)
-        if n < _RECORD_AFTER or not self.modules or _hooked(gm, self.modules):
-            if not self.modules:
-                self.modules = _called_modules(gm)
-            self.counts = {**self.counts, key: n + 1}
-            return call(x)
         if not self.modules:
             self.modules = _called_modules(gm)
+        n = self.counts.get(key, 0)
+        if n < _RECORD_AFTER or _hooked(gm, self.modules):
+            self.counts = {**self.counts, key: n + 1}
+            return call(x)
         result, plan = _record(gm, x, call)
         with self.lock:
             self.counts = {**self.counts, key: -(1 << 30)} if plan is None else self.counts
@@ -267,7 +265,8 @@ class FusedGraphModule(fx.GraphModule):
 
     def _call_impl(self, *args, **kwargs):
         if (enabled and len(args) == 1 and not kwargs and type(args[0]) is Tensor and args[0].device.type == "cpu"
-                and args[0].layout == torch.strided and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not _serving()):
+                and args[0].layout == torch.strided and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not _serving()):
             replayer = self.__dict__.get("_replayer")
             if replayer is None:
                 replayer = self.__dict__["_replayer"] = _Replayer()
