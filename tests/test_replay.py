@@ -116,6 +116,19 @@ def test_an_in_place_edit_of_a_weight_is_seen(x):
     assert not torch.equal(out, module_path(fused_model(), x))
 
 
+def test_new_data_under_a_weight_is_seen(x):
+    """`.data =` keeps the tensor object and its version: a Winograd layer, which runs a weight made
+    from its master, must not replay the old one (the guard on the master's data)."""
+    model, other = fused_model(0), fused_model(1)
+    warm(model, x)
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, FusedConv2d) and m._cache
+                      and all(k[0][-1].startswith("winograd") for k in m._cache) and m.weight.dim() == 4)
+    conv.weight.data = other.get_submodule(name).weight.detach().clone()
+    out = warm(model, x, 1)[0]
+    assert torch.equal(out, module_path(model, x))
+    assert not torch.equal(out, module_path(fused_model(0), x))
+
+
 def test_a_replaced_layer_is_used(x):
     model, other = fused_model(0), fused_model(1)
     warm(model, x)
@@ -159,6 +172,10 @@ def test_hooks_registered_after_recording_still_fire(x):
     warm(model, x, 1)
     assert seen[-1] == "top"
     top.remove()
+    every = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append("global"))
+    warm(model, x, 1)
+    every.remove()
+    assert seen[-1] == "global"
 
 
 def test_dtype_round_trip_and_copies(x):

@@ -85,15 +85,31 @@ class _Plan:
     """One recorded run: steps of (op, positional args, keyword args, where the args' produced tensors
     come from, what its output is), and the tensors it relies on with their versions and data."""
 
-    __slots__ = ("steps", "nslots", "out", "guards", "epoch")
+    __slots__ = ("steps", "nslots", "out", "guards", "epoch", "_both", "_version_only", "_data_only")
 
     def __init__(self, steps, nslots, out, guards, epoch):
         self.steps, self.nslots, self.out, self.guards, self.epoch = steps, nslots, out, guards, epoch
+        # The checks each tensor needs, sorted once: asking every tensor what kind it is on every
+        # call cost several times the checks themselves. A tensor with no version counter (an
+        # inference tensor) never gets one; an mkldnn or sparse tensor has no data pointer to read.
+        pointerless = [t.is_mkldnn or t.is_sparse for t, _, _ in guards]
+        self._both = [(t, v, d) for (t, v, d), p in zip(guards, pointerless) if v != -1 and not p]
+        self._version_only = [(t, v) for (t, v, d), p in zip(guards, pointerless) if v != -1 and p]
+        self._data_only = [(t, d) for (t, v, d), p in zip(guards, pointerless) if v == -1 and not p]
 
     def unchanged(self) -> bool:
-        for t, v, d in self.guards:
-            if _version(t) != v or _data(t) != d:
-                return False
+        try:
+            for t, v, d in self._both:
+                if t._version != v or t.data_ptr() != d:
+                    return False
+            for t, v in self._version_only:
+                if t._version != v:
+                    return False
+            for t, d in self._data_only:
+                if t.data_ptr() != d:
+                    return False
+        except RuntimeError:  # (a tensor without a version counter now: not replayed, never a failed call)
+            return False
         return True
 
     def run(self, x: Tensor):
@@ -188,15 +204,21 @@ def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
     return result, _Plan(steps, nslots, slots[id(result)], guards, epoch)
 
 
-def _hooked(gm: nn.Module, modules) -> bool:
-    g = nn.modules.module
-    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-            or g._global_backward_pre_hooks):
-        return True
-    for m in (gm, *modules):
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-    return False
+_g = nn.modules.module
+_GLOBAL_HOOKS = (_g._global_forward_hooks, _g._global_forward_pre_hooks, _g._global_backward_hooks,
+                 _g._global_backward_pre_hooks)
+
+
+def _hook_dicts(modules) -> list:
+    """The hook dicts of `modules` (registering a hook adds to them in place)."""
+    return [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                         m._backward_pre_hooks)]
+
+
+def _hooked(gm: nn.Module, hook_dicts: list) -> bool:
+    # (gm's own dicts looked up each call: they are not in hook_dicts, see _called_modules)
+    return (any(_GLOBAL_HOOKS) or any(hook_dicts) or bool(gm._forward_hooks or gm._forward_pre_hooks
+                                                           or gm._backward_hooks or gm._backward_pre_hooks))
 
 
 def _called_modules(gm: fx.GraphModule) -> list:
@@ -220,6 +242,7 @@ class _Replayer:
         self.counts: dict = {}
         self.epoch = _epoch[0]
         self.modules: list = []
+        self.hook_dicts: list = []
 
     def __deepcopy__(self, memo):
         return _Replayer()
@@ -238,15 +261,16 @@ class _Replayer:
                 self.modules = []
         key = self.regime(x)
         plan = self.plans.get(key)
-        if plan is not None and plan.epoch == _epoch[0] and not _hooked(gm, self.modules) and plan.unchanged():
+        if plan is not None and plan.epoch == _epoch[0] and not _hooked(gm, self.hook_dicts) and plan.unchanged():
             try:
                 return plan.run(x)
             except _Diverged:
                 return call(x)
         if not self.modules:
             self.modules = _called_modules(gm)
+            self.hook_dicts = _hook_dicts(self.modules)
         n = self.counts.get(key, 0)
-        if n < _RECORD_AFTER or _hooked(gm, self.modules):
+        if n < _RECORD_AFTER or _hooked(gm, self.hook_dicts):
             self.counts = {**self.counts, key: n + 1}
             return call(x)
         result, plan = _record(gm, x, call)
