@@ -78,6 +78,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   // max_pool2d (dilation 1) of a float32 CPU input, channels-last out, without the indices
   // PyTorch's CPU kernel computes and drops (ResNet's pool after the stem).
   m.def("max_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False) -> Tensor");
+  // Whether a CPU tensor holds no NaN or Inf (one read, exact per element: the fused graph's
+  // check of its input), and the mean over H and W of a float32 channels-last input ([N, C, 1, 1]
+  // out: a ResNet's pool before its classifier).
+  m.def("all_finite(Tensor input) -> bool");
+  m.def("global_avg_pool_nhwc(Tensor input) -> Tensor");
   // CUDA only, for the GPU session's golden dumps: runs one arch-layer instruction on a warp
   // (csrc/cuda/kernels/conformance.h) and returns what every lane holds.
   m.def("_conformance(Tensor inputs, Tensor tile, int op) -> Tensor");

@@ -28,8 +28,8 @@ from torch import nn
 
 from .fold import can_fold, fold_conv_bn, master_dtype
 from .replay import as_replayed
-from .modules import (FusedAddReLU, FusedConv2d, FusedDual, FusedLinear, FusedMaxPool2d, InputsFinite,
-                      ToChannelsLast)
+from .modules import (FusedAddReLU, FusedConv2d, FusedDual, FusedGlobalAvgPool2d, FusedLinear, FusedMaxPool2d,
+                      InputsFinite, ToChannelsLast)
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -87,7 +87,8 @@ class _Tracer(fx.Tracer):
     """torch.nn modules and our fused modules are leaves; user modules are traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConv2d, FusedDual, FusedAddReLU, FusedMaxPool2d, ToChannelsLast, InputsFinite)):
+        if isinstance(m, (FusedConv2d, FusedDual, FusedAddReLU, FusedMaxPool2d, FusedGlobalAvgPool2d, ToChannelsLast,
+                          InputsFinite)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -421,6 +422,15 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport, prefix: str, prepack: bo
             continue
         _set_module(gm, node.target, FusedMaxPool2d.from_pool(pool))
         report.fused.append((prefix + node.target, "maxpool"))
+    #     Global average pools (nn.AdaptiveAvgPool2d(1), after 1b has read them): ours too, one read
+    #     of the input where aten's takes several passes' time at batch 1.
+    for node in list(graph.nodes):
+        if not (node.op == "call_module" and type(modules.get(node.target)) is nn.AdaptiveAvgPool2d):
+            continue
+        if modules[node.target].output_size not in (1, (1, 1), [1, 1]):
+            continue
+        _set_module(gm, node.target, FusedGlobalAvgPool2d())
+        report.fused.append((prefix + node.target, "avgpool"))
     modules = _modules(gm)
 
     # 5. Channels-last activations end to end: one conversion where a fused chain starts (a

@@ -85,8 +85,9 @@ def capturing_for_serving() -> bool:
 def inputs_finite(*xs) -> bool:
     """Whether a fused graph's inputs are free of NaN and Inf: then its convs may run their
     ReLU as a oneDNN post-op or cuDNN's fused op (which map NaN to 0); otherwise they keep
-    torch.relu's NaN semantics. One sum per input (a finite sum means finite elements; a huge
-    input whose sum overflows just takes the exact path). On CUDA that is a synchronisation per
+    torch.relu's NaN semantics. On CPU one read per input (``all_finite``: each element's exponent
+    bits); on CUDA one sum per input (a finite sum means finite elements; a huge input whose sum
+    overflows just takes the exact path), which is a synchronisation per
     forward: it is made only once some layer has chosen cuDNN's fused op, never while a CUDA graph
     is captured, and a layer runs that op only after a check that was made (inputs_verified).
     A graph captured for serving (torch.export, torch.jit.trace) cannot branch on the data: it
@@ -107,7 +108,10 @@ def inputs_finite(*xs) -> bool:
             if x.device.type not in ("cpu", "cuda") or (x.device.type == "cuda" and not tactics.cudnn_fused_in_use()):
                 skipped = True  # (not checked: a layer on cuDNN's fused op takes the exact path)
                 continue
-            if not bool(torch.isfinite(x.sum())):
+            if x.device.type == "cpu":
+                if not torch.ops.resnet_fused.all_finite.default(x):
+                    return False
+            elif not bool(torch.isfinite(x.sum())):
                 return False
     _verified.all = not skipped
     return True
@@ -803,6 +807,20 @@ class FusedAddReLU(_Watched):
         ):
             return torch.ops.resnet_fused.add_relu.default(a, b)
         return torch.relu(a + b)
+
+
+class FusedGlobalAvgPool2d(_Watched):
+    """``nn.AdaptiveAvgPool2d(1)`` (a ResNet's pool before its classifier) that runs our kernel on a
+    CPU float32 channels-last input (``global_avg_pool_nhwc``: one read, each channel summed over
+    the pixels in order) and ``F.adaptive_avg_pool2d`` on anything else, or while a graph is
+    captured or compiled."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x)
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not capturing_for_serving() and not torch.compiler.is_compiling()):
+            return torch.ops.resnet_fused.global_avg_pool_nhwc.default(x)
+        return torch.nn.functional.adaptive_avg_pool2d(x, 1)
 
 
 class FusedMaxPool2d(_Watched):
