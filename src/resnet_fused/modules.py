@@ -552,8 +552,7 @@ class FusedConv2d(_Watched):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1] in tactics.CUDA_PATHS or key[0][-1] in (tactics.WINOGRAD, tactics.WINOGRAD4,
-                                                                    tactics.GROUPED):
+            elif key[0][-1] in (*tactics.CUDA_PATHS, tactics.WINOGRAD, tactics.WINOGRAD4, tactics.GROUPED):
                 # (a CUDA path runs the weight its candidate was timed with, never oneDNN's packing)
                 w = tactics.candidate(key[0][-1]).prepare(self, x)
             elif key[0][-1] == "gemm":
@@ -809,6 +808,14 @@ class FusedAddReLU(_Watched):
         return torch.relu(a + b)
 
 
+def _our_cpu_pool_takes(x) -> bool:
+    """Where our pooling kernels run: a CPU float32 channels-last input, no autograd, not while a
+    graph is captured or compiled (there PyTorch's pool is traced instead)."""
+    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x)
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not capturing_for_serving() and not torch.compiler.is_compiling())
+
+
 class FusedGlobalAvgPool2d(_Watched):
     """``nn.AdaptiveAvgPool2d(1)`` (a ResNet's pool before its classifier) that runs our kernel on a
     CPU float32 channels-last input (``global_avg_pool_nhwc``: one read, each channel summed over
@@ -816,9 +823,7 @@ class FusedGlobalAvgPool2d(_Watched):
     captured or compiled."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x)
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and not capturing_for_serving() and not torch.compiler.is_compiling()):
+        if _our_cpu_pool_takes(x):
             return torch.ops.resnet_fused.global_avg_pool_nhwc.default(x)
         return torch.nn.functional.adaptive_avg_pool2d(x, 1)
 
@@ -846,9 +851,7 @@ class FusedMaxPool2d(_Watched):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x)
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and not capturing_for_serving() and not torch.compiler.is_compiling()):
+        if _our_cpu_pool_takes(x):
             return torch.ops.resnet_fused.max_pool2d_nhwc.default(x, self.kernel_size, self.stride, self.padding,
                                                                   self.ceil_mode)
         return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride, self.padding, 1, self.ceil_mode)
