@@ -40,6 +40,9 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+# The system's gcc for every stage, not only the build: the device image's default compiler (/opt/gcc)
+# links libstdc++ statically (see build below), and AOTInductor compiles C++ too (test_export).
+if [[ -x /usr/bin/gcc && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 stages=("$@")
 [[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize profile)
 [[ ${stages[0]} =~ ^(compile|resnext|tf32)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
@@ -71,11 +74,9 @@ build() {
     echo "already built for $stamp"
     return 0
   fi
-  # The system's gcc where there is one: the device image's default CC/CXX (/opt/gcc, a wrapper
-  # of the same GCC 13) links libstdc++ statically into the extension, and there the first error
-  # message with a number in it crashed the process (std::ostream of the static copy) instead of
-  # raising (H100 lease, 2026-11-26; the same sources built with /usr/bin/g++ raised).
-  if [[ -x /usr/bin/gcc && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+  # (CC/CXX: the system's gcc, set above. With the image's /opt/gcc, a wrapper of the same GCC 13
+  # that links libstdc++ statically, the first error message with a number in it crashed the
+  # process (std::ostream of the static copy) instead of raising: H100 lease, 2026-11-26.)
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} RESNET_FUSED_CUDA=1 RESNET_FUSED_EMU=1 MAX_JOBS=16 \
     $PY setup.py build_ext --inplace >"$OUT/build_full.log" 2>&1 || { tail -n 40 "$OUT/build_full.log"; return 1; }
   mkdir -p build && echo "$stamp" >build/.gpu_stamp
@@ -115,8 +116,17 @@ gpu_tests() {
 cpu_suite() {
   # The tests not marked cuda on this host's CPU (another CPU than CI's: on the H100 lease of
   # 2026-11-27 its oneDNN packed float16 weights, which broke the emulated-CUDA tests there only).
-  $PY -m pytest tests -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m "not cuda" \
-    -k "not held_to and not narrower" -rfE --tb=short --maxfail=20
+  # One pytest per file, the host-sensitive ones first and the emulator's (CI runs them the same
+  # way on any CPU) last: on lease 5 a segfault in test_export took the whole run's summary with it.
+  local f rc=0 files
+  files=$(ls tests/test_*.py | grep -v test_gpu_conv | sort -t/ -k2 | awk '/test_emu/ {e = e " " $0; next} {print} END {print e}')
+  for f in $files; do
+    echo "-- $f"
+    $PY -m pytest "$f" -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning -m "not cuda" \
+      -k "not held_to and not narrower" -rfE --tb=short --maxfail=10 2>&1 | grep -vE '^  File "|^Extension modules'
+    case ${PIPESTATUS[0]} in 0 | 5) ;; *) rc=1; echo "-- $f: FAILED or crashed" ;; esac
+  done
+  return $rc
 }
 
 sanitize() {
