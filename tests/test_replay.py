@@ -222,3 +222,33 @@ def test_a_resnet_records_every_layer_once():
     convs = [s for s in plan.steps if "conv2d_bias_act" in str(s[0])]
     assert len(convs) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in torchvision.models.resnet18().modules())
     assert torch.equal(outs[-1], outs[1])
+
+
+def test_a_replay_lets_each_activation_go_after_its_last_use(x):
+    """As the module path does: a replay that kept every activation to the end held all of them at
+    once, and at batch 8 faulted their pages in again on every call."""
+    import weakref
+
+    model = fused_model()
+    expected = warm(model, x)[-1]
+    (plan,) = plans(model).values()
+    first, alive_at_last = [], []
+    assert plan.steps[1][4] == 1  # (step 0 is the input check; step 1 makes the first activation)
+    func0 = plan.steps[1][0]
+    funcn = plan.steps[-1][0]
+
+    def record_first(*args, **kwargs):
+        out = func0(*args, **kwargs)
+        first.append(weakref.ref(out))
+        return out
+
+    def check_last(*args, **kwargs):
+        alive_at_last.append(first[-1]() is not None)
+        return funcn(*args, **kwargs)
+
+    plan.steps[1] = (record_first, *plan.steps[1][1:])
+    plan.steps[-1] = (check_last, *plan.steps[-1][1:])
+    with torch.inference_mode():
+        out = model(x)
+    assert alive_at_last == [False], "the first layer's output was still held when the last op ran"
+    assert torch.equal(out, expected)

@@ -77,25 +77,16 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _data(t: Tensor) -> int:
-    return 0 if t.is_mkldnn or t.is_sparse else t.data_ptr()
-
-
 class _Plan:
     """One recorded run: steps of (op, positional args, keyword args, where the args' produced tensors
-    come from, what its output is), and the tensors it relies on with their versions and data."""
+    come from, what its output is, the produced tensors no later step reads), and the tensors it
+    relies on, sorted by the checks each needs (see _guards)."""
 
-    __slots__ = ("steps", "nslots", "out", "guards", "epoch", "_both", "_version_only", "_data_only")
+    __slots__ = ("steps", "nslots", "out", "epoch", "_both", "_version_only", "_data_only")
 
     def __init__(self, steps, nslots, out, guards, epoch):
-        self.steps, self.nslots, self.out, self.guards, self.epoch = steps, nslots, out, guards, epoch
-        # The checks each tensor needs, sorted once: asking every tensor what kind it is on every
-        # call cost several times the checks themselves. A tensor with no version counter (an
-        # inference tensor) never gets one; an mkldnn or sparse tensor has no data pointer to read.
-        pointerless = [t.is_mkldnn or t.is_sparse for t, _, _ in guards]
-        self._both = [(t, v, d) for (t, v, d), p in zip(guards, pointerless) if v != -1 and not p]
-        self._version_only = [(t, v) for (t, v, d), p in zip(guards, pointerless) if v != -1 and p]
-        self._data_only = [(t, d) for (t, v, d), p in zip(guards, pointerless) if v == -1 and not p]
+        self.steps, self.nslots, self.out, self.epoch = steps, nslots, out, epoch
+        self._both, self._version_only, self._data_only = guards
 
     def unchanged(self) -> bool:
         try:
@@ -115,7 +106,7 @@ class _Plan:
     def run(self, x: Tensor):
         vals: list = [None] * self.nslots
         vals[0] = x
-        for func, args, kwargs, dyn, kind, dest in self.steps:
+        for func, args, kwargs, dyn, kind, dest, dead in self.steps:
             if dyn:
                 args = list(args)
                 for pos, slot in dyn:
@@ -129,6 +120,8 @@ class _Plan:
             elif kind == 3:
                 for i, s in dest:
                     vals[s] = r[i]
+            for s in dead:
+                vals[s] = None
         return vals[self.out]
 
 
@@ -192,16 +185,45 @@ def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
                     nslots += 1
         else:
             return result, None
-        steps.append((func, tuple(args), dict(kwargs), tuple(dyn), kind, dest))
+        steps.append([func, tuple(args), dict(kwargs), tuple(dyn), kind, dest])
     if id(result) not in slots:
         return result, None
-    tensors = list(consts.values()) + [t for t in gm.parameters()] + [t for t in gm.buffers()]
-    guards, seen = [], set()
+    # Each tensor is let go after the last step that reads it, as the module path does: kept to the
+    # end, every activation of the call was alive at once, and at batch 8 its large blocks went back
+    # to the OS and were faulted in again (zeroed) on every call.
+    last = {}
+    for i, (_, _, _, dyn, kind, dest) in enumerate(steps):
+        for _, slot in dyn:
+            last[slot] = i
+        for slot in ([dest] if kind == 1 else [s for _, s in dest] if kind == 3 else []):
+            last.setdefault(slot, i)  # (an output nothing reads: let go at once)
+    dead = [[] for _ in steps]
+    for slot, i in last.items():
+        if slot != slots[id(result)]:
+            dead[i].append(slot)
+    steps = [(*step, tuple(d)) for step, d in zip(steps, dead)]
+    return result, _Plan(steps, nslots, slots[id(result)], _guards(list(consts.values()) + list(gm.parameters())
+                                                               + list(gm.buffers())), epoch)
+
+
+def _guards(tensors) -> tuple[list, list, list]:
+    """The checks each tensor a plan relies on needs, sorted once (asking every tensor what kind it
+    is on every call cost several times the checks themselves): (tensor, version, data pointer),
+    (tensor, version) for an mkldnn or sparse tensor (no data pointer to read), (tensor, data
+    pointer) for an inference tensor (no version counter, ever)."""
+    both, version_only, data_only, seen = [], [], [], set()
     for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            guards.append((t, _version(t), _data(t)))
-    return result, _Plan(steps, nslots, slots[id(result)], guards, epoch)
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        v, pointerless = _version(t), t.is_mkldnn or t.is_sparse
+        if v != -1 and not pointerless:
+            both.append((t, v, t.data_ptr()))
+        elif v != -1:
+            version_only.append((t, v))
+        elif not pointerless:
+            data_only.append((t, t.data_ptr()))
+    return both, version_only, data_only
 
 
 _g = nn.modules.module
