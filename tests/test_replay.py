@@ -252,3 +252,43 @@ def test_a_replay_lets_each_activation_go_after_its_last_use(x):
         out = model(x)
     assert alive_at_last == [False], "the first layer's output was still held when the last op ran"
     assert torch.equal(out, expected)
+
+
+def test_the_recording_holds_no_more_tensors_than_the_module_path(x, monkeypatch):
+    """The recording call's memory is the module path's: at no op more of the tensors the call made
+    are alive than on the module path (holding every op's output to the end, resnet50's recording
+    call at batch 8 rose 90 MB above the module path's peak)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def counting(base):
+        class Counting(base):
+            most = 0
+            refs: list = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if base is TorchDispatchMode:
+                    out = func(*args, **(kwargs or {}))
+                else:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                if isinstance(out, torch.Tensor):
+                    Counting.refs.append(weakref.ref(out))
+                Counting.most = max(Counting.most, sum(r() is not None for r in Counting.refs))
+                return out
+        return Counting
+
+    Probe = counting(replay._Recorder)
+    monkeypatch.setattr(replay, "_Recorder", Probe)
+    model = fused_model()
+    for _ in range(5):  # (until the call that records)
+        Probe.most, Probe.refs = 0, []
+        with torch.inference_mode():
+            model(x)
+        if plans(model):
+            break
+    assert len(plans(model)) == 1 and len(Probe.refs) > 10
+    Plain = counting(TorchDispatchMode)
+    with Plain():
+        module_path(model, x)
+    assert Probe.most <= Plain.most, f"{Probe.most} tensors alive at once while recording, {Plain.most} without"

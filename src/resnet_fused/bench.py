@@ -512,7 +512,7 @@ def _memory_child(variant: str, model: str, batch: int) -> None:
     if variant.startswith("fused"):
         m = resnet_fused.fuse(m, inplace=True, prepack=variant != "fused_noprepack")
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(6):  # (fused: tuning, the module path, the call that records, replays)
             m(x)
     peak = _status_kb("VmHWM")
     print(json.dumps({"variant": variant, "peak_rss_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
