@@ -226,7 +226,7 @@ def test_a_resnet_records_every_layer_once():
 
 def test_a_replay_lets_each_activation_go_after_its_last_use(x):
     """As the module path does: a replay that kept every activation to the end held all of them at
-    once, and at batch 8 faulted their pages in again on every call."""
+    once."""
     import weakref
 
     model = fused_model()
@@ -256,8 +256,7 @@ def test_a_replay_lets_each_activation_go_after_its_last_use(x):
 
 def test_the_recording_holds_no_more_tensors_than_the_module_path(x, monkeypatch):
     """The recording call's memory is the module path's: at no op more of the tensors the call made
-    are alive than on the module path (holding every op's output to the end, resnet50's recording
-    call at batch 8 rose 90 MB above the module path's peak)."""
+    are alive than on the module path (the recorder once held every op's output to the end)."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -62,8 +62,8 @@ class _Unreplayable(Exception):
 class _Recorder(TorchDispatchMode):
     """Turns each op a call dispatches into a plan step as it runs. It holds the tensors the call
     made by weak reference only (an id with the object it was taken from), so they die when the
-    module path lets them go: holding every op's arguments and output to the end, the recording
-    call of resnet50 at batch 8 rose 90 MB above the module path's peak."""
+    module path lets them go (holding every op's arguments and output to the end, the call that
+    records held all of its activations at once, far above the module path's peak)."""
 
     def __init__(self, x: Tensor):
         super().__init__()
@@ -216,8 +216,8 @@ def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
         return result, None
     steps = rec.steps
     # Each tensor is let go after the last step that reads it, as the module path does: kept to the
-    # end, every activation of the call was alive at once, and at batch 8 its large blocks went back
-    # to the OS and were faulted in again (zeroed) on every call.
+    # end, every activation of the call was alive at once, and glibc gave their large blocks back to
+    # the OS and faulted them in again (zeroed) on every call.
     last = {}
     for i, (_, _, _, dyn, kind, dest) in enumerate(steps):
         for _, slot in dyn:
