@@ -500,6 +500,9 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+_MEMORY_CALLS = 6  # fused: tuning, the module path, the call that records (replay), replays
+
+
 def _memory_child(variant: str, model: str, batch: int) -> None:
     """Peak RSS of building the model (and fusing it) and running it, in MB: the process's own
     peak (VmHWM), reset after the imports so that the libraries' load does not hide it, and
@@ -512,7 +515,7 @@ def _memory_child(variant: str, model: str, batch: int) -> None:
     if variant.startswith("fused"):
         m = resnet_fused.fuse(m, inplace=True, prepack=variant != "fused_noprepack")
     with torch.inference_mode():
-        for _ in range(6):  # (fused: tuning, the module path, the call that records, replays)
+        for _ in range(_MEMORY_CALLS):
             m(x)
     peak = _status_kb("VmHWM")
     print(json.dumps({"variant": variant, "peak_rss_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
@@ -601,7 +604,7 @@ def markdown(result: dict) -> str:
         lines.append("")
         lines.append(f"Peak RSS at batch {result['memory_batch']} (median of {result.get('memory_repeats', 1)} "
                      "fresh processes each, glibc's default allocator; "
-                     "model built, fused and run 3 times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
+                     f"model built, fused and run {_MEMORY_CALLS} times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
                      "; above the RSS after imports: " +
                      ", ".join(f"{k} {v:.0f} MB" for k, v in result.get("peak_added_mb", {}).items()))
     if result.get("build_s"):
