@@ -536,7 +536,7 @@ def run_memory(args, repeats: int = 3) -> dict:
     return {"peak_rss_mb": {v: med(v, "peak_rss_mb") for v in runs},
             "peak_added_mb": {v: med(v, "added_mb") for v in runs},
             "peak_added_mb_runs": {v: [round(r["added_mb"], 1) for r in rs] for v, rs in runs.items()},
-            "memory_repeats": repeats, "memory_batch": args.batch[-1]}
+            "memory_repeats": repeats, "memory_batch": args.batch[-1], "memory_calls": _MEMORY_CALLS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +604,7 @@ def markdown(result: dict) -> str:
         lines.append("")
         lines.append(f"Peak RSS at batch {result['memory_batch']} (median of {result.get('memory_repeats', 1)} "
                      "fresh processes each, glibc's default allocator; "
-                     f"model built, fused and run {_MEMORY_CALLS} times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
+                     f"model built, fused and run {result.get('memory_calls', 3)} times): " + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items()) +
                      "; above the RSS after imports: " +
                      ", ".join(f"{k} {v:.0f} MB" for k, v in result.get("peak_added_mb", {}).items()))
     if result.get("build_s"):
