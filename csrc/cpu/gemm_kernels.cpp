@@ -334,7 +334,7 @@ template <int MR>
 __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   __m256 c[MR][4];
   if constexpr (MR == 3) {
-    TORCH_CHECK(t.ldb == kPanel, "resnet_fused: the 3-row AVX2 loop takes packed panels");
+    TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t.ldb == kPanel, "the 3-row AVX2 loop takes packed panels (run_avx2's packed branch)");
     alignas(32) float sums[3 * 4 * 8];
     main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, sums);
     for (int i = 0; i < MR; ++i)
