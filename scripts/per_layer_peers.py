@@ -1,9 +1,10 @@
 """Per-layer time of a ResNet (resnet50 by default) fp32 on CPU: each fused layer against OpenVINO's and ONNX Runtime's node for it.
 
 The must-show table of issue 16 ("where a goal is missed: on which layers"): fused layers timed
-with forward hooks (the module's Python included), OpenVINO's nodes with its own PERF_COUNT
-profiler (real time), ONNX Runtime's with its profiler (the node's kernel time), the three
-interleaved in one process, same thread count. Prints a markdown table and writes it to --out.
+op by op inside the replayed forward (the path a served model runs: resnet_fused.replay), OpenVINO's
+nodes with its own PERF_COUNT profiler (real time), ONNX Runtime's with its profiler (the node's
+kernel time), the three interleaved in one process, same thread count. Prints a markdown table and
+writes it to --out.
 
     python scripts/per_layer_peers.py --batch 1 --rounds 30 --out benchmarks/results/cpu_layers_peers_b1.md
 """
@@ -60,12 +61,11 @@ def main() -> None:
             if isinstance(m, FusedConv2d):
                 # (a FusedDual pair's two layers, as the model's own names: convN.conv, convN.downsample)
                 names[m] = re.sub(r"\.conv\d\.downsample$", ".downsample.0", re.sub(r"(\.conv\d)\.conv$", r"\1", name))
-                m.register_forward_pre_hook(lambda mod, a: setattr(mod, "_t0", time.perf_counter()))
-                m.register_forward_hook(lambda mod, a, o: fused_t[names[mod]].append(time.perf_counter() - mod._t0))
         for _ in range(3):
             fused(x)
             request.infer({0: x.numpy()})
             session.run(None, {"x": x.numpy()})
+        time_replayed_layers(fused, x, names, fused_t)
         fused_t.clear()
         ov_t = collections.defaultdict(list)
         ov_kind = {}
@@ -106,11 +106,11 @@ def main() -> None:
     lines = [f"# {args.model} fp32 per layer, batch {args.batch}, {args.threads} threads", "",
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
              f"{args.rounds} rounds interleaved, medians; host allocator: {allocator}", "",
-             f"whole forward: fused {med(whole['fused']):.2f} ms (with the hooks), openvino "
+             f"whole forward: fused {med(whole['fused']):.2f} ms (replayed, its ops timed), openvino "
              f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on), onnxruntime {med(whole['onnxruntime']):.2f} ms "
              f"(with its profiler on; onnxruntime {ort.__version__}); the whole-model comparison without them "
              "is the benchmark's (python -m resnet_fused.bench)", "",
-             "fused ms: the FusedConv2d module (its Python included); OV ms, ORT ms: the node's own time", "",
+             "fused ms: the layer's op in the replayed forward; OV ms, ORT ms: the node's own time", "",
              "| layer | fused kernel | fused ms | OV ms | OV exec | ORT ms | fused/OV | fused/ORT |",
              "|---|---|---:|---:|---|---:|---:|---:|"]
     tf = to = tr = 0.0
@@ -134,6 +134,54 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+def time_replayed_layers(fused, x, names: dict, times: dict) -> None:
+    """Make the fused model replay on x, and wrap each op of its recorded run that belongs to a
+    fused layer with a timer appending to times[layer name]. Which layer an op belongs to comes
+    from one run on the module path (replay off) with hooks that mark the layer being run: the
+    recording is that run's ops in the same order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resnet_fused import replay
+
+    for _ in range(4):
+        fused(x)
+    plans = fused.__dict__.get("_replayer").plans if "_replayer" in fused.__dict__ else {}
+    if len(plans) != 1:
+        raise SystemExit(f"per_layer_peers: expected one recorded run of the fused model, found {len(plans)}")
+    plan = next(iter(plans.values()))
+    current, ops = [None], []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append((func, current[0]))
+            return func(*args, **(kwargs or {}))
+
+    hooks = []
+    for m, name in names.items():
+        hooks.append(m.register_forward_pre_hook(lambda mod, a, n=name: current.__setitem__(0, n)))
+        hooks.append(m.register_forward_hook(lambda mod, a, o: current.__setitem__(0, None)))
+    was, replay.enabled = replay.enabled, False
+    try:
+        with Ops():
+            fused(x)
+    finally:
+        replay.enabled = was
+        for h in hooks:
+            h.remove()
+    if [f for f, _ in ops] != [s[0] for s in plan.steps]:
+        raise SystemExit("per_layer_peers: the module path's ops are not the recorded run's")
+
+    def timed(func, name):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = func(*args, **kwargs)
+            times[name].append(time.perf_counter() - t0)
+            return out
+        return call
+
+    plan.steps = [(timed(s[0], name), *s[1:]) if name else s for s, (_, name) in zip(plan.steps, ops)]
 
 
 def onnxruntime_node_times(profile: str, warmup: int) -> dict:
