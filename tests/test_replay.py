@@ -5,10 +5,12 @@ bit for bit, and must stop the moment anything it relied on changes."""
 import copy
 import io
 import math
+import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
 from resnet_fused import FusedConv2d, replay
@@ -227,8 +229,6 @@ def test_a_resnet_records_every_layer_once():
 def test_a_replay_lets_each_activation_go_after_its_last_use(x):
     """As the module path does: a replay that kept every activation to the end held all of them at
     once."""
-    import weakref
-
     model = fused_model()
     expected = warm(model, x)[-1]
     (plan,) = plans(model).values()
@@ -257,10 +257,6 @@ def test_a_replay_lets_each_activation_go_after_its_last_use(x):
 def test_the_recording_holds_no_more_tensors_than_the_module_path(x, monkeypatch):
     """The recording call's memory is the module path's: at no op more of the tensors the call made
     are alive than on the module path (the recorder once held every op's output to the end)."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     def counting(base):
         class Counting(base):
             most = 0
