@@ -15,7 +15,8 @@
 #   bash scripts/gpu_session.sh resnext   # resnext50_32x4d fp16 (our grouped kernel), batch 1 and 256
 #   bash scripts/gpu_session.sh tf32      # resnet50 float32 (our TF32 kernel, TF32 allowed as PyTorch's
 #                                         # default): per layer at batch 256, whole model batch 1..256
-#   bash scripts/gpu_session.sh cpu       # the tests not marked cuda on this host's CPU (not CI's CPU)
+#   bash scripts/gpu_session.sh cpu       # the tests not marked cuda on this host's CPU (not CI's CPU),
+#                                         # one pytest per file, the emulator's last (about 500 s in all)
 #
 # Stages can also be named one by one: build golden test tactics layers bench sanitize profile
 # compile resnext tf32 cpu. Each stage has a time budget (BUDGET_<stage>=seconds overrides it) and the run goes
@@ -45,7 +46,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 if [[ -x /usr/bin/gcc && -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 stages=("$@")
 [[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build golden test tactics layers bench sanitize profile)
-[[ ${stages[0]} =~ ^(compile|resnext|tf32)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
+[[ ${stages[0]} =~ ^(compile|resnext|tf32|cpu)$ && ${#stages[@]} -eq 1 ]] && stages=(build "${stages[0]}")
 declare -A RESULT SECONDS_TAKEN
 
 run_stage() {  # name budget_seconds command...
