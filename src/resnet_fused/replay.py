@@ -188,7 +188,7 @@ class _Plan:
                 args = list(args)
                 for pos, slot in dyn:
                     args[pos] = vals[slot]
-            # (an OpOverload's own op, without its Python __call__: a few microseconds an op)
+            # (an OpOverload's own op: its Python __call__ skipped; a wrapper without _op runs as it is)
             r = getattr(func, "_op", func)(*args, **kwargs)
             if kind == 1:
                 vals[dest] = r
