@@ -97,7 +97,7 @@ def get_extensions():
     use_cuda = mode == "1" or (mode == "auto" and torch_has_cuda and nvcc_found)
     debug = os.environ.get("RESNET_FUSED_DEBUG", "0") == "1"
 
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", n) for n in ("ops.cpp", "autograd.cpp", "replay.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     extra_compile_args = {"cxx": opt + ["-fvisibility=hidden"]}
     extra_link_args = []

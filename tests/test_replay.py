@@ -228,10 +228,11 @@ def test_a_resnet_records_every_layer_once():
 
 def test_a_replay_lets_each_activation_go_after_its_last_use(x):
     """As the module path does: a replay that kept every activation to the end held all of them at
-    once."""
+    once. (Python's executor, whose steps can be wrapped; the C++ one's frees: the test below.)"""
     model = fused_model()
     expected = warm(model, x)[-1]
     (plan,) = plans(model).values()
+    plan.native = None
     first, alive_at_last = [], []
     assert plan.steps[1][4] == 1  # (step 0 is the input check; step 1 makes the first activation)
     func0 = plan.steps[1][0]
@@ -287,3 +288,90 @@ def test_the_recording_holds_no_more_tensors_than_the_module_path(x, monkeypatch
     with Plain():
         module_path(model, x)
     assert Probe.most <= Plain.most, f"{Probe.most} tensors alive at once while recording, {Plain.most} without"
+
+
+@pytest.fixture(scope="module")
+def probe_ops():
+    """Two ops written in Python, for plans built by hand: rf_probe::make returns a new tensor and
+    keeps a weak reference to it; rf_probe::check returns its input's copy and notes whether that
+    tensor is still alive."""
+    lib = torch.library.Library("rf_probe", "DEF")
+    lib.define("make(Tensor x) -> Tensor")
+    lib.define("check(Tensor x) -> Tensor")
+    made, alive = [], []
+
+    def make(x):
+        out = x * 2
+        made.append(weakref.ref(out))
+        return out
+
+    def check(x):
+        alive.append(made[-1]() is not None)
+        return x.clone()
+
+    lib.impl("make", make, "CPU")
+    lib.impl("check", check, "CPU")
+    yield made, alive
+    lib._destroy()
+
+
+def test_the_native_plan_lets_each_tensor_go_after_its_last_use(probe_ops):
+    made, alive = probe_ops
+    for dead_after_add in (True, False):
+        made.clear(), alive.clear()
+        plan = torch.classes.resnet_fused.ReplayPlan()
+        plan.add_step("rf_probe::make", "", [None], [0, 0], 1, None, [0, 1], [])  # slot 1 = make(x)
+        plan.add_step("aten::add", "Scalar", [None, 1.0, 1.0], [0, 1], 1, None, [0, 2],  # slot 2 = slot 1 + 1
+                      [1] if dead_after_add else [])
+        plan.add_step("rf_probe::check", "", [None], [0, 2], 1, None, [0, 3], [2])
+        plan.set_output(3)
+        x = torch.randn(4)
+        assert torch.equal(plan.run(x), x * 2 + 1)
+        assert alive == [not dead_after_add]
+
+
+def test_the_native_plan_checks_values_and_guards():
+    plan = torch.classes.resnet_fused.ReplayPlan()
+    plan.add_step("aten::is_nonzero", "", [None], [0, 0], 2, True, [], [])
+    plan.add_step("aten::mul", "Scalar", [None, 3.0], [0, 0], 1, None, [0, 1], [])
+    plan.set_output(1)
+    w = torch.ones(2)
+    plan.add_guard(w, True, True)
+    assert torch.equal(plan.run(torch.ones(1)), torch.full((1,), 3.0))
+    assert plan.run(torch.zeros(1)) is None  # (the recorded True differs: the caller takes the module path)
+    assert plan.unchanged()
+    w.add_(1)
+    assert not plan.unchanged()
+    with pytest.raises(ValueError, match="no operator"):
+        plan.add_step("aten::no_such_op", "", [], [], 1, None, [0, 2], [])
+    with pytest.raises(ValueError, match="takes 2 arguments"):
+        plan.add_step("aten::mul", "Scalar", [None], [0, 0], 1, None, [0, 2], [])
+    with pytest.raises(ValueError, match="out of range"):
+        plan.add_step("aten::mul", "Scalar", [None, 2.0], [0, 9], 1, None, [0, 2], [])
+
+
+def test_a_resnet_replays_natively_with_the_python_executors_answer():
+    torch.manual_seed(0)
+    model = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    x = torch.randn(2, 3, 32, 32)
+    warm(model, x)
+    (plan,) = plans(model).values()
+    assert plan.native is not None and plan.native.num_steps() == len(plan.steps)
+    native = warm(model, x, 1)[0]
+    plan.native = None
+    assert torch.equal(native, warm(model, x, 1)[0])
+    assert torch.equal(native, module_path(model, x))
+
+
+def test_a_step_the_native_plan_cannot_hold_stays_in_python():
+    """An argument of a type the C++ plan is not given (a dtype): that plan runs from Python."""
+    class Cast(nn.Module):
+        def forward(self, x):
+            return x.to(torch.float64).sum(1).float()
+
+    gm = replay.as_replayed(torch.fx.symbolic_trace(Cast()))
+    x = torch.randn(2, 3)
+    outs = warm(gm, x)
+    (plan,) = plans(gm).values()
+    assert plan.native is None
+    assert torch.equal(outs[-1], x.double().sum(1).float())

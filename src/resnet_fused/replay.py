@@ -6,7 +6,9 @@ the caches: a few percent of a ResNet-50 forward, where ONNX Runtime's executor 
 fused graph has run twice on inputs of one regime (shape, strides, dtype, threads, grad and
 inference mode), the next call records the ops it dispatches (a TorchDispatchMode), and later calls
 of that regime run that list of ops directly: the same kernels on the same prepared weights, in the
-same order, so the same result bit for bit.
+same order, so the same result bit for bit. The list runs in C++ (csrc/replay.cpp: each op's
+argument stack built once, the GIL let go), or from Python where an argument has a type the C++
+plan is not given.
 
 A recorded run is only replayed while nothing it relied on can have changed:
 
@@ -159,13 +161,18 @@ class _Plan:
     come from, what its output is, the produced tensors no later step reads), and the tensors it
     relies on, sorted by the checks each needs (see _guards)."""
 
-    __slots__ = ("steps", "nslots", "out", "epoch", "_both", "_version_only", "_data_only")
+    __slots__ = ("steps", "nslots", "out", "epoch", "_both", "_version_only", "_data_only", "native")
 
     def __init__(self, steps, nslots, out, guards, epoch):
         self.steps, self.nslots, self.out, self.epoch = steps, nslots, out, epoch
         self._both, self._version_only, self._data_only = guards
+        # The same plan in C++ (torch.classes.resnet_fused.ReplayPlan), or None: then the steps run
+        # from Python (set it to None to run them so, e.g. with a step wrapped).
+        self.native = _native(self)
 
     def unchanged(self) -> bool:
+        if self.native is not None:
+            return self.native.unchanged()
         try:
             for t, v, d in self._both:
                 if t._version != v or t.data_ptr() != d:
@@ -181,6 +188,11 @@ class _Plan:
         return True
 
     def run(self, x: Tensor):
+        if self.native is not None:
+            out = self.native.run(x)
+            if out is None:
+                raise _Diverged
+            return out
         vals: list = [None] * self.nslots
         vals[0] = x
         for func, args, kwargs, dyn, kind, dest, dead in self.steps:
@@ -201,6 +213,51 @@ class _Plan:
             for s in dead:
                 vals[s] = None
         return vals[self.out]
+
+
+# c10::MemoryFormat's values
+_MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,
+                   torch.channels_last_3d: 3}
+
+
+def _native(plan: _Plan):
+    """plan's steps and guards as a ReplayPlan (csrc/replay.cpp), or None where one cannot hold them
+    (an argument with no value to give: the steps then run from Python, as before)."""
+    if not hasattr(torch.classes.resnet_fused, "ReplayPlan"):
+        return None
+    native = torch.classes.resnet_fused.ReplayPlan()
+    try:
+        for func, args, kwargs, dyn, kind, dest, dead in plan.steps:
+            stack = []
+            for i, a in enumerate(func._schema.arguments):
+                if not a.kwarg_only and i < len(args):
+                    v = args[i]
+                elif a.name in kwargs:
+                    v = kwargs[a.name]
+                elif a.has_default_value():
+                    v = a.default_value
+                else:
+                    return None
+                if isinstance(v, torch.memory_format):
+                    v = _MEMORY_FORMATS[v]  # (an enum reaches the C++ side as the int it is there)
+                elif isinstance(v, (torch.dtype, torch.layout, torch.device)):
+                    return None
+                stack.append(v)
+            if len(stack) != len(func._schema.arguments) or set(kwargs) - {a.name for a in func._schema.arguments}:
+                return None
+            pairs = [(0, dest)] if kind == 1 else list(dest) if kind == 3 else []
+            native.add_step(func._schema.name, func._schema.overload_name, stack, [v for p in dyn for v in p], kind,
+                            dest if kind == 2 else None, [v for p in pairs for v in p], list(dead))
+        native.set_output(plan.out)
+        for t, _, _ in plan._both:
+            native.add_guard(t, True, True)
+        for t, _ in plan._version_only:
+            native.add_guard(t, True, False)
+        for t, _ in plan._data_only:
+            native.add_guard(t, False, True)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return native
 
 
 def _record(gm: nn.Module, x: Tensor, call) -> tuple[Any, Optional[_Plan]]:
