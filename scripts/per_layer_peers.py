@@ -65,15 +65,21 @@ def main() -> None:
             fused(x)
             request.infer({0: x.numpy()})
             session.run(None, {"x": x.numpy()})
-        time_replayed_layers(fused, x, names, fused_t)
+        plan, native = time_replayed_layers(fused, x, names, fused_t)
         fused_t.clear()
         ov_t = collections.defaultdict(list)
         ov_kind = {}
-        whole = {"fused": [], "openvino": [], "onnxruntime": []}
+        whole = {"fused": [], "fused_native": [], "openvino": [], "onnxruntime": []}
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             fused(x)
             whole["fused"].append(time.perf_counter() - t0)
+            if native is not None:  # the same plan on its C++ executor, no op timed: the model as served
+                plan.native, timed_plan = native, plan.native
+                t0 = time.perf_counter()
+                fused(x)
+                whole["fused_native"].append(time.perf_counter() - t0)
+                plan.native = timed_plan
             t0 = time.perf_counter()
             request.infer({0: x.numpy()})
             whole["openvino"].append(time.perf_counter() - t0)
@@ -106,7 +112,9 @@ def main() -> None:
     lines = [f"# {args.model} fp32 per layer, batch {args.batch}, {args.threads} threads", "",
              f"cpu: {bench.cpu_name()}; commit {bench.git_commit()}; openvino {ov.__version__}; "
              f"{args.rounds} rounds interleaved, medians; host allocator: {allocator}", "",
-             f"whole forward: fused {med(whole['fused']):.2f} ms (replayed, its ops timed), openvino "
+             f"whole forward: fused {med(whole['fused']):.2f} ms (replayed from Python, its ops timed; "
+             f"{med(whole['fused_native']) if whole['fused_native'] else float('nan'):.2f} ms on the C++ executor, "
+             "none timed), openvino "
              f"{med(whole['openvino']):.2f} ms (with PERF_COUNT on), onnxruntime {med(whole['onnxruntime']):.2f} ms "
              f"(with its profiler on; onnxruntime {ort.__version__}); the whole-model comparison without them "
              "is the benchmark's (python -m resnet_fused.bench)", "",
@@ -136,12 +144,13 @@ def main() -> None:
             f.write(text)
 
 
-def time_replayed_layers(fused, x, names: dict, times: dict) -> None:
+def time_replayed_layers(fused, x, names: dict, times: dict) -> tuple:
     """Make the fused model replay on x, and wrap each op of its recorded run that belongs to a
     fused layer with a timer appending to times[layer name]. Which layer an op belongs to comes
     from one run on the module path (replay off) with hooks that mark the layer being run: the
     recording is that run's ops in the same order. The steps then run from Python's executor (the
-    C++ one cannot be wrapped), which adds a few microseconds of host time per op to the forward."""
+    C++ one cannot be wrapped), which adds a few microseconds of host time per op to the forward.
+    Returns the plan and the C++ executor it had (None where none), which it no longer runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from resnet_fused import replay
@@ -183,7 +192,8 @@ def time_replayed_layers(fused, x, names: dict, times: dict) -> None:
         return call
 
     plan.steps = [(timed(s[0], name), *s[1:]) if name else s for s, (_, name) in zip(plan.steps, ops)]
-    plan.native = None  # (the Python executor, whose steps can be wrapped)
+    native, plan.native = plan.native, None  # (the Python executor, whose steps can be wrapped)
+    return plan, native
 
 
 def onnxruntime_node_times(profile: str, warmup: int) -> dict:
