@@ -506,9 +506,6 @@ float* scratch_floats(int64_t n) {
 void run_tile(const Tile& t) { kernel().run(t); }
 
 namespace {
-// How many tiles ahead run_panel asks for the rows an epilogue reads.
-constexpr int64_t kAheadTiles = 3;
-
 // Asks for the lines of `rows` rows of `cols` floats at row stride ld (a tile's output or residual).
 void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -540,18 +537,13 @@ void run_panel(Tile t, int64_t rows, int64_t max_rows) {
       t.c = c + i * t.ldc;
       t.residual = first && residual ? residual + i * t.ldr : nullptr;
       // Where the epilogue reads memory (a residual, or the output it accumulates into: the
-      // convolutions' in-place residual), its rows are asked for kAheadTiles tiles ahead of the
-      // tile that reads them, and the first tiles' before the first runs, rather than waited for
-      // in the epilogue: a panel's pass over a block starts cold, and one tile's products (64
-      // steps for ResNet's first 1x1s) are too short to cover a read from memory. (Elsewhere the
-      // output is written only, or already in cache (Winograd's products): there the prefetches
-      // measured no gain.)
-      if (first && (residual || accumulate)) {
-        const int64_t from = i == 0 ? 0 : i + kAheadTiles * mr, to = std::min(rows, i + (kAheadTiles + 1) * mr);
-        if (from < to) {
-          prefetch_rows(c + from * t.ldc, t.ldc, to - from, t.cols);
-          if (residual) prefetch_rows(residual + from * t.ldr, t.ldr, to - from, t.cols);
-        }
+      // convolutions' in-place residual), the next tile's rows of it are asked for while this
+      // tile runs, rather than waited for in its epilogue. (Elsewhere the output is written only,
+      // or already in cache (Winograd's products): there the prefetches measured no gain.)
+      if (first && i + mr < rows && (residual || accumulate)) {
+        const int64_t next = std::min(mr, rows - i - mr);
+        prefetch_rows(c + (i + mr) * t.ldc, t.ldc, next, t.cols);
+        if (residual) prefetch_rows(residual + (i + mr) * t.ldr, t.ldr, next, t.cols);
       }
       k.run(t);
     }
