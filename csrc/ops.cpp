@@ -83,6 +83,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   // out: a ResNet's pool before its classifier).
   m.def("all_finite(Tensor input) -> bool");
   m.def("global_avg_pool_nhwc(Tensor input) -> Tensor");
+  // A CPU tensor copied to channels-last, always a new tensor (the fused graph's one layout
+  // conversion of its input; a float32 NCHW image on our own loop, anything else on aten's).
+  m.def("to_channels_last(Tensor input) -> Tensor");
   // CUDA only, for the GPU session's golden dumps: runs one arch-layer instruction on a warp
   // (csrc/cuda/kernels/conformance.h) and returns what every lane holds.
   m.def("_conformance(Tensor inputs, Tensor tile, int op) -> Tensor");

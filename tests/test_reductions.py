@@ -1,6 +1,7 @@
-"""The two whole-tensor CPU ops of a fused forward: all_finite (the graph's check of its input)
-against torch.isfinite, and global_avg_pool_nhwc (a ResNet's pool before its classifier) against a
-float64 reference; where fused models use them."""
+"""The whole-tensor CPU ops of a fused forward: all_finite (the graph's check of its input)
+against torch.isfinite, global_avg_pool_nhwc (a ResNet's pool before its classifier) against a
+float64 reference, to_channels_last (the graph's conversion of its input) against aten's copy; where
+fused models use them."""
 
 import copy
 import math
@@ -17,6 +18,7 @@ from conftest import assert_accuracy_rule
 
 all_finite = torch.ops.resnet_fused.all_finite
 pool = torch.ops.resnet_fused.global_avg_pool_nhwc
+to_cl = torch.ops.resnet_fused.to_channels_last
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -96,6 +98,28 @@ class Head(nn.Module):
         return self.fc(torch.flatten(self.pool(y), 1)), self.other(y)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (2, 3, 7, 5), (3, 1, 4, 4), (2, 2, 3, 9), (1, 4, 1, 6),
+                                   (2, 8, 5, 5), (1, 9, 4, 3), (0, 3, 4, 4)])
+def test_to_channels_last_copies_exactly(shape):
+    x = torch.randn(shape)
+    for t in (x, x.double(), x.half(), x[:, :, ::2], x.contiguous(memory_format=torch.channels_last)):
+        y = to_cl(t)
+        assert torch.equal(y, t.contiguous(memory_format=torch.channels_last)) and y.dtype == t.dtype
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y.numel() == 0 or y.data_ptr() != t.data_ptr()  # (always a new tensor: the schema aliases nothing)
+    nan = x.clone()
+    if nan.numel():
+        nan.view(-1)[-1] = math.nan
+        assert torch.equal(to_cl(nan).isnan(), nan.isnan())
+
+
+def test_to_channels_last_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="input"):
+        to_cl(torch.randn(3, 4, 4))
+    with pytest.raises((ValueError, RuntimeError), match="dense CPU"):
+        to_cl(torch.randn(1, 3, 4, 4).to_mkldnn())
+
+
 def test_fuse_runs_the_pool_on_our_kernel(monkeypatch):
     """fuse() swaps nn.AdaptiveAvgPool2d(1) for FusedGlobalAvgPool2d (not other output sizes); a
     CPU float32 channels-last input takes our kernel, anything else PyTorch's; the graph's input
@@ -106,7 +130,7 @@ def test_fuse_runs_the_pool_on_our_kernel(monkeypatch):
     assert isinstance(fused.pool, FusedGlobalAvgPool2d) and type(fused.other) is nn.AdaptiveAvgPool2d
     assert ("pool", "avgpool") in fused.fuse_report.fused
     calls = []
-    for name in ("global_avg_pool_nhwc", "all_finite"):
+    for name in ("global_avg_pool_nhwc", "all_finite", "to_channels_last"):
         op = getattr(torch.ops.resnet_fused, name).default
         monkeypatch.setattr(getattr(torch.ops.resnet_fused, name), "default",
                             lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
@@ -116,6 +140,7 @@ def test_fuse_runs_the_pool_on_our_kernel(monkeypatch):
         ref = model.double()(x.double())
         eager = copy.deepcopy(model).float()(x)
     assert calls.count("global_avg_pool_nhwc") == 1 and calls.count("all_finite") == 1, calls
+    assert calls.count("to_channels_last") == 1, calls
     assert_accuracy_rule(out, [eager[0]], ref[0], what="head")
     assert_accuracy_rule(other, [eager[1]], ref[1], what="other pool")
     calls.clear()

@@ -67,8 +67,14 @@ def _is_packed(w: Tensor) -> bool:
 
 def to_channels_last(x):
     """The one layout conversion at the start of a fused chain (a no-op when x is channels-last
-    already). Leaves anything but a 4-D tensor alone, so the fused op names the problem."""
+    already). Leaves anything but a 4-D tensor alone, so the fused op names the problem. A CPU
+    float32 NCHW image takes our copy (``to_channels_last``: aten's runs its generic strided loop
+    there, several times a plain copy's time)."""
     if isinstance(x, Tensor) and x.dim() == 4:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided and x.shape[1] <= 8
+                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+                and type(x) is Tensor and not capturing_for_serving() and not torch.compiler.is_compiling()):
+            return torch.ops.resnet_fused.to_channels_last.default(x)
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

@@ -164,6 +164,11 @@ def _max_pool2d_nhwc_fake(input, kernel_size, stride, padding, ceil_mode=False):
     return input.new_empty((n, c, oh, ow)).contiguous(memory_format=torch.channels_last)
 
 
+@torch.library.register_fake("resnet_fused::to_channels_last")
+def _to_channels_last_fake(input):
+    return torch.empty_like(input, memory_format=torch.channels_last)
+
+
 @torch.library.register_fake("resnet_fused::global_avg_pool_nhwc")
 def _global_avg_pool_nhwc_fake(input):
     return input.new_empty((input.shape[0], input.shape[1], 1, 1)).contiguous(memory_format=torch.channels_last)
