@@ -445,19 +445,19 @@ def test_threads_give_single_thread_answers():
     results = [None] * len(xs)
     errors = []
 
-    def work(i):
+    def work(model, i):
         try:
             with torch.inference_mode():
                 for _ in range(3):
-                    results[i] = fused(xs[i])
+                    results[i] = model(xs[i])
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
     fresh = resnet_fused.fuse(randomize_bn(models.HandResNet()).eval())  # caches built concurrently
     fresh.load_state_dict(fused.state_dict())
     for model in (fused, fresh):
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
-        fused_model = model
+        results = [None] * len(xs)
+        threads = [threading.Thread(target=work, args=(model, i)) for i in range(len(xs))]
         for t in threads:
             t.start()
         for t in threads:
@@ -465,7 +465,9 @@ def test_threads_give_single_thread_answers():
         assert not errors, errors
         for r, e in zip(results, expected):
             assert torch.equal(r, e)
-        del fused_model
+        # (the later calls replayed the recorded plan on its C++ executor, several threads at once)
+        (plan,) = model.__dict__["_replayer"].plans.values()
+        assert plan.native is not None
 
 
 def test_torch_compile_fullgraph():
