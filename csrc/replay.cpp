@@ -91,8 +91,12 @@ struct ReplayPlan : torch::CustomClassHolder {
                         "resnet_fused.ReplayPlan: argument ", pos, " from slot ", slot, " is out of range");
     }
     auto ds = pairs(dest, "dest");
+    const bool multiple = schema.returns().size() > 1;
+    TORCH_CHECK_VALUE(kind != kTensor || (ds.size() == 1 && ds[0].first == 0),
+                      "resnet_fused.ReplayPlan: a step of one tensor gives it to one slot");
     for (const auto& [i, slot] : ds) {
-      TORCH_CHECK_VALUE(slot > 0 && i >= 0, "resnet_fused.ReplayPlan: bad result slot ", slot);
+      TORCH_CHECK_VALUE(slot > 0 && i >= 0 && (!multiple || i < int64_t(schema.returns().size())),
+                        "resnet_fused.ReplayPlan: bad result ", i, " to slot ", slot);
       nslots = std::max(nslots, slot + 1);
     }
     if (kind == kValue) {
@@ -101,7 +105,7 @@ struct ReplayPlan : torch::CustomClassHolder {
     }
     for (int64_t s : dead) TORCH_CHECK_VALUE(s >= 0 && s < nslots, "resnet_fused.ReplayPlan: bad dead slot ", s);
     steps.push_back(Step{*op, std::move(args), std::move(d), kind, std::move(expect), std::move(ds), std::move(dead),
-                         schema.returns().size() > 1});
+                         multiple});
   }
 
   void set_output(int64_t slot) {

@@ -348,6 +348,8 @@ def test_the_native_plan_checks_values_and_guards():
         plan.add_step("aten::mul", "Scalar", [None], [0, 0], 1, None, [0, 2], [])
     with pytest.raises(ValueError, match="out of range"):
         plan.add_step("aten::mul", "Scalar", [None, 2.0], [0, 9], 1, None, [0, 2], [])
+    with pytest.raises(ValueError, match="one slot"):
+        plan.add_step("aten::mul", "Scalar", [None, 2.0], [0, 0], 1, None, [], [])
 
 
 def test_a_resnet_replays_natively_with_the_python_executors_answer():

@@ -222,7 +222,8 @@ _MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.c
 
 def _native(plan: _Plan):
     """plan's steps and guards as a ReplayPlan (csrc/replay.cpp), or None where one cannot hold them
-    (an argument with no value to give: the steps then run from Python, as before)."""
+    (an argument with no value to give, or of a type it is not given: a dtype, layout or device;
+    the steps then run from Python)."""
     if not hasattr(torch.classes.resnet_fused, "ReplayPlan"):
         return None
     native = torch.classes.resnet_fused.ReplayPlan()
