@@ -71,9 +71,10 @@ def to_channels_last(x):
     float32 NCHW image takes our copy (``to_channels_last``: aten's runs its generic strided loop
     there, several times a plain copy's time)."""
     if isinstance(x, Tensor) and x.dim() == 4:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided and x.shape[1] <= 8
-                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-                and type(x) is Tensor and not capturing_for_serving() and not torch.compiler.is_compiling()):
+        # (tracing and export checked first: under torch.jit.trace a shape compared is a traced value)
+        if (not capturing_for_serving() and not torch.compiler.is_compiling() and type(x) is Tensor
+                and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+                and x.shape[1] <= 8 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)):
             return torch.ops.resnet_fused.to_channels_last.default(x)
         return x.contiguous(memory_format=torch.channels_last)
     return x
