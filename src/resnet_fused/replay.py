@@ -244,7 +244,7 @@ def _native(plan: _Plan):
                 elif isinstance(v, (torch.dtype, torch.layout, torch.device)):
                     return None
                 stack.append(v)
-            if len(stack) != len(func._schema.arguments) or set(kwargs) - {a.name for a in func._schema.arguments}:
+            if set(kwargs) - {a.name for a in func._schema.arguments}:
                 return None
             pairs = [(0, dest)] if kind == 1 else list(dest) if kind == 3 else []
             native.add_step(func._schema.name, func._schema.overload_name, stack, [v for p in dyn for v in p], kind,
