@@ -224,9 +224,7 @@ def _native(plan: _Plan):
     """plan's steps and guards as a ReplayPlan (csrc/replay.cpp), or None where one cannot hold them
     (an argument with no value to give, or of a type it is not given: a dtype, layout or device;
     the steps then run from Python)."""
-    if not hasattr(torch.classes.resnet_fused, "ReplayPlan"):
-        return None
-    native = torch.classes.resnet_fused.ReplayPlan()
+    native = torch.classes.resnet_fused.ReplayPlan()  # (built into _C with every kernel: always there)
     try:
         for func, args, kwargs, dyn, kind, dest, dead in plan.steps:
             stack = []
