@@ -103,8 +103,14 @@ def test_bad_model_input(cifar):
         fused(x[:, :1])
     with pytest.raises(TypeError, match="computes in torch.float32 but got a torch.float64 input.*float64 has no"):
         fused(x.double())
-    with pytest.raises(TypeError, match="computes in torch.float32 but got a torch.int64"):
+    with pytest.raises(TypeError, match=r"computes in torch.float32 but got a torch.int64 input; cast the input with "
+                                        r"\.to\(torch.float32\)$"):
         fused(x.long())
+    with torch.inference_mode():
+        for bad in (x.to_sparse(), x.to_mkldnn()):
+            for _ in range(4):  # (the module path, and the calls a dense input would have replayed)
+                with pytest.raises(TypeError, match=f"takes a dense \\(strided\\) input, got a {bad.layout} tensor"):
+                    fused(bad)
     with pytest.raises(TypeError, match="torch.bfloat16"):
         fused(x.bfloat16())
     with pytest.raises(TypeError, match="takes an nn.Module"):

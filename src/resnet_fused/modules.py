@@ -69,11 +69,11 @@ def to_channels_last(x):
     """The one layout conversion at the start of a fused chain (a no-op when x is channels-last
     already). Leaves anything but a 4-D tensor alone, so the fused op names the problem. A CPU
     float32 NCHW image takes our copy (``to_channels_last``: aten's runs its generic strided loop
-    there, several times a plain copy's time)."""
-    if isinstance(x, Tensor) and x.dim() == 4:
+    there, several times a plain copy's time). A sparse or mkldnn tensor is left alone too."""
+    if isinstance(x, Tensor) and x.dim() == 4 and x.layout == torch.strided:
         # (tracing and export checked first: under torch.jit.trace a shape compared is a traced value)
         if (not capturing_for_serving() and not torch.compiler.is_compiling() and type(x) is Tensor
-                and x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided
+                and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.shape[1] <= 8 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)):
             return torch.ops.resnet_fused.to_channels_last.default(x)
         return x.contiguous(memory_format=torch.channels_last)
@@ -108,6 +108,8 @@ def inputs_finite(*xs) -> bool:
     _verified.all = skipped = False
     for x in xs:
         if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
+            if x.layout != torch.strided:
+                return False  # (not read: the exact path, where a layer names what it cannot take)
             if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # (cuda_graph checks each replay's input itself where it captures with this on)
                 skipped = skipped or not getattr(_verified, "capture", False)
@@ -424,6 +426,9 @@ class FusedConv2d(_Watched):
     def _check_input(self, x: Tensor) -> None:
         dtype = self.dtype
         if x.dtype != dtype:
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"FusedConv2d computes in {dtype} but got a {x.dtype} input; cast the input "
+                                f"with .to({dtype})")
             raise TypeError(
                 f"FusedConv2d computes in {dtype} but got a {x.dtype} input; cast the input, or the model "
                 f"with .to({x.dtype})" + (" (float64 has no fused kernel)" if x.dtype == torch.float64 else "")
@@ -522,6 +527,8 @@ class FusedConv2d(_Watched):
         """The weight in x's dtype and layout (prepacked on CPU) and the bias, cached, and the
         kernel they are for (see _path). The key holds everything a hit relies on, so the input
         checks run on a miss only; the last call's answer is kept apart (_memo_key)."""
+        if x.layout != torch.strided:
+            raise TypeError(f"FusedConv2d takes a dense (strided) input, got a {x.layout} tensor; call .to_dense() first")
         memo = self._memo
         if memo is not None and memo[0] == self._memo_key(x):
             return memo[1]
