@@ -4,6 +4,7 @@ conv through a resnet_fused op, no batch_norm / relu / add left where they could
 import collections
 import copy
 import io
+import pickle
 import threading
 
 import pytest
@@ -332,6 +333,39 @@ def test_state_dict_and_torch_save_round_trip(tmp_path):
     other.load_state_dict(torch.load(buf))
     with torch.inference_mode():
         assert torch.equal(other(x), expected)
+
+
+@pytest.mark.parametrize("copied", ["as fused", "pickled", "untraceable"])
+def test_a_state_dict_from_before_fusion_is_refused_whole(copied):
+    """The original model's state_dict shares the fused model's conv weight keys but holds them
+    unfolded: torch would load those, then raise on the BatchNorm keys, and leave a wrong model.
+    Nothing is loaded, and the error says what the dict is."""
+    x = torch.randn(2, 3, 32, 32)
+    model = randomize_bn(models.Untraceable() if copied == "untraceable" else models.CifarResNet()).eval()
+    if copied == "untraceable":
+        x = torch.randn(2, 3, 16, 16)
+    fused = resnet_fused.fuse(copy.deepcopy(model))
+    if copied == "pickled":
+        fused = pickle.loads(pickle.dumps(fused))
+    with torch.inference_mode():
+        expected = fused(x)
+    with pytest.raises(ValueError, match=r"BatchNorm statistics \(e\.g\. '.*running_mean'\).*before fusion.*nothing was loaded"):
+        fused.load_state_dict(model.state_dict())
+    partial = dict(fused.state_dict())
+    partial.pop(next(iter(partial)))
+    with pytest.raises(ValueError, match="not the fused model's .*missing.*nothing was loaded"):
+        fused.load_state_dict({k: v + 1 for k, v in partial.items()})
+    with torch.inference_mode():
+        assert torch.equal(fused(x), expected)
+    # strict=False is torch's: the keys that match are loaded
+    result = fused.load_state_dict(fused.state_dict(), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_torch_jit_script_names_the_way_to_torchscript():
+    fused = resnet_fused.fuse(randomize_bn(models.CifarResNet()).eval())
+    with pytest.raises(TypeError, match="cannot be compiled by torch.jit.script.*resnet_fused.trace"):
+        torch.jit.script(fused)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")

@@ -29,7 +29,7 @@ from torch import nn
 from .fold import can_fold, fold_conv_bn, master_dtype
 from .replay import as_replayed
 from .modules import (FusedAddReLU, FusedConv2d, FusedDual, FusedGlobalAvgPool2d, FusedLinear, FusedMaxPool2d,
-                      InputsFinite, ToChannelsLast)
+                      InputsFinite, ToChannelsLast, check_state_dict)
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
@@ -599,6 +599,7 @@ def fuse(
             m._tactics_log = report.tactics
     for p in fused.parameters():
         p.requires_grad_(False)  # inference-only: nothing of it is trained
+    fused.register_load_state_dict_pre_hook(check_state_dict)
     fused.fuse_report = report
     if verbose:
         print(report)

@@ -80,6 +80,47 @@ def to_channels_last(x):
     return x
 
 
+_BN_STATS = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def _state_keys(module: nn.Module) -> set:
+    """The keys module.state_dict() would have, without making it (a prepacked weight would be
+    unpacked for it)."""
+    keys = set()
+    for name, m in module.named_modules(remove_duplicate=False):
+        pre = name + "." if name else ""
+        keys.update(pre + k for k, v in m._parameters.items() if v is not None)
+        keys.update(pre + k for k, v in m._buffers.items() if v is not None and k not in m._non_persistent_buffers_set)
+        if type(m).get_extra_state is not nn.Module.get_extra_state:
+            keys.add(pre + "_extra_state")
+    return keys
+
+
+def check_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """A fused model's load_state_dict (strict) checks the keys before it loads anything (a pre-hook
+    fuse() puts on the model, and unpickling on a fused graph module): torch
+    loads the keys that match and then raises, and the state_dict most often offered by mistake,
+    the model's own before fusion, has matching conv weights that are not yet folded; loaded, they
+    would leave a wrong model behind the error."""
+    if not strict:
+        return
+    given = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+    expected = _state_keys(module)
+    if given == expected:
+        return
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if any(k.endswith(_BN_STATS) for k in unexpected):
+        example = next((k for k in unexpected if k.endswith(".running_mean")), None) or next(
+            k for k in unexpected if k.endswith(_BN_STATS))
+        raise ValueError(
+            f"resnet_fused: this state_dict holds BatchNorm statistics (e.g. '{example}') that the fused model has folded into its "
+            "convolutions: it is the model's before fusion. Load it into that model and fuse it again; "
+            "nothing was loaded")
+    raise ValueError(f"resnet_fused: the state_dict's keys are not the fused model's (missing: {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''}; unexpected: {unexpected[:5]}"
+                     f"{' ...' if len(unexpected) > 5 else ''}); nothing was loaded")
+
+
 def capturing_for_serving() -> bool:
     """Whether torch.export or torch.jit.trace is capturing the model into a graph to serve
     elsewhere (AOTInductor, LibTorch). Then the fused layers call one op on their plain master
@@ -422,6 +463,11 @@ class FusedConv2d(_Watched):
             self._tuned = {k: v for k, v in self._tuned.items() if k not in self._checked}
             self._checked = {}
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        raise TypeError("resnet_fused: a fused model cannot be compiled by torch.jit.script; for TorchScript trace "
+                        "it with resnet_fused.trace(model, example) (or torch.jit.trace), or export it with "
+                        "resnet_fused.export")
 
     def _check_input(self, x: Tensor) -> None:
         dtype = self.dtype

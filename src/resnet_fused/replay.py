@@ -420,7 +420,11 @@ def _serving() -> bool:
 
 
 def _rebuild(fn, args):
-    return as_replayed(fn(*args))
+    from .modules import check_state_dict
+
+    gm = as_replayed(fn(*args))
+    gm.register_load_state_dict_pre_hook(check_state_dict)  # (fx rebuilds the module without its hooks)
+    return gm
 
 
 def as_replayed(gm: fx.GraphModule) -> FusedGraphModule:
