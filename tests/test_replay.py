@@ -95,6 +95,26 @@ def test_a_new_regime_gets_its_own_recording(x):
     assert torch.equal(warm(model, xc)[-1], module_path(model, xc))
 
 
+def test_several_regimes_in_turn_keep_their_recordings():
+    """A dynamically batched server runs several input regimes in turn: each keeps its prepared
+    weights and its recording, and none drops the others' (each new regime's weights once did,
+    for every recording in the process)."""
+    model = fused_model()
+    xs = [torch.randn(n, 3, h, h) for n, h in ((1, 32), (2, 32), (2, 24), (3, 16))]
+    for xi in xs:
+        warm(model, xi)
+    expected = [module_path(model, xi) for xi in xs]
+    epoch = replay._epoch[0]
+    for _ in range(3):
+        for xi, e in zip(xs, expected):
+            assert torch.equal(warm(model, xi, 1)[0], e)
+    assert replay._epoch[0] == epoch and len(plans(model)) == len(xs)
+    # more regimes than a layer keeps: the oldest are prepared again, the answers stay
+    more = [torch.randn(2, 3, h, h) for h in (20, 28, 36)]
+    for xi in more + xs:
+        assert torch.equal(warm(model, xi)[-1], module_path(model, xi))
+
+
 def test_new_weights_by_load_state_dict_are_used(x):
     model, other = fused_model(0), fused_model(1)
     warm(model, x)

@@ -38,6 +38,9 @@ from .ops import conv_output_size
 from .replay import _version, invalidate
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+# Prepared weights a layer keeps, one per input regime: the batch sizes a dynamically batched
+# server runs can choose different kernels, and a regime evicted is prepared again on its next call.
+_CACHED_REGIMES = 4
 
 
 def _return_freed_pages() -> None:
@@ -197,12 +200,21 @@ _verified = threading.local()
 
 class _Watched(nn.Module):
     """A fused module whose every attribute, parameter or submodule set drops the recorded runs
-    that may rely on it (see replay.py); ``_memo`` (a memo of the last call) excepted."""
+    that may rely on it (see replay.py), but for what a new input regime adds: ``_memo`` (a memo
+    of the last call), ``_cache`` (the prepared weights per regime), ``_tuned`` and ``_checked``
+    (the kernel measured per input shape, and the weights it was checked on). A recording holds
+    the prepared weights it runs, whose values hang only on the master (its parameters are
+    guarded, and every change of master drops the recordings itself), and its own shape's choice
+    is made before it records. Otherwise each batch size new to a dynamically batched server
+    dropped every recording of the process."""
 
     def __setattr__(self, name, value):
-        if name != "_memo":
+        if name not in _REGIME_STATE:
             invalidate()
         super().__setattr__(name, value)
+
+
+_REGIME_STATE = frozenset(("_memo", "_cache", "_tuned", "_checked"))
 
 
 # The fused graph calls these two as submodules rather than functions: a pickled GraphModule is
@@ -649,12 +661,15 @@ class FusedConv2d(_Watched):
                     key = self._cache_key(x)
                     del master  # the last reference to the plain master, so that its pages can go
                     _return_freed_pages()
-            # At most two entries (batch 1 and larger batches, say): a third regime replaces the
-            # oldest that is not the master itself; a new dtype or device, or a changed master,
-            # drops them all. Copy-on-write, so readers never see a dict change.
+            # At most _CACHED_REGIMES entries (batch 1 and larger batches, each with the kernel
+            # measured for it, say): one more replaces the oldest that is not the master itself; a
+            # new dtype or device, or a changed master, drops them all. Copy-on-write, so readers
+            # never see a dict change.
             entries = [(k, v) for k, v in self._cache.items()
                        if k[0][:2] == key[0][:2] and k[1] == key[1] and k[0] != key[0]]
-            entries = [e for e in entries if e[1][0] is self.weight][-1:] or entries[-1:]
+            if len(entries) >= _CACHED_REGIMES:
+                oldest = next((e for e in entries if e[1][0] is not self.weight), entries[0])
+                entries.remove(oldest)
             self._cache = dict(entries + [(key, (w, b, key[0][-1]))])
             return w, b, key[0][-1]
 

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _epoch = [0]
 _RECORD_AFTER = 2  # normal calls of a regime before the one that records (the first may tune)
-_MAX_PLANS = 4
+_MAX_PLANS = 16  # (input regimes recorded per graph: a dynamically batched server runs several)
 enabled = os.environ.get("RESNET_FUSED_REPLAY", "1") != "0"
 
 
