@@ -115,6 +115,17 @@ def test_several_regimes_in_turn_keep_their_recordings():
         assert torch.equal(warm(model, xi)[-1], module_path(model, xi))
 
 
+def test_the_servers_warm_up_records_every_batch_size():
+    from resnet_fused.serve import warm_up
+
+    model = fused_model()
+    warm_up(model, (3, 32, 32), 3)
+    assert sorted(k[0][0] for k in plans(model)) == [1, 2, 3]
+    x = torch.stack([torch.randn(3, 32, 32) for _ in range(2)])  # (as the server makes a batch)
+    epoch = replay._epoch[0]
+    assert torch.equal(warm(model, x, 1)[0], module_path(model, x)) and replay._epoch[0] == epoch
+
+
 def test_new_weights_by_load_state_dict_are_used(x):
     model, other = fused_model(0), fused_model(1)
     warm(model, x)

@@ -39,11 +39,27 @@ def load_model(path: str):
     return model.eval()
 
 
+def warm_up(model, input_shape, max_batch_size: int) -> None:
+    """Runs every batch size the server can form as it runs them (inference mode, a stacked float32
+    batch) until it replays: each size measures its kernels (once per machine, then read from the
+    cache) and records its ops at start-up rather than in the first requests of that size.
+    Random images, not zeros: tuning checks each kernel's accuracy on the layer's first input."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in range(1, max_batch_size + 1):
+            x = torch.randn(n, *input_shape, generator=gen)
+            for _ in range(4):  # (tuning, the module path, the call that records, a replay)
+                model(x)
+
+
 def app(model_path: str, input_shape, *, replicas: int = 2, threads: int = 1, max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.01):
+        batch_wait_timeout_s: float = 0.01, warm: bool = True):
     """The Ray Serve application: ``replicas`` copies of the model, each taking one image per
     request (a nested list of ``input_shape``, C x H x W) and running up to ``max_batch_size`` of
-    them as one batch (waiting at most ``batch_wait_timeout_s`` for a batch to fill)."""
+    them as one batch (waiting at most ``batch_wait_timeout_s`` for a batch to fill). ``warm``:
+    each replica runs every batch size before it takes requests (warm_up)."""
     from ray import serve
     from starlette.responses import JSONResponse
 
@@ -58,6 +74,8 @@ def app(model_path: str, input_shape, *, replicas: int = 2, threads: int = 1, ma
 
             torch.set_num_threads(threads)
             self.model = load_model(model_path)
+            if warm:
+                warm_up(self.model, input_shape, max_batch_size)
             self.replica = f"{os.uname().nodename}:{os.getpid()}"
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
@@ -93,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per replica")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="take requests at once (each batch size's first request then tunes and records it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="a running Ray cluster to join (default: start one here)")
@@ -106,7 +126,8 @@ def main(argv=None) -> int:
         p.error("Ray Serve is not installed: pip install resnet_fused[serve] (or pip install 'ray[serve]')")
 
     application = app(args.model, args.input_shape, replicas=args.replicas, threads=args.threads,
-                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000)
+                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                      warm=not args.no_warm_up)
     if args.address:
         ray.init(address=args.address)
     else:
