@@ -349,7 +349,8 @@ def test_a_state_dict_from_before_fusion_is_refused_whole(copied):
         fused = pickle.loads(pickle.dumps(fused))
     with torch.inference_mode():
         expected = fused(x)
-    with pytest.raises(ValueError, match=r"BatchNorm statistics \(e\.g\. '.*running_mean'\).*before fusion.*nothing was loaded"):
+    with pytest.raises(ValueError,
+                       match=r"BatchNorm statistics \(e\.g\. '.*running_mean'\).*before fusion.*nothing was loaded"):
         fused.load_state_dict(model.state_dict())
     partial = dict(fused.state_dict())
     partial.pop(next(iter(partial)))

@@ -100,11 +100,11 @@ def _state_keys(module: nn.Module) -> set:
 
 
 def check_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """A fused model's load_state_dict (strict) checks the keys before it loads anything (a pre-hook
-    fuse() puts on the model, and unpickling on a fused graph module): torch
-    loads the keys that match and then raises, and the state_dict most often offered by mistake,
-    the model's own before fusion, has matching conv weights that are not yet folded; loaded, they
-    would leave a wrong model behind the error."""
+    """A fused model's strict load_state_dict checks the keys before it loads anything (a pre-hook
+    that fuse() puts on the model, and unpickling on a fused graph module). torch loads the keys
+    that match and then raises; the state_dict most often offered by mistake, the model's own
+    before fusion, has matching conv weights not yet folded, which would leave a wrong model
+    behind the error."""
     if not strict:
         return
     given = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
@@ -116,9 +116,9 @@ def check_state_dict(module, state_dict, prefix, local_metadata, strict, missing
         example = next((k for k in unexpected if k.endswith(".running_mean")), None) or next(
             k for k in unexpected if k.endswith(_BN_STATS))
         raise ValueError(
-            f"resnet_fused: this state_dict holds BatchNorm statistics (e.g. '{example}') that the fused model has folded into its "
-            "convolutions: it is the model's before fusion. Load it into that model and fuse it again; "
-            "nothing was loaded")
+            f"resnet_fused: this state_dict holds BatchNorm statistics (e.g. '{example}') that the fused model "
+            "has folded into its convolutions: it is the model's before fusion. Load it into that model and "
+            "fuse it again; nothing was loaded")
     raise ValueError(f"resnet_fused: the state_dict's keys are not the fused model's (missing: {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''}; unexpected: {unexpected[:5]}"
                      f"{' ...' if len(unexpected) > 5 else ''}); nothing was loaded")
@@ -198,6 +198,9 @@ def runs_cudnn_fused(model: nn.Module) -> bool:
 _verified = threading.local()
 
 
+_REGIME_STATE = frozenset(("_memo", "_cache", "_tuned", "_checked"))
+
+
 class _Watched(nn.Module):
     """A fused module whose every attribute, parameter or submodule set drops the recorded runs
     that may rely on it (see replay.py), but for what a new input regime adds: ``_memo`` (a memo
@@ -213,8 +216,6 @@ class _Watched(nn.Module):
             invalidate()
         super().__setattr__(name, value)
 
-
-_REGIME_STATE = frozenset(("_memo", "_cache", "_tuned", "_checked"))
 
 
 # The fused graph calls these two as submodules rather than functions: a pickled GraphModule is
@@ -586,7 +587,8 @@ class FusedConv2d(_Watched):
         kernel they are for (see _path). The key holds everything a hit relies on, so the input
         checks run on a miss only; the last call's answer is kept apart (_memo_key)."""
         if x.layout != torch.strided:
-            raise TypeError(f"FusedConv2d takes a dense (strided) input, got a {x.layout} tensor; call .to_dense() first")
+            raise TypeError(f"FusedConv2d takes a dense (strided) input, got a {x.layout} tensor; "
+                            "call .to_dense() first")
         memo = self._memo
         if memo is not None and memo[0] == self._memo_key(x):
             return memo[1]
