@@ -43,15 +43,18 @@ def warm_up(model, input_shape, max_batch_size: int) -> None:
     """Runs every batch size the server can form as it runs them (inference mode, a stacked float32
     batch) until it replays: each size measures its kernels (once per machine, then read from the
     cache) and records its ops at start-up rather than in the first requests of that size.
-    Random images, not zeros: tuning checks each kernel's accuracy on the layer's first input."""
+    Random images, not zeros: tuning checks each kernel's accuracy on the layer's first input.
+    Twice over: a size whose kernel first takes a layer's weight into its own layout (once per
+    layer) drops the recordings made before it, which the second pass makes again."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, *input_shape, generator=gen) for n in range(1, max_batch_size + 1)]
     with torch.inference_mode():
-        for n in range(1, max_batch_size + 1):
-            x = torch.randn(n, *input_shape, generator=gen)
-            for _ in range(4):  # (tuning, the module path, the call that records, a replay)
-                model(x)
+        for calls in (4, 2):  # (tuning, the module path, the call that records, a replay; then record, replay)
+            for x in xs:
+                for _ in range(calls):
+                    model(x)
 
 
 def app(model_path: str, input_shape, *, replicas: int = 2, threads: int = 1, max_batch_size: int = 8,
