@@ -45,15 +45,16 @@ def warm_up(model, input_shape, max_batch_size: int) -> None:
     cache) and records its ops at start-up rather than in the first requests of that size.
     Random images, not zeros: tuning checks each kernel's accuracy on the layer's first input.
     Twice over: a size whose kernel first takes a layer's weight into its own layout (once per
-    layer) drops the recordings made before it, which the second pass makes again."""
+    layer) drops the recordings made before it, and the counts of calls before one records; the
+    second pass makes them again."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, *input_shape, generator=gen) for n in range(1, max_batch_size + 1)]
     with torch.inference_mode():
-        for calls in (4, 2):  # (tuning, the module path, the call that records, a replay; then record, replay)
+        for _ in range(2):
             for x in xs:
-                for _ in range(calls):
+                for _ in range(4):  # (tuning, the module path, the call that records, a replay)
                     model(x)
 
 
