@@ -1,6 +1,7 @@
-"""The CPU Winograd kernels, F(2x2, 3x3) and F(4x4, 3x3): the ops against float64 and eager (F(2x2)
-within the accuracy rule; F(4x4) within twice the error of the textbook algorithm run in float32),
-the weight transforms, the bad-input errors, and where FusedConv2d uses them."""
+"""The CPU Winograd kernels, F(2x2, 3x3) (at stride 1 and 2) and F(4x4, 3x3): the ops against
+float64 and eager (F(2x2) within the accuracy rule; F(4x4) within twice the error of the textbook
+algorithm run in float32), in both schedules, the weight transforms, the bad-input errors, and
+where FusedConv2d uses them."""
 
 import copy
 
@@ -25,13 +26,13 @@ RESNET50_3X3 = [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)]
 ODD = [(1, 1, 1), (3, 5, 2), (5, 7, 3), (16, 8, 9), (7, 33, 13), (40, 24, 6)]
 
 
-def run(x, w, b, res, relu):
-    return wino.winograd_conv2d_bias_act(x, wino.winograd_prepack(w), b, res, relu)
+def run(x, w, b, res, relu, stride=1, schedule=0):
+    return wino.winograd_conv2d_bias_act(x, wino.winograd_prepack(w, 2, stride), b, res, relu, schedule)
 
 
-def check(x, w, b, res, relu, what):
-    kw = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
-    out = run(x, w, b, res, relu)
+def check(x, w, b, res, relu, what, stride=1, schedule=0):
+    kw = dict(stride=[stride, stride], padding=[1, 1], dilation=[1, 1], groups=1)
+    out = run(x, w, b, res, relu, stride, schedule)
     ref = reference(x, w, b, res, relu, dtype=torch.float64, **kw)
     assert_accuracy_rule(out, eager_results(x, w, b, res, relu, kw), ref, what=what,
                          magnitude=magnitude(x, w, b, res, **kw))
@@ -49,12 +50,79 @@ def test_against_float64(shape, residual, relu, bias):
     check(x, w, b, res, relu, what=f"{shape} res={residual} relu={relu} bias={bias}")
 
 
+# ResNet-50's stride-2 3x3s (C = K, input H) at a size a test can afford, and the edge cases:
+# odd sizes (the last tile reads past the image), 1-2 pixel maps, channels off the vector step.
+STRIDE2 = [(128, 128, 28), (256, 256, 14), (64, 96, 15)] + ODD
+
+
+@pytest.mark.parametrize("shape", STRIDE2, ids=lambda s: "C{}K{}H{}".format(*s))
+@pytest.mark.parametrize("residual,relu,bias", [(False, True, True), (True, True, True), (False, False, False)])
+def test_stride2_against_float64(shape, residual, relu, bias):
+    """The polyphase stride-2 algorithm (every transform coefficient +-1): within the accuracy
+    rule, as F(2x2) at stride 1. Rectangular maps (width H + 1) take both parities of edge."""
+    c, k, h = shape
+    ho, wo = (h + 1) // 2, (h + 2) // 2
+    x, w, b, _, _ = make_inputs(2, c, k, 3, 1, h, w=h + 1, dtype=torch.float32, bias=bias, channels_last=True)
+    res = torch.randn(2, k, ho, wo).contiguous(memory_format=torch.channels_last) if residual else None
+    out = check(x, w, b, res, relu, what=f"stride 2 {shape} res={residual} relu={relu} bias={bias}", stride=2)
+    assert out.shape == (2, k, ho, wo)
+
+
+@pytest.mark.parametrize("stride,tile", [(1, 2), (1, 4), (2, 2)])
+@pytest.mark.parametrize("schedule", [1, 2])
+@pytest.mark.parametrize("n,c,k,h", [(2, 64, 40, 13), (1, 128, 128, 12)])
+def test_both_schedules(stride, tile, schedule, n, c, k, h):
+    """Chunked (1) and three passes (2), whichever the kernel's own rule (0) would pick: tuning
+    measures both where the rule picks chunked. The same sums in the same order: the same bits."""
+    x, w, b, _, _ = make_inputs(n, c, k, 3, 1, h, dtype=torch.float32, channels_last=True)
+    ho = (h - 1) // stride + 1
+    res = torch.randn(n, k, ho, ho).contiguous(memory_format=torch.channels_last)
+    U = wino.winograd_prepack(w, tile, stride)
+    got = wino.winograd_conv2d_bias_act(x, U, b, res, True, schedule)
+    other = wino.winograd_conv2d_bias_act(x, U, b, res, True, 3 - schedule)
+    torch.testing.assert_close(got, other, rtol=0, atol=0)
+    if tile == 2:
+        check(x, w, b, res, True, what=f"schedule {schedule} stride {stride}", stride=stride, schedule=schedule)
+    buf = res.clone()
+    wino.winograd_conv2d_bias_act_(buf, x, U, b, True, schedule)
+    torch.testing.assert_close(buf, got, rtol=0, atol=0)
+
+
+def test_the_kernels_own_schedule():
+    """winograd_schedule says what schedule 0 runs: chunked while the transformed weight fits in
+    L2 or the chunks are many and cheap, three passes where a thread's few chunks would each read
+    all of a large one."""
+    with resnet_fused_threads(2):
+        assert wino.winograd_schedule([8, 64, 56, 56], [16, 64, 64]) == 1
+        assert wino.winograd_schedule([1, 256, 14, 14], [16, 256, 256]) == 2
+        assert wino.winograd_schedule([1, 256, 28, 28], [4, 4, 256, 256]) == 2
+    with pytest.raises(ValueError, match="channels but the Winograd weight"):
+        wino.winograd_schedule([1, 32, 14, 14], [16, 256, 256])
+    with pytest.raises(ValueError, match=r"\[4, 4, C, K\]"):
+        wino.winograd_schedule([1, 32, 14, 14], [25, 32, 32])
+    x = torch.randn(1, 8, 6, 6)
+    with pytest.raises(ValueError, match="schedule is 0"):
+        wino.winograd_conv2d_bias_act(x, wino.winograd_prepack(torch.randn(4, 8, 3, 3)), None, None, True, 3)
+
+
+class resnet_fused_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
 @held_to_isa
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_the_narrower_transforms_on_this_cpu(isa):
     """The transforms (and products) of the ISAs this CPU does not pick by default (AVX2-only CPUs
     run the AVX2 ones): the value tests of this file, in a process held to that ISA."""
-    run_tests_held_to_isa(__file__, "float64 or schedule or in_place", isa)
+    run_tests_held_to_isa(__file__, "float64 or schedule or in_place or stride2", isa)
 
 
 @pytest.mark.parametrize("n,c,k,h", [(1, 300, 40, 9), (1, 512, 512, 24)], ids=["partial-panel", "large-V-and-M"])
@@ -146,6 +214,30 @@ def test_nchw_and_rectangular_inputs():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_stride2_weight_transform():
+    """Stride 2's G (5 x 3: w0, w0 + w2, w2 for the even taps, w1 twice for the odd) in float64:
+    U [4, 4, C, K] holds the 4 x 4 distinct positions of G g G^T (rows and columns 3 and 4 equal)."""
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    G = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 0, 1], [0, 1, 0], [0, 1, 0]], dtype=torch.float64)
+    full = torch.einsum("ai,kcij,bj->abck", G, w, G)
+    assert torch.equal(full[3], full[4]) and torch.equal(full[:, 3], full[:, 4])
+    got = wino.winograd_prepack(w.float(), 2, 2)
+    assert got.shape == (4, 4, 3, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), full[:4, :4], rtol=1e-7, atol=1e-7)
+
+
+def test_stride2_in_place():
+    x, w, b, _, _ = make_inputs(2, 32, 48, 3, 1, 11, channels_last=True)
+    res = torch.randn(2, 48, 6, 6).contiguous(memory_format=torch.channels_last)
+    U = wino.winograd_prepack(w, 2, 2)
+    expect = wino.winograd_conv2d_bias_act(x, U, b, res, True)
+    buf = res.clone()
+    ptr = buf.data_ptr()
+    wino.winograd_conv2d_bias_act_(buf, x, U, b, True)
+    assert buf.data_ptr() == ptr
+    torch.testing.assert_close(buf, expect, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_weight_transform_is_g_g_gt(tile):
     """U[xi] = (G g G^T)[xi], laid out [(tile + 2)^2, C, K], against the textbook matrices in float64."""
@@ -185,8 +277,9 @@ def test_batch_zero():
 
 @pytest.mark.parametrize("case,exc,match", [
     ("bf16 input", TypeError, "float32 only"),
-    ("2-d weight", ValueError, r"shape \[16, C, K\] or \[36, C, K\]"),
-    ("25 positions", ValueError, r"shape \[16, C, K\] or \[36, C, K\]"),
+    ("2-d weight", ValueError, r"shape \[16, C, K\], \[36, C, K\] or \[4, 4, C, K\]"),
+    ("25 positions", ValueError, r"shape \[16, C, K\], \[36, C, K\] or \[4, 4, C, K\]"),
+    ("stride-2 residual", ValueError, r"residual must have the output's shape \[1, 4, 3, 3\]"),
     ("channels", ValueError, "channels but the Winograd weight"),
     ("bias shape", ValueError, "bias must have shape"),
     ("residual shape", ValueError, "residual must have the output's shape"),
@@ -208,6 +301,8 @@ def test_bad_input(case, exc, match):
         b = torch.randn(5)
     elif case == "residual shape":
         r = torch.randn(1, 4, 5, 6)
+    elif case == "stride-2 residual":
+        U, r = wino.winograd_prepack(torch.randn(4, 8, 3, 3), 2, 2), torch.randn(1, 4, 6, 6)
     elif case == "3-d input":
         x = x[0]
     with pytest.raises(exc, match=match):
@@ -221,14 +316,18 @@ def test_prepack_bad_input():
         wino.winograd_prepack(torch.randn(4, 8, 3, 3).half())
     with pytest.raises(ValueError, match=r"tile is 2 \(F\(2x2, 3x3\)\) or 4"):
         wino.winograd_prepack(torch.randn(4, 8, 3, 3), 3)
+    with pytest.raises(ValueError, match="stride is 1, or 2 with tile 2"):
+        wino.winograd_prepack(torch.randn(4, 8, 3, 3), 4, 2)
 
 
-@pytest.mark.parametrize("tile", [2, 4])
-def test_opcheck(tile):
-    x, w, b, r, _ = make_inputs(2, 8, 6, 3, 1, 7, residual=True, channels_last=True)
-    U = wino.winograd_prepack(w, tile)
-    torch.library.opcheck(wino.winograd_prepack.default, (w, tile))
+@pytest.mark.parametrize("tile,stride", [(2, 1), (4, 1), (2, 2)])
+def test_opcheck(tile, stride):
+    x, w, b, _, _ = make_inputs(2, 8, 6, 3, 1, 7, channels_last=True)
+    r = torch.randn(2, 6, 4 if stride == 2 else 7, 4 if stride == 2 else 7).contiguous(memory_format=torch.channels_last)
+    U = wino.winograd_prepack(w, tile, stride)
+    torch.library.opcheck(wino.winograd_prepack.default, (w, tile, stride))
     torch.library.opcheck(wino.winograd_conv2d_bias_act.default, (x, U, b, r, True))
+    torch.library.opcheck(wino.winograd_conv2d_bias_act.default, (x, U, b, r, True, 2))
     torch.library.opcheck(wino.winograd_conv2d_bias_act_.default, (r.clone(), x, U, b, True))
 
 
@@ -241,7 +340,7 @@ def layer(c, k, kernel=3, stride=1):
 def uses_winograd(m, x):
     with torch.inference_mode():
         m(x, assume_finite=True)
-    return any(w.dim() == 3 for w, _, _ in m._cache.values())
+    return any(path in tactics.WINOGRAD_PATHS for _, _, path in m._cache.values())
 
 
 @pytest.mark.parametrize("n,c,h,expected", [(1, 16, 32, False), (1, 32, 32, True), (1, 64, 56, True),
@@ -386,4 +485,76 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
         direct = resnet_fused.fuse(model, winograd=False)(bad)
         got = fused(bad)
     assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isinf(), direct.isinf())
+    tactics.clear_memory_cache()
+
+
+class Stride2Block(nn.Module):
+    def __init__(self, c=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(tmp_path, monkeypatch):
+    """Tuning's "winograd_3pass" runs schedule 2 on the layer's transformed weight, at stride 1
+    ([16, C, K]) and at stride 2 ([4, 4, C, K]), and gives exactly what the ops give."""
+    from conftest import randomize_bn
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.WinogradThreePasses(), SlowOneDNN()])
+    model = randomize_bn(Stride2Block()).eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(2, 64, 13, 13)
+    with torch.inference_mode():
+        out = fused(x)
+        c1, c2 = fused.conv1, fused.conv2
+        assert [v[2] for v in c1._cache.values()] == ["winograd_3pass"] == [v[2] for v in c2._cache.values()]
+        u1, u2 = (next(iter(c._cache.values()))[0] for c in (c1, c2))
+        assert u1.shape == (16, 64, 64) and u2.shape == (4, 4, 64, 64)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True, 2)
+        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, None, True, 2)
+        assert torch.equal(out, want) and out.shape == (2, 64, 7, 7)
+        eager = [model(x), copy.deepcopy(model).to(memory_format=torch.channels_last)(xc)]
+    ref = copy.deepcopy(model).double()(x.double())
+    assert_accuracy_rule(out, eager, ref, what="stride-2 block, three passes")
+    tactics.clear_memory_cache()
+
+
+def test_three_passes_is_measured_only_where_the_rule_runs_chunks():
+    """The other schedule is a candidate only where it is not what "winograd" runs already."""
+    small, large = layer(64, 64), layer(256, 256)
+    x_small = torch.randn(8, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    x_large = torch.randn(1, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+    with resnet_fused_threads(2):
+        assert tactics.WinogradThreePasses().applies(small, x_small)
+        assert not tactics.WinogradThreePasses().applies(large, x_large)
+        assert tactics.Winograd().applies(large, x_large)
+
+
+def test_export_carries_the_stride2_weight(tmp_path, monkeypatch):
+    """export(winograd=True) of a stride-2 layer that runs Winograd: the graph holds its [4, 4, C, K]
+    weight and gives the fused model's answer at another batch size (the op takes the stride from
+    the weight's shape; its fake kernel too)."""
+    from conftest import randomize_bn
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd(), SlowOneDNN()])
+    model = randomize_bn(Stride2Block()).eval()
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(3, 64, 13, 13)
+    ep = resnet_fused.export(fused, x[:2], winograd=True)
+    assert sorted(tuple(v.shape) for v in ep.constants.values() if v.dim() == 4 and v.shape[0] == 4) == [(4, 4, 64, 64)]
+    with torch.inference_mode():
+        want = fused(x)
+        got = ep.module()(x)
+    assert got.shape == (3, 64, 7, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     tactics.clear_memory_cache()

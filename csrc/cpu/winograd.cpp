@@ -10,7 +10,11 @@
 // stays within float32 direct convolution's (tests/test_winograd.py). F(4x4, 3x3) (36 positions,
 // 4x fewer) uses the points 0, +-1, +-2 and loses about half a decimal digit more: it runs only
 // where tactics measured it within the accuracy rule on the layer's own weights and input.
-// The transformed weight's first dimension (16 or 36) says which one a weight is for.
+// At stride 2 (ResNet's downsampling 3x3s), the polyphase form: a 2x2 output tile reads a 5x5
+// patch; the even taps over the even inputs are F(2, 2) and the odd tap over the odd inputs is
+// direct, 5 multiplies per row of 2 outputs instead of 6, so 25 positions instead of 36 (1.44x
+// fewer), every transform coefficient +-1 (winograd_transforms.inc: Transform<2, 2>). The transformed
+// weight's shape says which algorithm it is for (check_winograd_weight).
 //
 // Blocking: the tiles are cut into chunks small enough that a chunk's transformed input and
 // its products stay in the core's L2 cache; each thread takes whole chunks (input transform,
@@ -95,8 +99,8 @@ RF_NATIVE_VEC_OPS
 #undef RF_NATIVE_VEC_OPS
 #pragma GCC diagnostic pop
 
-// The transforms of F(M x M, 3x3) this CPU runs.
-template <int M>
+// The transforms of F(M x M, 3x3) at stride S this CPU runs.
+template <int M, int S>
 struct Transforms {
   using In = void (*)(const float* const*, float*, int64_t, int64_t);
   using Out = void (*)(const float*, int64_t, const float*, const float* const*, float* const*, int64_t);
@@ -104,22 +108,22 @@ struct Transforms {
   Out out, out_relu;
 };
 
-template <int M>
-const Transforms<M>& transforms() {
-  static const Transforms<M> t = [] {
+template <int M, int S>
+const Transforms<M, S>& transforms() {
+  static const Transforms<M, S> t = [] {
     const std::string isa = tile_isa();
 #if defined(__x86_64__) && defined(__GNUC__)
     if (isa == "avx512") {
       using namespace isa_avx512;
-      return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+      return Transforms<M, S>{input_transform<M, S>, output_transform<M, S, false>, output_transform<M, S, true>};
     }
     if (isa == "avx2") {
       using namespace isa_avx2;
-      return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+      return Transforms<M, S>{input_transform<M, S>, output_transform<M, S, false>, output_transform<M, S, true>};
     }
 #endif
     using namespace isa_generic;
-    return Transforms<M>{input_transform<M>, output_transform<M, false>, output_transform<M, true>};
+    return Transforms<M, S>{input_transform<M, S>, output_transform<M, S, false>, output_transform<M, S, true>};
   }();
   return t;
 }
@@ -140,9 +144,13 @@ int64_t chunk_tiles(int64_t P, int64_t C, int64_t K, int64_t tiles) {
   return std::max<int64_t>(16, (tiles + chunks - 1) / chunks);
 }
 
+// A transformed weight says which algorithm it is for: [16, C, K] F(2x2, 3x3), [36, C, K] F(4x4, 3x3)
+// (stride 1), [4, 4, C, K] the stride-2 one (its 4 x 4 distinct positions of 5 x 5).
 void check_winograd_weight(const Tensor& w) {
-  TORCH_CHECK_VALUE(w.dim() == 3 && (w.size(0) == 16 || w.size(0) == 36),
-                    "resnet_fused: a Winograd weight has shape [16, C, K] or [36, C, K] (from winograd_prepack), got ",
+  TORCH_CHECK_VALUE((w.dim() == 3 && (w.size(0) == 16 || w.size(0) == 36)) ||
+                        (w.dim() == 4 && w.size(0) == 4 && w.size(1) == 4),
+                    "resnet_fused: a Winograd weight has shape [16, C, K], [36, C, K] or [4, 4, C, K] (from "
+                    "winograd_prepack), got ",
                     w.sizes());
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "resnet_fused: the Winograd path is float32 only, got a ",
                    w.scalar_type(), " weight");
@@ -156,22 +164,28 @@ constexpr double kG4[6][3] = {{0.25, 0, 0},
                               {1.0 / 24, 1.0 / 12, 1.0 / 6},
                               {1.0 / 24, -1.0 / 12, 1.0 / 6},
                               {0, 0, 1}};
+// (stride 2: the 4 distinct rows of its 5 x 3 G, whose last row repeats the one before)
+constexpr double kG2s2[4][3] = {{1, 0, 0}, {1, 0, 1}, {0, 0, 1}, {0, 1, 0}};
 
-// weight [K, C, 3, 3] -> U [A*A, C, K] = G g G^T per (k, c) (A = tile + 2), computed in float64
-// and rounded once.
-Tensor winograd_prepack(const Tensor& weight, int64_t tile) {
+// weight [K, C, 3, 3] -> U [A*A, C, K] = G g G^T per (k, c) (A = tile + 2; stride 2: [4, 4, C, K]),
+// computed in float64 and rounded once.
+Tensor winograd_prepack(const Tensor& weight, int64_t tile, int64_t stride) {
   RF_CHECK_DIM(weight, 4, "weight");
   TORCH_CHECK_VALUE(weight.size(2) == 3 && weight.size(3) == 3,
                     "resnet_fused: winograd_prepack takes a 3x3 weight, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(tile == 2 || tile == 4,
                     "resnet_fused: winograd_prepack's tile is 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", tile);
+  TORCH_CHECK_VALUE(stride == 1 || (stride == 2 && tile == 2),
+                    "resnet_fused: winograd_prepack's stride is 1, or 2 with tile 2, got stride ", stride, " and tile ",
+                    tile);
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
                    "resnet_fused: winograd_prepack takes a float32 (or float64) weight, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "resnet_fused: winograd_prepack is CPU only, got ", weight.device());
   const Tensor w = (weight.is_mkldnn() ? weight.to_dense() : weight).to(at::kDouble).contiguous();
-  const int64_t K = w.size(0), C = w.size(1), A = tile + 2;
-  const double* G = tile == 2 ? &kG2[0][0] : &kG4[0][0];
-  Tensor U = at::empty({A * A, C, K}, weight.options().dtype(at::kFloat).layout(at::kStrided));
+  const int64_t K = w.size(0), C = w.size(1), A = stride == 2 ? 4 : tile + 2;
+  const double* G = stride == 2 ? &kG2s2[0][0] : tile == 2 ? &kG2[0][0] : &kG4[0][0];
+  const auto options = weight.options().dtype(at::kFloat).layout(at::kStrided);
+  Tensor U = stride == 2 ? at::empty({A, A, C, K}, options) : at::empty({A * A, C, K}, options);
   const double* wp = w.data_ptr<double>();
   float* up = U.data_ptr<float>();
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
@@ -194,29 +208,34 @@ Tensor winograd_prepack(const Tensor& weight, int64_t tile) {
   return U;
 }
 
-// The tiling of one convolution: M x M output tiles over N images of H x W, C -> K channels.
-template <int M>
+// Output size of a 3x3 convolution with padding 1 at stride S.
+int64_t out_size(int64_t in, int64_t S) { return in == 0 ? 0 : (in - 1) / S + 1; }
+
+// The tiling of one convolution: M x M output tiles over N images of H x W (Ho x Wo out), C -> K
+// channels; a tile reads an A x A input patch (A = M + 2 at stride 1, 2 M + 1 at stride 2), with
+// P = A^2 positions.
+template <int M, int S>
 struct Tiling {
-  static constexpr int A = M + 2, P = A * A;
-  int64_t N, C, H, W, K, th, tw, tiles;
-  Tiling(const Tensor& x, const Tensor& U)
-      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), K(U.size(2)), th((H + M - 1) / M),
-        tw((W + M - 1) / M), tiles(N * th * tw) {}
+  static constexpr int A = S == 1 ? M + 2 : 2 * M + 1, P = A * A;
+  int64_t N, C, H, W, Ho, Wo, K, th, tw, tiles;
+  Tiling(at::IntArrayRef x, int64_t k)
+      : N(x[0]), C(x[1]), H(x[2]), W(x[3]), Ho(out_size(H, S)), Wo(out_size(W, S)), K(k), th((Ho + M - 1) / M),
+        tw((Wo + M - 1) / M), tiles(N * th * tw) {}
 };
 
 // Input transform of tiles [t0, t0 + nt): tile t's V[xi] at v + xi * stride + (t - t0) * C.
-template <int M>
-void tiles_in(const Tiling<M>& g, const float* xp, const float* zeros, int64_t t0, int64_t nt, float* v,
+template <int M, int S>
+void tiles_in(const Tiling<M, S>& g, const float* xp, const float* zeros, int64_t t0, int64_t nt, float* v,
               int64_t stride) {
-  constexpr int A = Tiling<M>::A;
-  const auto in = transforms<M>().in;
+  constexpr int A = Tiling<M, S>::A;
+  const auto in = transforms<M, S>().in;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
     const float* d[A * A];
     for (int a = 0; a < A; ++a) {
-      const int64_t h = M * i - 1 + a;
+      const int64_t h = M * S * i - 1 + a;
       for (int b = 0; b < A; ++b) {
-        const int64_t w = M * j - 1 + b;
+        const int64_t w = M * S * j - 1 + b;
         d[a * A + b] = (h >= 0 && h < g.H && w >= 0 && w < g.W) ? xp + ((n * g.H + h) * g.W + w) * g.C : zeros;
       }
     }
@@ -226,10 +245,10 @@ void tiles_in(const Tiling<M>& g, const float* xp, const float* zeros, int64_t t
 
 // Output transform and epilogue of tiles [t0, t0 + nt) from M (tile t's M[xi] at
 // m + xi * stride + (t - t0) * K) into out (NHWC; may be the residual itself).
-template <int M>
-void tiles_out(const Tiling<M>& g, const float* m, int64_t stride, int64_t t0, int64_t nt, const float* bias,
+template <int M, int S>
+void tiles_out(const Tiling<M, S>& g, const float* m, int64_t stride, int64_t t0, int64_t nt, const float* bias,
                const float* residual, float* out, const float* zeros, float* scratch, bool relu) {
-  const auto transform = relu ? transforms<M>().out_relu : transforms<M>().out;
+  const auto transform = relu ? transforms<M, S>().out_relu : transforms<M, S>().out;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t id = t0 + t, n = id / (g.th * g.tw), i = (id / g.tw) % g.th, j = id % g.tw;
     const float* r[M * M];
@@ -237,8 +256,8 @@ void tiles_out(const Tiling<M>& g, const float* m, int64_t stride, int64_t t0, i
     for (int a = 0; a < M; ++a) {
       for (int b = 0; b < M; ++b) {
         const int64_t h = M * i + a, w = M * j + b;
-        const bool in = h < g.H && w < g.W;
-        const int64_t off = ((n * g.H + h) * g.W + w) * g.K;
+        const bool in = h < g.Ho && w < g.Wo;
+        const int64_t off = ((n * g.Ho + h) * g.Wo + w) * g.K;
         r[a * M + b] = (residual && in) ? residual + off : zeros;
         y[a * M + b] = in ? out + off : scratch;  // (parts of tiles past the edge: computed, dropped)
       }
@@ -247,20 +266,25 @@ void tiles_out(const Tiling<M>& g, const float* m, int64_t stride, int64_t t0, i
   }
 }
 
-// The P matrix products M[xi] = V[xi] U[xi] on the register-tile kernel (gemm_kernels.h),
-// reading U [P, C, K] in place as panels of 32 columns (row stride K); a last panel narrower
-// than 32 is read from a zero-padded copy (the kernel loads whole panel rows).
+// The P matrix products M[xi] = V[xi] U[slot(xi)] on the register-tile kernel (gemm_kernels.h),
+// reading U [slots, C, K] in place as panels of 32 columns (row stride K); a last panel narrower
+// than 32 is read from a zero-padded copy (the kernel loads whole panel rows). Stride 2's 25
+// positions share 16 slots (positions 3 and 4 of a row or column hold the same weight).
 struct Products {
   const float* U;
-  int64_t P, C, K, panels;
-  std::vector<float> tail;  // [P, C, kPanel]: U's last, partial panel, zero-padded (if any)
+  int64_t P, C, K, panels, slots;
+  std::vector<int64_t> slot;  // position -> U's slot
+  std::vector<float> tail;    // [slots, C, kPanel]: U's last, partial panel, zero-padded (if any)
 
-  Products(const float* u, int64_t p, int64_t c, int64_t k)
-      : U(u), P(p), C(c), K(k), panels((k + kPanel - 1) / kPanel) {
+  Products(const float* u, int64_t p, int64_t c, int64_t k, bool stride2)
+      : U(u), P(p), C(c), K(k), panels((k + kPanel - 1) / kPanel), slots(stride2 ? 16 : p), slot(p) {
+    for (int64_t xi = 0; xi < P; ++xi) {
+      slot[xi] = stride2 ? std::min<int64_t>(xi / 5, 3) * 4 + std::min<int64_t>(xi % 5, 3) : xi;
+    }
     const int64_t n0 = (panels - 1) * kPanel, cols = K - n0;
     if (cols == kPanel) return;
-    tail.assign(P * C * kPanel, 0.f);
-    for (int64_t xi = 0; xi < P; ++xi) {
+    tail.assign(slots * C * kPanel, 0.f);
+    for (int64_t xi = 0; xi < slots; ++xi) {
       for (int64_t c = 0; c < C; ++c) {
         std::copy_n(U + (xi * C + c) * K + n0, cols, tail.data() + (xi * C + c) * kPanel);
       }
@@ -278,7 +302,7 @@ struct Products {
       const int64_t n0 = p * kPanel;
       t.cols = std::min(kPanel, K - n0);
       const bool full = t.cols == kPanel;
-      t.b = full ? U + xi * C * K + n0 : tail.data() + xi * C * kPanel;
+      t.b = full ? U + slot[xi] * C * K + n0 : tail.data() + slot[xi] * C * kPanel;
       t.ldb = full ? K : kPanel;
       t.c = m + n0;
       run_panel(t, rows);
@@ -286,32 +310,46 @@ struct Products {
   }
 };
 
-// out (NHWC, may be the residual itself) = act(conv3x3_s1_p1(x) + bias [+ residual]), with
+// The two schedules of winograd_run (the op's `schedule` argument; 0 lets three_passes decide).
+constexpr int64_t kScheduleRule = 0, kChunked = 1, kThreePasses = 2;
+
+// The kernel's own choice of schedule (see winograd_run): three passes where U is past L2 and
+// either there are at most two chunks a thread (batch 1 from layer2 on in ResNet-50: the threads'
+// few chunks would each stream all of U for little work) or re-reading U per chunk would move
+// more than 8x the bytes of V and M (a 512-channel layer on a 7x7 map at batch 8); chunked
+// otherwise. Measured on ResNet-50's shapes on a Zen 4 (F(2x2)); where a machine disagrees
+// (benchmarks/results), tuning measures both schedules.
+bool three_passes(int64_t P, int64_t C, int64_t K, int64_t tiles, int64_t u_bytes) {
+  const int64_t T = chunk_tiles(P, C, K, tiles);
+  const int64_t chunks = (tiles + T - 1) / T;
+  const int64_t threads = at::get_num_threads();
+  const int64_t vm_bytes = P * tiles * (C + K) * int64_t(sizeof(float));
+  return u_bytes > (int64_t(512) << 10) && (chunks <= 2 * threads || chunks * u_bytes > 8 * vm_bytes);
+}
+
+// out (NHWC, may be the residual itself) = act(conv3x3_p1(x, stride S) + bias [+ residual]), with
 // F(M x M, 3x3).
 //
 // Two schedules. Chunked: each thread takes chunks of tiles and runs all three steps on them
 // (transformed input and products stay in its L2), reading all of U once per chunk. Three
 // passes: every input transform, then the products split over (position, panel group) items,
-// then every output transform (V and M go through memory once each, U is read once). Three
-// passes where U is past L2 and either there are at most two chunks a thread (batch 1 from
-// layer2 on in ResNet-50: the threads' few chunks would each stream all of U for little work)
-// or re-reading U per chunk would move more than 8x the bytes of V and M (a 512-channel layer
-// on a 7x7 map at batch 8); chunked otherwise (measured on ResNet-50's shapes on a Zen 4, F(2x2)).
-template <int M>
+// then every output transform (V and M go through memory once each, U is read once).
+template <int M, int S>
 void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
-                  bool relu) {
-  const Tiling<M> g(x, U);
-  constexpr int64_t P = Tiling<M>::P;
+                  bool relu, int64_t schedule) {
+  const Tiling<M, S> g(x.sizes(), U.size(-1));
+  constexpr int64_t P = Tiling<M, S>::P;
   const int64_t C = g.C, K = g.K, tiles = g.tiles;
   const float* xp = x.data_ptr<float>();
   const std::vector<float> zeros(std::max(C, K), 0.f);
-  const Products products(U.data_ptr<float>(), P, C, K);
+  const Products products(U.data_ptr<float>(), P, C, K, S == 2);
   const int64_t T = chunk_tiles(P, C, K, tiles);
   const int64_t chunks = (tiles + T - 1) / T;
-  const int64_t u_bytes = P * C * K * int64_t(sizeof(float));
   const int64_t threads = at::get_num_threads();
-  const int64_t vm_bytes = P * tiles * (C + K) * int64_t(sizeof(float));
-  if (u_bytes > (int64_t(512) << 10) && (chunks <= 2 * threads || chunks * u_bytes > 8 * vm_bytes)) {
+  if (schedule == kScheduleRule) {
+    schedule = three_passes(P, C, K, tiles, U.numel() * int64_t(sizeof(float))) ? kThreePasses : kChunked;
+  }
+  if (schedule == kThreePasses) {
     // V and M in this thread's scratch, shared with the workers for the call (past 8 MiB a
     // tensor of the call's own: the scratch is kept between calls)
     const int64_t vm_floats = P * tiles * (C + K);
@@ -366,12 +404,27 @@ void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const flo
 }
 
 void winograd_dispatch(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
-                       bool relu) {
-  if (U.size(0) == 16) {
-    winograd_run<2>(x, U, bias, residual, out, relu);
+                       bool relu, int64_t schedule) {
+  if (U.dim() == 4) {
+    winograd_run<2, 2>(x, U, bias, residual, out, relu, schedule);
+  } else if (U.size(0) == 16) {
+    winograd_run<2, 1>(x, U, bias, residual, out, relu, schedule);
   } else {
-    winograd_run<4>(x, U, bias, residual, out, relu);
+    winograd_run<4, 1>(x, U, bias, residual, out, relu, schedule);
   }
+}
+
+template <int M, int S>
+int64_t schedule_for(at::IntArrayRef x, int64_t slots, int64_t K) {
+  const Tiling<M, S> g(x, K);
+  return three_passes(Tiling<M, S>::P, g.C, K, g.tiles, slots * g.C * K * int64_t(sizeof(float))) ? kThreePasses
+                                                                                                   : kChunked;
+}
+
+void check_schedule(int64_t schedule) {
+  TORCH_CHECK_VALUE(schedule >= kScheduleRule && schedule <= kThreePasses,
+                    "resnet_fused: a Winograd schedule is 0 (the kernel's choice), 1 (chunked) or 2 (three passes), got ",
+                    schedule);
 }
 
 void check_winograd_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -384,9 +437,9 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const std::o
   check_winograd_weight(weight);
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "resnet_fused: the Winograd weight must be on the CPU, got ",
                     weight.device());
-  TORCH_CHECK_VALUE(input.size(1) == weight.size(1), "resnet_fused: input has ", input.size(1),
-                    " channels but the Winograd weight was made for ", weight.size(1));
-  const int64_t K = weight.size(2);
+  TORCH_CHECK_VALUE(input.size(1) == weight.size(-2), "resnet_fused: input has ", input.size(1),
+                    " channels but the Winograd weight was made for ", weight.size(-2));
+  const int64_t K = weight.size(-1), S = weight.dim() == 4 ? 2 : 1;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == K, "resnet_fused: bias must have shape [", K,
                       "], got ", bias->sizes());
@@ -395,34 +448,39 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const std::o
     RF_CHECK_SAME_DEVICE(*bias, input, "bias");
   }
   if (residual.has_value()) {
-    const std::vector<int64_t> want{input.size(0), K, input.size(2), input.size(3)};
+    const std::vector<int64_t> want{input.size(0), K, out_size(input.size(2), S), out_size(input.size(3), S)};
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(want), "resnet_fused: residual must have the output's shape ",
-                      want, ", got ", residual->sizes());
+                      at::IntArrayRef(want), ", got ", residual->sizes());
     RF_CHECK_SAME_DTYPE(*residual, input, "residual");
     RF_CHECK_SAME_DEVICE(*residual, input, "residual");
   }
 }
 
-// 3x3, stride 1, padding 1, dilation 1, groups 1: act(conv2d(input, W) + bias [+ residual]),
-// W given as its Winograd transform (winograd_prepack). Output channels-last.
+// 3x3, padding 1, dilation 1, groups 1, stride 1 or 2 (the weight says which):
+// act(conv2d(input, W) + bias [+ residual]), W given as its Winograd transform
+// (winograd_prepack). Output channels-last.
 Tensor winograd_conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                                const std::optional<Tensor>& residual, bool relu) {
+                                const std::optional<Tensor>& residual, bool relu, int64_t schedule) {
   check_winograd_args(input, weight, bias, residual);
+  check_schedule(schedule);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor U = weight.contiguous();
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor r = residual.has_value() ? residual->contiguous(cl) : Tensor();
-  Tensor out = at::empty({x.size(0), U.size(2), x.size(2), x.size(3)}, x.options().memory_format(cl));
+  const int64_t S = U.dim() == 4 ? 2 : 1;
+  Tensor out = at::empty({x.size(0), U.size(-1), out_size(x.size(2), S), out_size(x.size(3), S)},
+                         x.options().memory_format(cl));
   if (out.numel() == 0) return out;
   winograd_dispatch(x, U, b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
-               out.data_ptr<float>(), relu);
+                    out.data_ptr<float>(), relu, schedule);
   return out;
 }
 
 void winograd_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
-                               const std::optional<Tensor>& bias, bool relu) {
+                               const std::optional<Tensor>& bias, bool relu, int64_t schedule) {
   check_winograd_args(input, weight, bias, residual);
+  check_schedule(schedule);
   if (residual.numel() == 0) return;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
@@ -430,10 +488,24 @@ void winograd_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tens
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   if (residual.is_contiguous(cl) && !(x.data_ptr() == residual.data_ptr())) {
     winograd_dispatch(x, U, b.defined() ? b.data_ptr<float>() : nullptr, residual.data_ptr<float>(),
-                 residual.data_ptr<float>(), relu);
+                      residual.data_ptr<float>(), relu, schedule);
     return;
   }
-  residual.copy_(winograd_conv2d_bias_act(input, weight, bias, residual, relu));
+  residual.copy_(winograd_conv2d_bias_act(input, weight, bias, residual, relu, schedule));
+}
+
+// The schedule (1 chunked, 2 three passes) the kernel's own rule picks for an input of this size
+// and a Winograd weight of this shape at the current thread count: what schedule 0 runs.
+int64_t winograd_schedule(at::IntArrayRef input_size, at::IntArrayRef weight_size) {
+  TORCH_CHECK_VALUE(input_size.size() == 4, "resnet_fused: winograd_schedule takes a 4-D input size, got ", input_size);
+  const auto& w = weight_size;
+  TORCH_CHECK_VALUE((w.size() == 3 && (w[0] == 16 || w[0] == 36)) || (w.size() == 4 && w[0] == 4 && w[1] == 4),
+                    "resnet_fused: a Winograd weight has shape [16, C, K], [36, C, K] or [4, 4, C, K], got ", w);
+  const int64_t K = weight_size.back(), C = weight_size[weight_size.size() - 2];
+  TORCH_CHECK_VALUE(input_size[1] == C, "resnet_fused: input has ", input_size[1],
+                    " channels but the Winograd weight was made for ", C);
+  if (weight_size.size() == 4) return schedule_for<2, 2>(input_size, 16, K);
+  return weight_size[0] == 16 ? schedule_for<2, 1>(input_size, 16, K) : schedule_for<4, 1>(input_size, 36, K);
 }
 
 }  // namespace
@@ -442,6 +514,10 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("winograd_prepack", &winograd_prepack);
   m.impl("winograd_conv2d_bias_act", &winograd_conv2d_bias_act);
   m.impl("winograd_conv2d_bias_act_", &winograd_conv2d_bias_act_);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("winograd_schedule", &winograd_schedule);
 }
 
 }  // namespace resnet_fused::cpu

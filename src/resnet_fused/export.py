@@ -56,7 +56,7 @@ def _held_for_serving(model: nn.Module, args: tuple, winograd: bool):
     def take(layer, inputs):
         x, residual = inputs[0], inputs[1] if len(inputs) > 1 else None
         w, _, path = layer._weights(x, residual)
-        if path in (tactics.WINOGRAD, tactics.WINOGRAD4):
+        if path in tactics.WINOGRAD_PATHS:  # (the graph runs the kernel's own schedule, for any batch)
             layer._serving_winograd = w.clone()  # (a normal tensor, whatever mode made the cached one)
 
     hooks = [m.register_forward_pre_hook(take) for m in layers]

@@ -505,8 +505,8 @@ class FusedConv2d(_Watched):
         packed for other sizes still gives the right answer, but oneDNN reorders it on every call
         (2-3x slower per layer), so the regime names them. The master part names the tensor the
         weight was made from (object, storage, in-place edits). Off the CPU nothing is packed and
-        the image size is left out. The regime ends with the kernel the layer runs ("winograd",
-        "winograd4", "gemm", "grouped" or "" for oneDNN / the native path), which depends on the batch too (see _path)."""
+        the image size is left out. The regime ends with the kernel the layer runs (a name of
+        tactics.CANDIDATES, "" for oneDNN / the native path), which depends on the batch too (see _path)."""
         w, b = self.weight, self.bias
         regime = (x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last), x.dim(),
                   x.shape[1] if x.dim() > 1 else -1, x.dim() > 0 and x.shape[0] == 1,
@@ -517,7 +517,7 @@ class FusedConv2d(_Watched):
         return (tuple(x.shape), torch.get_num_threads(), self.winograd, self.gemm, x.device.type)
 
     def _path(self, x: Tensor) -> str:
-        """The CPU float32 kernel this layer runs for input x: "winograd", "winograd4", "gemm", "grouped", or "" (the oneDNN
+        """The CPU float32 kernel this layer runs for input x: "winograd", "gemm", ... (tactics.CANDIDATES), or "" (the oneDNN
         convolution; every other device and dtype). With ``tune`` the measured choice for x's
         shape (tactics.choose), or "?" before it is made (a cache miss: _weights makes it);
         without, the rules (tactics.rule_choice: each candidate's ``rule``). On CUDA in float16/bfloat16 with
@@ -626,7 +626,7 @@ class FusedConv2d(_Watched):
             master = self.weight
             if master.is_mkldnn and key[0] == self._packed_for:
                 w = master  # the master is this regime's packed weight
-            elif key[0][-1] in (*tactics.CUDA_PATHS, tactics.WINOGRAD, tactics.WINOGRAD4, tactics.GROUPED):
+            elif key[0][-1] in (*tactics.CUDA_PATHS, *tactics.WINOGRAD_PATHS, tactics.GROUPED):
                 # (a CUDA path runs the weight its candidate was timed with, never oneDNN's packing)
                 w = tactics.candidate(key[0][-1]).prepare(self, x)
             elif key[0][-1] == "gemm":
@@ -709,16 +709,16 @@ class FusedConv2d(_Watched):
                 c.run_(self, x, w, b, residual)
                 return residual
             return c.run(self, x, w, b, residual)
-        if path == tactics.WINOGRAD or path == tactics.WINOGRAD4:
+        if path in tactics.WINOGRAD_PATHS:
             if not assume_finite:
                 # Its transforms subtract inputs: an Inf would come out NaN where the direct
                 # convolution gives Inf. Inputs that may hold NaN/Inf take the direct path.
                 w = self.dense_weight()
             elif residual is not None and self.inplace_residual:
-                torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, self.relu)
+                tactics.candidate(path).run_(self, x, w, b, residual)
                 return residual
             else:
-                return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, self.relu)
+                return tactics.candidate(path).run(self, x, w, b, residual)
         if residual is not None and self.inplace_residual:
             torch.ops.resnet_fused.conv2d_bias_act_.default(
                 residual, x, w, b, self.stride, self.padding, self.dilation, self.groups, self.relu, assume_finite

@@ -137,18 +137,21 @@ def _prepack_fake(weight, stride, padding, dilation, groups, input_size):
 
 
 @torch.library.register_fake("resnet_fused::winograd_prepack")
-def _winograd_prepack_fake(weight, tile=2):
-    return weight.new_empty(((tile + 2) ** 2, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+def _winograd_prepack_fake(weight, tile=2, stride=1):
+    positions = (4, 4) if stride == 2 else ((tile + 2) ** 2,)
+    return weight.new_empty((*positions, weight.shape[1], weight.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act")
-def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu):
+def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu, schedule=0):
     n, _, h, w = input.shape
-    return input.new_empty((n, weight.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+    if weight.dim() == 4:  # the stride-2 weight
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return input.new_empty((n, weight.shape[-1], h, w)).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act_")
-def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu):
+def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu, schedule=0):
     return None
 
 

@@ -1,10 +1,11 @@
 """Measured per-layer kernel choice ("tactics"), on the CPU and on CUDA.
 
 On CPU in float32 a fused layer can run one of five kernels: oneDNN's convolution with post-ops
-on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd") or F(4x4, 3x3)
-("winograd4", csrc/cpu/winograd.cpp), our blocked matrix products ("gemm",
-csrc/cpu/gemm_conv.cpp), or, for grouped layers, our grouped kernel ("grouped",
-csrc/cpu/grouped_conv.cpp). Each is a :class:`Candidate`:
+on a prepacked weight ("onednn"), our Winograd F(2x2, 3x3) ("winograd", also at stride 2) or
+F(4x4, 3x3) ("winograd4", csrc/cpu/winograd.cpp; "winograd_3pass" and "winograd4_3pass": the
+same in its other schedule), our blocked matrix products ("gemm", csrc/cpu/gemm_conv.cpp), or,
+for grouped layers, our grouped kernel ("grouped", csrc/cpu/grouped_conv.cpp). Each is a
+:class:`Candidate`:
 it says whether it can run a layer for an input, how to prepare the weight, how to run, and
 keeps the rule of thumb that picked it before anything was measured (:meth:`Candidate.rule`).
 
@@ -54,6 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ONEDNN, WINOGRAD, WINOGRAD4, GEMM, GROUPED = "onednn", "winograd", "winograd4", "gemm", "grouped"
+#: Winograd in three passes where its own rule would run it in chunks (csrc/cpu/winograd.cpp): tuning only.
+WINOGRAD_3PASS, WINOGRAD4_3PASS = "winograd_3pass", "winograd4_3pass"
+WINOGRAD_PATHS = frozenset({WINOGRAD, WINOGRAD4, WINOGRAD_3PASS, WINOGRAD4_3PASS})
 CUDNN, CUDNN_FUSED = "cudnn", "cudnn_fused"
 #: The CUDA paths that the op cuda_conv2d_bias_act takes by number: our kernel's tiles, cuDNN + epilogue.
 CUDA_ALGOS = {"tc128x128": 0, "tc128x64": 1, "tc64x64": 2, "tc128x128k64": 3, "tc256x128": 4, CUDNN: -2}
@@ -77,9 +81,10 @@ TIE = 0.03
 WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
 # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4;
-# 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved)
+# 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved);
+# 6: Winograd at stride 2, and in its other schedule (new candidates)
 # (CUDA records live under their own machine ids: the version did not move for them)
-_CACHE_VERSION = 5
+_CACHE_VERSION = 6
 #: Part of a CUDA machine's key: moves when our CUDA kernels change what they run or how fast
 #: (2: grouped convolutions on our kernel), so that choices measured on the old ones are not reused.
 _CUDA_KERNELS_VERSION = 2
@@ -177,16 +182,21 @@ class OneDNN(Candidate):
 
 
 class Winograd(Candidate):
-    """Winograd F(2x2, 3x3): 3x3, stride 1, padding 1, and a transformed weight of at most
-    WINOGRAD_MAX_WEIGHT_BYTES."""
+    """Winograd F(2x2, 3x3): 3x3, padding 1, and a transformed weight of at most
+    WINOGRAD_MAX_WEIGHT_BYTES. At stride 2 its polyphase form (csrc/cpu/winograd.cpp): 25
+    multiplies per 2x2 output tile instead of 36, 16 distinct positions of weight; only measuring
+    picks it there."""
 
     name = WINOGRAD
     switch = "winograd"
     tile = 2  # output tile: F(tile x tile, 3x3), (tile + 2)^2 positions
+    strides = (1, 2)
+    schedule = 0  # the kernel's own choice of schedule
 
     def applies(self, layer, x):
+        s = list(layer.stride)
         return (super().applies(layer, x) and layer.groups == 1 and tuple(layer.kernel_size) == (3, 3)
-                and list(layer.stride) == [1, 1]
+                and s[0] == s[1] and s[0] in self.strides
                 and list(layer.padding) == [1, 1]
                 and (self.tile + 2) ** 2 * layer.in_channels * layer.out_channels * 4 <= WINOGRAD_MAX_WEIGHT_BYTES)
 
@@ -204,13 +214,13 @@ class Winograd(Candidate):
         return tiles >= max(16, c * k // 8192)
 
     def prepare(self, layer, x):
-        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight(), self.tile)
+        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight(), self.tile, layer.stride[0])
 
     def run(self, layer, x, w, b, residual):
-        return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu)
+        return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu, self.schedule)
 
     def run_(self, layer, x, w, b, residual):
-        torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu)
+        torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu, self.schedule)
 
 
 class Winograd4(Winograd):
@@ -221,10 +231,40 @@ class Winograd4(Winograd):
 
     name = WINOGRAD4
     tile = 4
+    strides = (1,)
     weight_dependent_error = True
 
     def rule(self, layer, x):
         return False
+
+
+def _weight_size(layer, tile: int) -> list:
+    c, k = layer.in_channels, layer.out_channels
+    return [4, 4, c, k] if layer.stride[0] == 2 else [(tile + 2) ** 2, c, k]
+
+
+class _ThreePasses:
+    """The same Winograd in three passes (every input transform, every product, every output
+    transform) where the kernel's own rule would run it in chunks: that rule was measured on one
+    machine, and on a CPU with a smaller L2 the chunks can lose (benchmarks/results). Measuring
+    only; applies only where it is not what the rule runs already."""
+
+    schedule = 2
+
+    def applies(self, layer, x):
+        return (super().applies(layer, x)
+                and torch.ops.resnet_fused.winograd_schedule(list(x.shape), _weight_size(layer, self.tile)) == 1)
+
+    def rule(self, layer, x):
+        return False
+
+
+class WinogradThreePasses(_ThreePasses, Winograd):
+    name = WINOGRAD_3PASS
+
+
+class Winograd4ThreePasses(_ThreePasses, Winograd4):
+    name = WINOGRAD4_3PASS
 
 
 class Gemm(Candidate):
@@ -291,7 +331,7 @@ class Grouped(Candidate):
 
 
 #: In the order the rules ask them (the first whose rule says yes wins); oneDNN last.
-CANDIDATES: list = [Winograd(), Winograd4(), Gemm(), Grouped(), OneDNN()]
+CANDIDATES: list = [Winograd(), Winograd4(), WinogradThreePasses(), Winograd4ThreePasses(), Gemm(), Grouped(), OneDNN()]
 
 
 # --- CUDA candidates --------------------------------------------------------------------------
@@ -548,7 +588,7 @@ def rule_choice(layer, x: Tensor) -> str:
     if x.is_cuda:
         return ""
     for c in CANDIDATES:
-        if c.enabled(layer) and c.applies(layer, x) and c.rule(layer, x):
+        if c.enabled(layer) and c.rule(layer, x) and c.applies(layer, x):
             return c.name
     return ONEDNN
 
@@ -974,7 +1014,7 @@ def _say(line: str, quiet: bool = False) -> None:
 
 # --- the chooser ------------------------------------------------------------------------------
 def choose(layer, x: Tensor, residual: Optional[Tensor] = None, tune: bool = True) -> str:
-    """The kernel for ``layer`` on input ``x``: "onednn", "winograd", "winograd4" or "gemm" on the CPU;
+    """The kernel for ``layer`` on input ``x``: a name of CANDIDATES ("onednn", "winograd", ...) on the CPU;
     on CUDA a name of CUDA_ALGOS, "cudnn_fused", or "" for the op's own choice (see :func:`decide`)."""
     return decide(layer, x, residual, tune)[0]
 
