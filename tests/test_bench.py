@@ -48,3 +48,17 @@ def test_markdown_names_the_allocator():
     base = {"device": "cpu", "torch": "x", "commit": "c", "created": "now", "records": []}
     assert "allocator steady" in bench.markdown({**base, "allocator": "glibc, no trimming"})
     assert "allocator" not in bench.markdown({**base, "allocator": "default"})
+
+
+def test_blocks_are_apart_on_cpu(monkeypatch):
+    """--settle: the host idles between blocks (ONNX Runtime's threads spin after a run and took the
+    cores from the next variant's first call), once per block, and the results say so."""
+    pytest.importorskip("torchvision")
+    from resnet_fused import bench
+
+    slept = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    result = bench.main(["--model", "resnet18", "--image-size", "32", "--batch", "1", "--runs", "4", "--block", "2",
+                         "--variants", "eager", "fused", "--no-save", "--settle", "0.25"])
+    assert slept.count(0.25) == 4 * 2  # 4 rounds (4 steady runs, one per block of 2) of 2 variants
+    assert "blocks 0.25 s apart" in bench.markdown(result)

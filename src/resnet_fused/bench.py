@@ -10,7 +10,10 @@ rounds are interleaved, each round running every variant, in a shuffled order, f
 --block calls in a row over rotating inputs, on the device's own clock (CUDA events on GPU). A
 server runs one model call after call, so the reported median is the steady state: the calls
 after the first of each block. The first call of a block, which finds the caches full of the
-previous variant's weights and activations, is reported apart as cold_ms. Images/s and the max
+previous variant's weights and activations, is reported apart as cold_ms. Between blocks the
+host idles --settle seconds (CPU): ONNX Runtime's threads spin for tens of ms after a run, and
+without the pause they took the cores from the next variant's first call (+45-60 ms on a ResNet-50
+batch 1 on 2 cores). Images/s and the max
 relative error against a float64 reference come with each. Results go to benchmarks/results/ as
 JSON and markdown, with PNG plots.
 """
@@ -331,6 +334,8 @@ def run_model_benchmark(args) -> dict:
                     for k in range(args.block):
                         (cold if k == 0 else times)[v].append(timer(fn, xs[i % len(xs)]))
                         i += 1
+                    if device == "cpu" and args.settle > 0:
+                        time.sleep(args.settle)
         for v in fns:
             ms = statistics.median(times[v])
             records.append({
@@ -546,6 +551,8 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}  \ntorch {result['torch']}, commit {result['commit']}, {result['created']}"]
     if result.get("allocator", "default") != "default":
         lines[0] += f"  \ntimed with the host allocator steady: {result['allocator']} (--default-allocator: not)"
+    if result.get("settle_s"):
+        lines[0] += f"; blocks {result['settle_s']} s apart (--settle)"
     lines.append("")
     recs = result.get("records", [])
     if recs:
@@ -681,6 +688,8 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--block", type=int, default=3,
                    help="calls of one variant in a row per round (at least 2); the first of each block is "
                         "reported apart as cold_ms: another variant's weights had just gone through the caches")
+    p.add_argument("--settle", type=float, default=0.1,
+                   help="seconds the host idles between blocks on CPU (another runtime's spinning threads settle)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rotate", type=int, default=4, help="distinct inputs rotated through")
     p.add_argument("--image-size", type=int, default=224)
@@ -710,6 +719,7 @@ def main(argv: Optional[list] = None) -> dict:
     result = {
         "device": device_name(args.device),
         "allocator": allocator,
+        "settle_s": args.settle if args.device == "cpu" and not args.layers else 0,
         "torch": torch.__version__,
         "commit": git_commit(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
