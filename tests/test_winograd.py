@@ -457,15 +457,27 @@ def test_state_dict_and_pickling_keep_the_plain_weight():
         torch.testing.assert_close(copy.deepcopy(fused)(x), before, rtol=0, atol=0)
 
 
-def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
+@pytest.fixture
+def only(tmp_path, monkeypatch):
+    """only(*candidates): tuning measures just these, in a fresh cache (and forgets them after)."""
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    tactics.clear_memory_cache()
+    yield lambda *candidates: monkeypatch.setattr(tactics, "CANDIDATES", list(candidates))
+    tactics.clear_memory_cache()
+
+
+def ran(*layers):
+    """Each layer's one cached (kernel, weight)."""
+    return [(path, w) for m in layers for w, _, path in m._cache.values()]
+
+
+def test_fused_model_runs_f4x4_where_tuning_picks_it(only, monkeypatch):
     """A layer tuning gave F(4x4) runs it (weight [36, C, K], with the block's residual) and gives
     exactly what the ops give; an input with NaN/Inf still takes the direct path. (F(4x4) made the fastest and its accuracy checks passed by the test: which
     layers really pass is the tactics' own business, tested in test_tactics.)"""
     from conftest import randomize_bn
 
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    tactics.clear_memory_cache()
-    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd4(), SlowOneDNN()])
+    only(tactics.Winograd4(), SlowOneDNN())
     monkeypatch.setattr(tactics, "_accuracy", lambda layer, x, residual, outs, yardstick="onednn": ({n: 0.0 for n in outs}, {}))
     model = randomize_bn(Block()).eval()
     fused = resnet_fused.fuse(model)
@@ -473,9 +485,8 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
     with torch.inference_mode():
         out = fused(x)
         c1, c2 = fused.conv1, fused.conv2
-        assert [v[2] for v in c1._cache.values()] == ["winograd4"] == [v[2] for v in c2._cache.values()]
-        u1, u2 = (next(iter(c._cache.values()))[0] for c in (c1, c2))
-        assert u1.shape == (36, 128, 128) and u2.shape == (36, 128, 128)
+        (p1, u1), (p2, u2) = ran(c1, c2)
+        assert p1 == p2 == "winograd4" and u1.shape == u2.shape == (36, 128, 128)
         xc = x.contiguous(memory_format=torch.channels_last)
         y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True)
         want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, xc, True)
@@ -485,7 +496,6 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(tmp_path, monkeypatch):
         direct = resnet_fused.fuse(model, winograd=False)(bad)
         got = fused(bad)
     assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isinf(), direct.isinf())
-    tactics.clear_memory_cache()
 
 
 class Stride2Block(nn.Module):
@@ -500,23 +510,20 @@ class Stride2Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
-def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(tmp_path, monkeypatch):
+def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(only):
     """Tuning's "winograd_3pass" runs schedule 2 on the layer's transformed weight, at stride 1
     ([16, C, K]) and at stride 2 ([4, 4, C, K]), and gives exactly what the ops give."""
     from conftest import randomize_bn
 
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    tactics.clear_memory_cache()
-    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.WinogradThreePasses(), SlowOneDNN()])
+    only(tactics.WinogradThreePasses(), SlowOneDNN())
     model = randomize_bn(Stride2Block()).eval()
     fused = resnet_fused.fuse(model)
     x = torch.randn(2, 64, 13, 13)
     with torch.inference_mode():
         out = fused(x)
         c1, c2 = fused.conv1, fused.conv2
-        assert [v[2] for v in c1._cache.values()] == ["winograd_3pass"] == [v[2] for v in c2._cache.values()]
-        u1, u2 = (next(iter(c._cache.values()))[0] for c in (c1, c2))
-        assert u1.shape == (16, 64, 64) and u2.shape == (4, 4, 64, 64)
+        (p1, u1), (p2, u2) = ran(c1, c2)
+        assert p1 == p2 == "winograd_3pass" and u1.shape == (16, 64, 64) and u2.shape == (4, 4, 64, 64)
         xc = x.contiguous(memory_format=torch.channels_last)
         y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True, 2)
         want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, None, True, 2)
@@ -524,7 +531,6 @@ def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(tmp_p
         eager = [model(x), copy.deepcopy(model).to(memory_format=torch.channels_last)(xc)]
     ref = copy.deepcopy(model).double()(x.double())
     assert_accuracy_rule(out, eager, ref, what="stride-2 block, three passes")
-    tactics.clear_memory_cache()
 
 
 def test_three_passes_is_measured_only_where_the_rule_runs_chunks():
@@ -538,15 +544,13 @@ def test_three_passes_is_measured_only_where_the_rule_runs_chunks():
         assert tactics.Winograd().applies(large, x_large)
 
 
-def test_export_carries_the_stride2_weight(tmp_path, monkeypatch):
+def test_export_carries_the_stride2_weight(only):
     """export(winograd=True) of a stride-2 layer that runs Winograd: the graph holds its [4, 4, C, K]
     weight and gives the fused model's answer at another batch size (the op takes the stride from
     the weight's shape; its fake kernel too)."""
     from conftest import randomize_bn
 
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    tactics.clear_memory_cache()
-    monkeypatch.setattr(tactics, "CANDIDATES", [tactics.Winograd(), SlowOneDNN()])
+    only(tactics.Winograd(), SlowOneDNN())
     model = randomize_bn(Stride2Block()).eval()
     fused = resnet_fused.fuse(model)
     x = torch.randn(3, 64, 13, 13)
@@ -557,4 +561,3 @@ def test_export_carries_the_stride2_weight(tmp_path, monkeypatch):
         got = ep.module()(x)
     assert got.shape == (3, 64, 7, 7)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    tactics.clear_memory_cache()
