@@ -146,12 +146,15 @@ int64_t chunk_tiles(int64_t P, int64_t C, int64_t K, int64_t tiles) {
 
 // A transformed weight says which algorithm it is for: [16, C, K] F(2x2, 3x3), [36, C, K] F(4x4, 3x3)
 // (stride 1), [4, 4, C, K] the stride-2 one (its 4 x 4 distinct positions of 5 x 5).
-void check_winograd_weight(const Tensor& w) {
-  TORCH_CHECK_VALUE((w.dim() == 3 && (w.size(0) == 16 || w.size(0) == 36)) ||
-                        (w.dim() == 4 && w.size(0) == 4 && w.size(1) == 4),
+void check_winograd_weight_size(at::IntArrayRef w) {
+  TORCH_CHECK_VALUE((w.size() == 3 && (w[0] == 16 || w[0] == 36)) || (w.size() == 4 && w[0] == 4 && w[1] == 4),
                     "resnet_fused: a Winograd weight has shape [16, C, K], [36, C, K] or [4, 4, C, K] (from "
                     "winograd_prepack), got ",
-                    w.sizes());
+                    w);
+}
+
+void check_winograd_weight(const Tensor& w) {
+  check_winograd_weight_size(w.sizes());
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "resnet_fused: the Winograd path is float32 only, got a ",
                    w.scalar_type(), " weight");
 }
@@ -498,9 +501,7 @@ void winograd_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tens
 // and a Winograd weight of this shape at the current thread count: what schedule 0 runs.
 int64_t winograd_schedule(at::IntArrayRef input_size, at::IntArrayRef weight_size) {
   TORCH_CHECK_VALUE(input_size.size() == 4, "resnet_fused: winograd_schedule takes a 4-D input size, got ", input_size);
-  const auto& w = weight_size;
-  TORCH_CHECK_VALUE((w.size() == 3 && (w[0] == 16 || w[0] == 36)) || (w.size() == 4 && w[0] == 4 && w[1] == 4),
-                    "resnet_fused: a Winograd weight has shape [16, C, K], [36, C, K] or [4, 4, C, K], got ", w);
+  check_winograd_weight_size(weight_size);
   const int64_t K = weight_size.back(), C = weight_size[weight_size.size() - 2];
   TORCH_CHECK_VALUE(input_size[1] == C, "resnet_fused: input has ", input_size[1],
                     " channels but the Winograd weight was made for ", C);
