@@ -310,7 +310,7 @@ void gemm_conv_run(const Geometry& g, const float* x, const float* packed, const
         t.relu = relu;
         // The first panel reads the block's rows from memory: each tile prefetches the next's.
         t.prefetch = p == p0 && in_place ? a : nullptr;
-        run_panel(t, nr, mr);
+        run_panel(t, nr, mr, p + 1 < p1 ? packed + (p + 1) * g.Kd * kPanel : nullptr);
       }
     }
   });

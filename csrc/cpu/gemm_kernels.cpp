@@ -254,12 +254,14 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
 // its kernels: the accumulators fixed in ymm0-11, three broadcasts and four panel loads a step, each
 // panel vector used by three FMAs. (GCC 12 kept one accumulator on the stack and copied others
 // between registers in the intrinsic loop.) Writes the 3 x 32 sums to out; prefetches the next tile's
-// rows (pf, row stride lda) a line per row every 16 steps.
+// rows (pf, row stride lda) a line per row every 16 steps, and 4 lines of weight from pfb into L2.
 __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda, const float* b, int64_t kd,
-                                                  const float* pf, float* out) {
+                                                  const float* pf, const float* pfb, float* out) {
   const float* a1 = a0 + lda;
   const float* a2 = a1 + lda;
   if (!pf) pf = a0;  // (a harmless address: lines already in cache)
+  const int64_t pfb_step = pfb ? 256 : 0;  // bytes; without pfb the same lines of a0 again
+  if (!pfb) pfb = a0;
   const float* pf1 = pf + lda;
   const float* pf2 = pf1 + lda;
   asm volatile(
@@ -271,6 +273,8 @@ __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda
       "jl 2f\n"
       "1:\n"  // 16 steps: a cache line of each row
       "prefetcht0 (%[pf0])\n prefetcht0 (%[pf1])\n prefetcht0 (%[pf2])\n"
+      "prefetcht1 (%[pfb])\n prefetcht1 64(%[pfb])\n prefetcht1 128(%[pfb])\n prefetcht1 192(%[pfb])\n"
+      "add %[pfb_step], %[pfb]\n"
       RF_STEP3(0, 0, 32, 64, 96)
       RF_STEP3(4, 128, 160, 192, 224)
       RF_STEP3(8, 256, 288, 320, 352)
@@ -308,8 +312,8 @@ __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda
       "vmovups %%ymm6, 192(%[out])\n vmovups %%ymm7, 224(%[out])\n vmovups %%ymm8, 256(%[out])\n"
       "vmovups %%ymm9, 288(%[out])\n vmovups %%ymm10, 320(%[out])\n vmovups %%ymm11, 352(%[out])\n"
       : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [b] "+r"(b), [kd] "+r"(kd), [pf0] "+r"(pf), [pf1] "+r"(pf1),
-        [pf2] "+r"(pf2)
-      : [out] "r"(out)
+        [pf2] "+r"(pf2), [pfb] "+r"(pfb)
+      : [out] "r"(out), [pfb_step] "r"(pfb_step)
       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
         "xmm13", "xmm14", "xmm15", "memory", "cc");
 }
@@ -336,7 +340,7 @@ __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   if constexpr (MR == 3) {
     TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t.ldb == kPanel, "the 3-row AVX2 loop takes packed panels (run_avx2's packed branch)");
     alignas(32) float sums[3 * 4 * 8];
-    main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, sums);
+    main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, t.prefetch_b, sums);
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j) c[i][j] = _mm256_load_ps(sums + (i * 4 + j) * 8);
   } else {
@@ -433,6 +437,9 @@ __attribute__((target("avx2,fma"))) void run_avx2(const Tile& t) {
       u.c = t.c + i * t.ldc;
       u.residual = t.residual ? t.residual + i * t.ldr : nullptr;
       u.prefetch = t.prefetch ? t.prefetch + i * t.lda : nullptr;
+      // each 3-row call its own 4 * kd floats of the weight to prefetch
+      const int64_t skip = i / 3 * 4 * t.kd;
+      u.prefetch_b = t.prefetch_b && skip < t.prefetch_b_floats ? t.prefetch_b + skip : nullptr;
       run_avx2_full(u);
     }
     return;
@@ -515,7 +522,7 @@ void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t cols) {
 }
 }  // namespace
 
-void run_panel(Tile t, int64_t rows, int64_t max_rows) {
+void run_panel(Tile t, int64_t rows, int64_t max_rows, const float* next_panel) {
   const bool prefetch = t.prefetch != nullptr;
   const Kernel& k = kernel();
   const int64_t mr = max_rows > 0 ? std::min(max_rows, k.rows) : k.rows;
@@ -530,12 +537,20 @@ void run_panel(Tile t, int64_t rows, int64_t max_rows) {
     t.bias = first ? bias : nullptr;
     t.accumulate = accumulate || !first;
     t.relu = relu && last;
+    // The weight the tiles of this chunk prefetch: the next chunk, in 3-row calls' shares of
+    // 4 * t.kd floats (tile i's calls start at share i * ceil(mr / 3)).
+    const float* next_b = t.ldb != kPanel ? nullptr : last ? next_panel : b + (k0 + chunk) * kPanel;
+    const int64_t next_floats = (last ? std::min(chunk, kd) : std::min(chunk, kd - k0 - chunk)) * kPanel;
+    const int64_t share = 4 * t.kd * ((mr + 2) / 3);
     for (int64_t i = 0; i < rows; i += mr) {
       t.rows = std::min(mr, rows - i);
       t.a = a + i * t.lda + k0;
       t.prefetch = prefetch && i + mr < rows ? t.a + mr * t.lda : nullptr;
       t.c = c + i * t.ldc;
       t.residual = first && residual ? residual + i * t.ldr : nullptr;
+      const int64_t skip = i / mr * share;
+      t.prefetch_b = next_b && skip < next_floats ? next_b + skip : nullptr;
+      t.prefetch_b_floats = next_floats - skip;
       // Where the epilogue reads memory (a residual, or the output it accumulates into: the
       // convolutions' in-place residual), the next tile's rows of it are asked for while this
       // tile runs, rather than waited for in its epilogue. (Elsewhere the output is written only,

@@ -43,6 +43,12 @@ struct Tile {
   // read in place from memory), or null. The AVX-512 and AVX2 kernels read it where kd is a multiple
   // of 16.
   const float* prefetch;
+  // Weight to bring into L2 while this tile runs, or null: prefetch_b_floats floats from
+  // prefetch_b, a packed panel's next chunk (the AVX2 3-row kernel asks for 4 lines every 16 steps,
+  // 4 * kd floats a call, where kd is a multiple of 16). Where few rows share a chunk (batch 1's
+  // late layers: 49 rows) its first tile otherwise waits on memory for the whole chunk.
+  const float* prefetch_b = nullptr;
+  int64_t prefetch_b_floats = 0;
 };
 
 // c = act(a @ panel + bias + residual [+ c]).
@@ -53,8 +59,10 @@ void run_tile(const Tile& t);
 // stays in L1 while the tiles pass); partial sums wait in c between chunks, the bias and
 // residual come with the first, the ReLU with the last.
 // t.rows and t.kd as given are ignored / read as the total; t.a, t.c, t.residual point at row 0;
-// t.prefetch non-null: each tile prefetches the next tile's rows of A.
-void run_panel(Tile t, int64_t rows, int64_t max_rows = 0);
+// t.prefetch non-null: each tile prefetches the next tile's rows of A. A packed panel's tiles
+// (t.ldb == kPanel) also share out the next chunk of the weight to prefetch: the panel's own, or
+// after its last chunk the first of next_panel (the packed panel this thread runs next, or null).
+void run_panel(Tile t, int64_t rows, int64_t max_rows = 0, const float* next_panel = nullptr);
 
 // Which kernel run_tile uses: "avx512", "avx2" or "generic".
 const char* tile_isa();
