@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -250,13 +251,42 @@ __attribute__((target("avx2,fma"))) void half_avx2(const Tile& t, int64_t j0) {
 #define RF_PLUS8_2 "10"
 #define RF_PLUS8_3 "11"
 
+// The epilogue main3_avx2 applies itself where the tile is a whole panel (32 columns): the same
+// steps in the same order as full_avx2's (so the same bits), on the accumulators still in
+// registers. Offsets fixed: the assembly reads the fields by them.
+struct Epilogue3 {
+  float* c;             // row 0 of the output; rows ldc_bytes apart
+  int64_t ldc_bytes;
+  const float* r;       // row 0 of the residual, or null; rows ldr_bytes apart
+  int64_t ldr_bytes;
+  const float* bias;    // 32 values (zeros where the tile has none)
+  bool accumulate;      // add what c holds
+  bool relu;
+};
+static_assert(offsetof(Epilogue3, ldc_bytes) == 8 && offsetof(Epilogue3, r) == 16 &&
+                  offsetof(Epilogue3, ldr_bytes) == 24 && offsetof(Epilogue3, bias) == 32 &&
+                  offsetof(Epilogue3, accumulate) == 40 && offsetof(Epilogue3, relu) == 41,
+              "main3_avx2 reads Epilogue3 at these offsets");
+alignas(32) constexpr float kZeros32[32] = {};
+
+// acc rows (ymm 4r..4r+3) += the 32 floats at reg (a base register of the asm)
+#define RF_ADD_ROW(reg, r0, r1, r2, r3)                                                        \
+  "vaddps (%[" reg "]), %%ymm" r0 ", %%ymm" r0 "\n vaddps 32(%[" reg "]), %%ymm" r1 ", %%ymm" r1 "\n" \
+  "vaddps 64(%[" reg "]), %%ymm" r2 ", %%ymm" r2 "\n vaddps 96(%[" reg "]), %%ymm" r3 ", %%ymm" r3 "\n"
+#define RF_STORE_ROW(reg, r0, r1, r2, r3)                                                      \
+  "vmovups %%ymm" r0 ", (%[" reg "])\n vmovups %%ymm" r1 ", 32(%[" reg "])\n"                       \
+  "vmovups %%ymm" r2 ", 64(%[" reg "])\n vmovups %%ymm" r3 ", 96(%[" reg "])\n"
+
 // The 3-row main loop of full_avx2 on a packed panel (row stride kPanel), in assembly as MLAS writes
 // its kernels: the accumulators fixed in ymm0-11, three broadcasts and four panel loads a step, each
 // panel vector used by three FMAs. (GCC 12 kept one accumulator on the stack and copied others
-// between registers in the intrinsic loop.) Writes the 3 x 32 sums to out; prefetches the next tile's
-// rows (pf, row stride lda) a line per row every 16 steps, and 4 lines of weight from pfb into L2.
+// between registers in the intrinsic loop.) With ep, applies its epilogue and stores the three rows
+// (a whole panel); without, writes the 3 x 32 sums to out for full_avx2's masked epilogue. Prefetches
+// the next tile's rows (pf, row stride lda) a line per row every 16 steps, and 4 lines of weight from
+// pfb into L2.
 __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda, const float* b, int64_t kd,
-                                                  const float* pf, const float* pfb, float* out) {
+                                                  const float* pf, const float* pfb, float* out,
+                                                  const Epilogue3* ep) {
   const float* a1 = a0 + lda;
   const float* a2 = a1 + lda;
   if (!pf) pf = a0;  // (a harmless address: lines already in cache)
@@ -307,17 +337,49 @@ __attribute__((target("avx2,fma"))) void main3_avx2(const float* a0, int64_t lda
       "dec %[kd]\n"
       "jnz 3b\n"
       "4:\n"
+      "test %[ep], %[ep]\n"
+      "jz 9f\n"
+      // The epilogue, into the registers the loop is done with: a0-a2 the output rows, b the bias,
+      // pf0-pf2 the residual rows, kd the row strides.
+      "mov (%[ep]), %[a0]\n mov 8(%[ep]), %[kd]\n lea (%[a0], %[kd]), %[a1]\n lea (%[a1], %[kd]), %[a2]\n"
+      "mov 32(%[ep]), %[b]\n"
+      RF_ADD_ROW("b", "0", "1", "2", "3") RF_ADD_ROW("b", "4", "5", "6", "7") RF_ADD_ROW("b", "8", "9", "10", "11")
+      "cmpb $0, 40(%[ep])\n"
+      "jz 5f\n"
+      RF_ADD_ROW("a0", "0", "1", "2", "3") RF_ADD_ROW("a1", "4", "5", "6", "7") RF_ADD_ROW("a2", "8", "9", "10", "11")
+      "5:\n"
+      "mov 16(%[ep]), %[pf0]\n"
+      "test %[pf0], %[pf0]\n"
+      "jz 6f\n"
+      "mov 24(%[ep]), %[kd]\n lea (%[pf0], %[kd]), %[pf1]\n lea (%[pf1], %[kd]), %[pf2]\n"
+      RF_ADD_ROW("pf0", "0", "1", "2", "3") RF_ADD_ROW("pf1", "4", "5", "6", "7") RF_ADD_ROW("pf2", "8", "9", "10", "11")
+      "6:\n"
+      "cmpb $0, 41(%[ep])\n"
+      "jz 7f\n"
+      // max(0, v): v where v is NaN (the second source), as torch.relu
+      "vxorps %%ymm15, %%ymm15, %%ymm15\n"
+      "vmaxps %%ymm0, %%ymm15, %%ymm0\n vmaxps %%ymm1, %%ymm15, %%ymm1\n vmaxps %%ymm2, %%ymm15, %%ymm2\n"
+      "vmaxps %%ymm3, %%ymm15, %%ymm3\n vmaxps %%ymm4, %%ymm15, %%ymm4\n vmaxps %%ymm5, %%ymm15, %%ymm5\n"
+      "vmaxps %%ymm6, %%ymm15, %%ymm6\n vmaxps %%ymm7, %%ymm15, %%ymm7\n vmaxps %%ymm8, %%ymm15, %%ymm8\n"
+      "vmaxps %%ymm9, %%ymm15, %%ymm9\n vmaxps %%ymm10, %%ymm15, %%ymm10\n vmaxps %%ymm11, %%ymm15, %%ymm11\n"
+      "7:\n"
+      RF_STORE_ROW("a0", "0", "1", "2", "3") RF_STORE_ROW("a1", "4", "5", "6", "7") RF_STORE_ROW("a2", "8", "9", "10", "11")
+      "jmp 10f\n"
+      "9:\n"  // no epilogue: the sums to out
       "vmovups %%ymm0, (%[out])\n vmovups %%ymm1, 32(%[out])\n vmovups %%ymm2, 64(%[out])\n"
       "vmovups %%ymm3, 96(%[out])\n vmovups %%ymm4, 128(%[out])\n vmovups %%ymm5, 160(%[out])\n"
       "vmovups %%ymm6, 192(%[out])\n vmovups %%ymm7, 224(%[out])\n vmovups %%ymm8, 256(%[out])\n"
       "vmovups %%ymm9, 288(%[out])\n vmovups %%ymm10, 320(%[out])\n vmovups %%ymm11, 352(%[out])\n"
+      "10:\n"
       : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [b] "+r"(b), [kd] "+r"(kd), [pf0] "+r"(pf), [pf1] "+r"(pf1),
         [pf2] "+r"(pf2), [pfb] "+r"(pfb)
-      : [out] "r"(out), [pfb_step] "r"(pfb_step)
+      : [out] "r"(out), [pfb_step] "r"(pfb_step), [ep] "r"(ep)
       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
         "xmm13", "xmm14", "xmm15", "memory", "cc");
 }
 #undef RF_STEP3
+#undef RF_ADD_ROW
+#undef RF_STORE_ROW
 #undef RF_FMA3
 #undef RF_PLUS4
 #undef RF_PLUS4_0
@@ -339,8 +401,13 @@ __attribute__((target("avx2,fma"))) void full_avx2(const Tile& t) {
   __m256 c[MR][4];
   if constexpr (MR == 3) {
     TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t.ldb == kPanel, "the 3-row AVX2 loop takes packed panels (run_avx2's packed branch)");
+    if (t.cols == kPanel) {  // a whole panel: the epilogue in the same assembly
+      const Epilogue3 e{t.c, t.ldc * 4, t.residual, t.ldr * 4, t.bias ? t.bias : kZeros32, t.accumulate, t.relu};
+      main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, t.prefetch_b, nullptr, &e);
+      return;
+    }
     alignas(32) float sums[3 * 4 * 8];
-    main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, t.prefetch_b, sums);
+    main3_avx2(t.a, t.lda, t.b, t.kd, t.prefetch, t.prefetch_b, sums, nullptr);
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j) c[i][j] = _mm256_load_ps(sums + (i * 4 + j) * 8);
   } else {
