@@ -82,9 +82,10 @@ WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 
 # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4;
 # 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved);
-# 6: Winograd at stride 2, and in its other schedule (new candidates)
+# 6: Winograd at stride 2, and in its other schedule (new candidates); 7: the AVX2 gemm kernel's
+# epilogue in assembly and its weight prefetch (timings moved)
 # (CUDA records live under their own machine ids: the version did not move for them)
-_CACHE_VERSION = 6
+_CACHE_VERSION = 7
 #: Part of a CUDA machine's key: moves when our CUDA kernels change what they run or how fast
 #: (2: grouped convolutions on our kernel), so that choices measured on the old ones are not reused.
 _CUDA_KERNELS_VERSION = 2
