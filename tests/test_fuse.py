@@ -384,7 +384,7 @@ def test_prepacked_weight_replaces_the_plain_master():
         expected8, expected1 = fused(x8), fused(x1)  # b8 packs first: its packs become the masters
     convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
     assert all(m.weight.is_mkldnn or m.weight.dim() == 5 for m in convs)
-    if torch.ops.resnet_fused.gemm_isa() == "avx512":
+    if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2"):
         assert any(m.weight.dim() == 5 for m in convs) and any(m.weight.is_mkldnn for m in convs)
     after = fused.state_dict()
     assert after.keys() == plain.keys()
@@ -426,12 +426,13 @@ def test_new_image_size_gets_its_own_packed_weights(capfd):
                 fused(x)
             lines = [ln for ln in capfd.readouterr().out.splitlines() if ",exec," in ln]
     # (the layers that run our own kernels are not oneDNN convolutions. At 160x160 and batch 2:
-    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) and the fc on AVX-512)
+    # Winograd, every stride-1 3x3 but layer4's two; matrix products, every 1x1 (36) and the fc on AVX-512
+    # and AVX2)
     counts = count_ops(fused, x)
     n_winograd = counts["resnet_fused.winograd_conv2d_bias_act"] + counts["resnet_fused.winograd_conv2d_bias_act_"]
     n_gemm = counts["resnet_fused.gemm_conv2d_bias_act"] + counts["resnet_fused.gemm_conv2d_bias_act_"]
     assert n_winograd == 11, counts
-    assert n_gemm == (37 if torch.ops.resnet_fused.gemm_isa() == "avx512" else 0), counts
+    assert n_gemm == (37 if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2") else 0), counts
     assert sum(",convolution," in ln for ln in lines) == 54 - n_winograd - n_gemm, lines[:3]
     reorders = [ln for ln in lines if ",reorder," in ln]
     assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"

@@ -263,7 +263,7 @@ def layer(c, k, kernel=1, stride=1):
 @pytest.fixture
 def gemm_rule_any_isa(monkeypatch):
     """The rule picks our kernel for every unpadded 1x1 whatever the CPU's ISA (it does so on
-    AVX-512 only): the tests of the packed master's life then run on AVX2 CPUs too."""
+    AVX-512 and AVX2 only): the tests of the packed master's life then run on other CPUs too."""
     monkeypatch.setattr(tactics.Gemm, "rule", lambda self, layer, x: tuple(layer.kernel_size) == (1, 1)
                         and list(layer.padding) == [0, 0])
 
@@ -279,9 +279,9 @@ def path(m, x):
     (1, 1024, 2048, 14, 2, 1), (8, 64, 256, 56, 1, 1), (1, 3, 64, 32, 2, 7), (1, 128, 128, 28, 2, 3),
 ])
 def test_which_layers(n, c, k, h, stride, kernel):
-    """The rule (tune=False): every 1x1 without padding, on AVX-512 CPUs."""
+    """The rule (tune=False): every 1x1 without padding, on AVX-512 and AVX2 CPUs."""
     x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
-    expected = kernel == 1 and ops.gemm_isa() == "avx512"
+    expected = kernel == 1 and ops.gemm_isa() in ("avx512", "avx2")
     assert (path(layer(c, k, kernel, stride=stride), x) == "gemm") == expected
 
 
@@ -383,7 +383,7 @@ def test_the_last_calls_answer_follows_every_change():
         torch.testing.assert_close(out, ref(), rtol=1e-4, atol=1e-4)
         return m._cache[m._cache_key(x)][2]
 
-    assert run() == ("gemm" if ops.gemm_isa() == "avx512" else "")
+    assert run() == ("gemm" if ops.gemm_isa() in ("avx512", "avx2") else "")
     m.gemm = False
     assert run() == ""
     m.gemm = True

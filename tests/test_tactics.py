@@ -320,8 +320,8 @@ def test_tune_false_is_the_rules_and_touches_nothing(cache):
     for m in convs(fused):
         rule = tactics.rule_choice(m, inputs[m.tune_name])
         assert kernels(fused)[m.tune_name] == ("" if rule == "onednn" else rule)
-    # (the rules at this size: Winograd for the 3x3, gemm for the 1x1s on AVX-512, oneDNN else)
-    g = "gemm" if torch.ops.resnet_fused.gemm_isa() == "avx512" else ""
+    # (the rules at this size: Winograd for the 3x3, gemm for the 1x1s on AVX-512 and AVX2, oneDNN else)
+    g = "gemm" if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2") else ""
     assert kernels(fused) == {"conv1": "winograd", "conv2": g, "conv3": g, "conv4": ""}
 
 

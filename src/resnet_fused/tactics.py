@@ -279,12 +279,12 @@ class Gemm(Candidate):
         return super().applies(layer, x) and layer.groups == 1
 
     def rule(self, layer, x):
-        """1x1s with no padding on AVX-512 CPUs: there our kernel matched or beat oneDNN's 1x1
-        kernels on ResNet-50's shapes and skips oneDNN's per-call cost (benchmarks/results). The
-        AVX2 kernel has been measured only on an AVX-512 CPU held to AVX2, where it won on some
-        shapes and lost on others: on AVX2 CPUs only measuring (tune=True) picks it."""
+        """1x1s with no padding where our AVX-512 or AVX2 kernel runs: there it matched or beat
+        oneDNN's 1x1 kernels on most of ResNet-50's shapes as tuning timed them (benchmarks/results:
+        an AVX-512 Zen 4, an AVX2 Zen 3), and it skips oneDNN's per-call cost. Elsewhere (the plain
+        C++ kernel) only measuring picks it."""
         return (tuple(layer.kernel_size) == (1, 1) and list(layer.padding) == [0, 0]
-                and _gemm_isa() == "avx512")
+                and _gemm_isa() in ("avx512", "avx2"))
 
     def prepare(self, layer, x):
         w = layer.weight
