@@ -34,6 +34,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device, or resnet_fuse
 _ISA_ORDER = ["avx512", "avx2", "generic"]
 
 
+def gemm_rule_runs_1x1s() -> bool:
+    """Whether tactics.Gemm's rule (tune=False) runs unpadded 1x1s on our kernel on this CPU: where
+    its AVX-512 or AVX2 kernel runs. Written here, not asked of the rule: the tests check the rule."""
+    return torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2")
+
+
 def run_tests_held_to_isa(test_file: str, select: str, isa: str) -> None:
     """Runs the tests of test_file that `-k select` picks in a process held to `isa`
     (RESNET_FUSED_CPU_ISA): the kernels an AVX2-only or older CPU runs, on this one. Skips where this

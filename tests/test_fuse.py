@@ -16,7 +16,7 @@ import resnet_fused
 from resnet_fused import FusedConv2d
 
 import models
-from conftest import CUDA, assert_accuracy_rule, device_params, dtypes_for, randomize_bn
+from conftest import CUDA, assert_accuracy_rule, device_params, dtypes_for, gemm_rule_runs_1x1s, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -384,7 +384,7 @@ def test_prepacked_weight_replaces_the_plain_master():
         expected8, expected1 = fused(x8), fused(x1)  # b8 packs first: its packs become the masters
     convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
     assert all(m.weight.is_mkldnn or m.weight.dim() == 5 for m in convs)
-    if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2"):
+    if gemm_rule_runs_1x1s():
         assert any(m.weight.dim() == 5 for m in convs) and any(m.weight.is_mkldnn for m in convs)
     after = fused.state_dict()
     assert after.keys() == plain.keys()
@@ -432,7 +432,7 @@ def test_new_image_size_gets_its_own_packed_weights(capfd):
     n_winograd = counts["resnet_fused.winograd_conv2d_bias_act"] + counts["resnet_fused.winograd_conv2d_bias_act_"]
     n_gemm = counts["resnet_fused.gemm_conv2d_bias_act"] + counts["resnet_fused.gemm_conv2d_bias_act_"]
     assert n_winograd == 11, counts
-    assert n_gemm == (37 if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2") else 0), counts
+    assert n_gemm == (37 if gemm_rule_runs_1x1s() else 0), counts
     assert sum(",convolution," in ln for ln in lines) == 54 - n_winograd - n_gemm, lines[:3]
     reorders = [ln for ln in lines if ",reorder," in ln]
     assert not reorders, f"{len(reorders)} weight reorders per call at the second size: {reorders[:2]}"

@@ -15,7 +15,7 @@ import resnet_fused
 from resnet_fused import tactics
 from resnet_fused.modules import FusedConv2d
 
-from conftest import assert_accuracy_rule, randomize_bn
+from conftest import assert_accuracy_rule, gemm_rule_runs_1x1s, randomize_bn
 from test_ops import eager_results, magnitude, make_inputs, reference
 
 ops = torch.ops.resnet_fused
@@ -281,7 +281,7 @@ def path(m, x):
 def test_which_layers(n, c, k, h, stride, kernel):
     """The rule (tune=False): every 1x1 without padding, on AVX-512 and AVX2 CPUs."""
     x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
-    expected = kernel == 1 and ops.gemm_isa() in ("avx512", "avx2")
+    expected = kernel == 1 and gemm_rule_runs_1x1s()
     assert (path(layer(c, k, kernel, stride=stride), x) == "gemm") == expected
 
 
@@ -383,7 +383,7 @@ def test_the_last_calls_answer_follows_every_change():
         torch.testing.assert_close(out, ref(), rtol=1e-4, atol=1e-4)
         return m._cache[m._cache_key(x)][2]
 
-    assert run() == ("gemm" if ops.gemm_isa() in ("avx512", "avx2") else "")
+    assert run() == ("gemm" if gemm_rule_runs_1x1s() else "")
     m.gemm = False
     assert run() == ""
     m.gemm = True

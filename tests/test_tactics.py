@@ -17,7 +17,7 @@ import resnet_fused
 from resnet_fused import tactics
 from resnet_fused.modules import FusedConv2d, runs_cudnn_fused
 
-from conftest import assert_accuracy_rule, randomize_bn
+from conftest import assert_accuracy_rule, gemm_rule_runs_1x1s, randomize_bn
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -321,7 +321,7 @@ def test_tune_false_is_the_rules_and_touches_nothing(cache):
         rule = tactics.rule_choice(m, inputs[m.tune_name])
         assert kernels(fused)[m.tune_name] == ("" if rule == "onednn" else rule)
     # (the rules at this size: Winograd for the 3x3, gemm for the 1x1s on AVX-512 and AVX2, oneDNN else)
-    g = "gemm" if torch.ops.resnet_fused.gemm_isa() in ("avx512", "avx2") else ""
+    g = "gemm" if gemm_rule_runs_1x1s() else ""
     assert kernels(fused) == {"conv1": "winograd", "conv2": g, "conv3": g, "conv4": ""}
 
 
