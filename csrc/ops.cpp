@@ -41,18 +41,19 @@ TORCH_LIBRARY(resnet_fused, m) {
       "prepack_conv2d_weight(Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int[] input_size) -> Tensor");
   // Winograd, CPU float32: the 3x3 weight [K, C, 3, 3] transformed once (F(2x2, 3x3): [16, C, K];
-  // tile 4, F(4x4, 3x3): [36, C, K]; stride 2: [4, 4, C, K]), and act(conv2d(input, weight,
-  // stride, padding=1) + bias [+ residual]) from it, the stride the weight's (out of place, and
-  // into the residual); schedule: 0 the kernel's choice, 1 chunked, 2 three passes
+  // tile 4, F(4x4, 3x3): [36, C, K]; stride 2: [4, 4, C, K]; panels=True: K in the matrix-product
+  // kernels' panels, [..., ceil(K / 32), C, 32], then out_channels = K), and act(conv2d(input,
+  // weight, stride, padding=1) + bias [+ residual]) from it, the stride the weight's (out of place,
+  // and into the residual); schedule: 0 the kernel's choice, 1 chunked, 2 three passes
   // (winograd_schedule: the kernel's choice for an input).
-  m.def("winograd_prepack(Tensor weight, int tile=2, int stride=1) -> Tensor");
+  m.def("winograd_prepack(Tensor weight, int tile=2, int stride=1, bool panels=False) -> Tensor");
   m.def(
       "winograd_conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
-      "bool relu, int schedule=0) -> Tensor");
+      "bool relu, int schedule=0, int out_channels=-1) -> Tensor");
   m.def(
       "winograd_conv2d_bias_act_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
-      "bool relu, int schedule=0) -> ()");
-  m.def("winograd_schedule(int[] input_size, int[] weight_size) -> int");
+      "bool relu, int schedule=0, int out_channels=-1) -> ()");
+  m.def("winograd_schedule(int[] input_size, int[] weight_size, int out_channels=-1) -> int");
   // A convolution as matrix products (im2col rows times the weight), CPU float32, dilation 1,
   // groups 1, with the epilogue applied in registers: out of place, and into the residual. The
   // weight is a plain [K, C, kh, kw] one, or gemm_prepack's panels (then out_channels = K).

@@ -47,7 +47,7 @@ def main() -> None:
         for batch in args.batch:
             for name, c, h, stride, tile in SHAPES:
                 x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last)
-                u = ops.winograd_prepack(torch.randn(c, c, 3, 3) * (3 * c) ** -0.5, tile, stride)
+                u = ops.winograd_prepack(torch.randn(c, c, 3, 3) * (3 * c) ** -0.5, tile, stride, True)  # (as fused runs it)
                 b = torch.randn(c)
                 times = {1: [], 2: []}
                 for _ in range(args.rounds):
@@ -56,10 +56,10 @@ def main() -> None:
                     for schedule in order:
                         flush.add_(1)
                         t0 = time.perf_counter()
-                        ops.winograd_conv2d_bias_act(x, u, b, None, True, schedule)
+                        ops.winograd_conv2d_bias_act(x, u, b, None, True, schedule, c)
                         times[schedule].append(time.perf_counter() - t0)
                 chunked, passes = (statistics.median(times[s]) * 1e3 for s in (1, 2))
-                rule = "three passes" if ops.winograd_schedule(list(x.shape), list(u.shape)) == 2 else "chunked"
+                rule = "three passes" if ops.winograd_schedule(list(x.shape), list(u.shape), c) == 2 else "chunked"
                 line = f"| {name} | {batch} | {chunked:.3f} | {passes:.3f} | {chunked / passes:.2f} | {rule} |"
                 lines.append(line)
                 print(line, flush=True)

@@ -364,6 +364,86 @@ def test_opcheck(tile, stride):
     torch.library.opcheck(wino.winograd_conv2d_bias_act_.default, (r.clone(), x, U, b, True))
 
 
+# --- the weight in the matrix-product kernels' panels (what FusedConv2d runs) -----------------
+def in_panels(U):
+    """U [..., C, K] -> [..., ceil(K/32), C, 32], zero-padded: what winograd_prepack(panels=True) lays out."""
+    k = U.shape[-1]
+    np_ = (k + 31) // 32
+    padded = torch.nn.functional.pad(U, (0, np_ * 32 - k))
+    return padded.unflatten(-1, (np_, 32)).movedim(-2, -3).contiguous()
+
+
+@pytest.mark.parametrize("tile,stride", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("k", [5, 40, 64])
+def test_panels_layout(tile, stride, k):
+    w = torch.randn(k, 24, 3, 3)
+    plain = wino.winograd_prepack(w, tile, stride)
+    packed = wino.winograd_prepack(w, tile, stride, True)
+    assert packed.shape == (*plain.shape[:-2], (k + 31) // 32, 24, 32)
+    assert torch.equal(packed, in_panels(plain))
+
+
+@pytest.mark.parametrize("tile,stride", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("c,k,h", [(64, 64, 14), (48, 40, 9), (32, 96, 7)], ids=lambda v: str(v))
+@pytest.mark.parametrize("schedule", [1, 2])
+def test_panels_same_bits_as_plain(tile, stride, c, k, h, schedule):
+    """The packed-panel kernel sums each output in the same order as the in-place one, so the two
+    layouts give the same bits (and the plain layout is held to the accuracy rule above)."""
+    x, w, b, res, _ = make_inputs(2, c, k, 3, stride, h, residual=True, channels_last=True)
+    plain = wino.winograd_prepack(w, tile, stride)
+    packed = wino.winograd_prepack(w, tile, stride, True)
+    for r, relu in [(res, True), (None, False)]:
+        want = wino.winograd_conv2d_bias_act(x, plain, b, r, relu, schedule)
+        got = wino.winograd_conv2d_bias_act(x, packed, b, r, relu, schedule, k)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    buf = res.clone()
+    wino.winograd_conv2d_bias_act_(buf, x, packed, b, True, schedule, k)
+    torch.testing.assert_close(buf, wino.winograd_conv2d_bias_act(x, plain, b, res, True, schedule), rtol=0, atol=0)
+
+
+def test_panels_schedule():
+    for tile, stride in [(2, 1), (4, 1), (2, 2)]:
+        for k in (40, 512):
+            plain = list(wino.winograd_prepack(torch.randn(k, 256, 3, 3), tile, stride).shape)
+            packed = plain[:-2] + [(k + 31) // 32, 256, 32]
+            for n in (1, 8):
+                x = [n, 256, 14, 14]
+                assert wino.winograd_schedule(x, packed, k) == wino.winograd_schedule(x, plain)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no out_channels", r"in panels \[16, 2, 8, 32\] needs out_channels, from 33 to 64, got -1"),
+    ("out_channels too many", r"needs out_channels, from 33 to 64, got 65"),
+    ("plain, other out_channels", r"out_channels=5 but the Winograd weight \[16, 8, 40\] has 40"),
+    ("panel of 16", r"shape \[16, C, K\], \[36, C, K\] or \[4, 4, C, K\]"),
+])
+def test_panels_bad_input(case, match):
+    x = torch.randn(1, 8, 6, 6)
+    w = torch.randn(40, 8, 3, 3)
+    U, k = wino.winograd_prepack(w, 2, 1, True), -1
+    if case == "out_channels too many":
+        k = 65
+    elif case == "plain, other out_channels":
+        U, k = wino.winograd_prepack(w), 5
+    elif case == "panel of 16":
+        U, k = torch.randn(16, 3, 8, 16), 40
+    with pytest.raises(ValueError, match=match):
+        wino.winograd_conv2d_bias_act(x, U, None, None, True, 0, k)
+    with pytest.raises(ValueError, match=match):
+        wino.winograd_schedule(list(x.shape), list(U.shape), k)
+
+
+@pytest.mark.parametrize("tile,stride", [(2, 1), (4, 1), (2, 2)])
+def test_panels_opcheck(tile, stride):
+    x, w, b, _, _ = make_inputs(2, 8, 40, 3, 1, 7, channels_last=True)
+    o = 4 if stride == 2 else 7
+    r = torch.randn(2, 40, o, o).contiguous(memory_format=torch.channels_last)
+    U = wino.winograd_prepack(w, tile, stride, True)
+    torch.library.opcheck(wino.winograd_prepack.default, (w, tile, stride, True))
+    torch.library.opcheck(wino.winograd_conv2d_bias_act.default, (x, U, b, r, True, 0, 40))
+    torch.library.opcheck(wino.winograd_conv2d_bias_act_.default, (r.clone(), x, U, b, True, 0, 40))
+
+
 # --- where FusedConv2d uses it ----------------------------------------------------------------
 def layer(c, k, kernel=3, stride=1):
     conv = nn.Conv2d(c, k, kernel, stride, kernel // 2, bias=True)
@@ -393,7 +473,7 @@ def test_the_batch_decides():
         for n, expected in [(1, False), (2, True), (1, False), (2, True)]:
             x = torch.randn(n, 256, 5, 5).contiguous(memory_format=torch.channels_last)
             m(x, assume_finite=True)
-            assert (m._cache[m._cache_key(x)][0].dim() == 3) == expected, n
+            assert (m._cache[m._cache_key(x)][2] in tactics.WINOGRAD_PATHS) == expected, n
 
 
 @pytest.mark.parametrize("why", ["stride 2", "1x1", "nchw input", "bf16", "switched off", "no prepack"])
@@ -450,8 +530,9 @@ def test_fused_model_uses_it_and_keeps_the_rule():
             x.contiguous(memory_format=torch.channels_last))]
         ref = model.double()(x.double())
     convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
-    assert convs and all(any(w.dim() == 3 for w, _, _ in m._cache.values()) for m in convs)
-    assert not any(w.dim() == 3 for m in direct.modules() if isinstance(m, FusedConv2d) for w, _, _ in m._cache.values())
+    assert convs and all(any(p in tactics.WINOGRAD_PATHS for _, _, p in m._cache.values()) for m in convs)
+    assert not any(p in tactics.WINOGRAD_PATHS for m in direct.modules() if isinstance(m, FusedConv2d)
+                   for _, _, p in m._cache.values())
     assert_accuracy_rule(out, eager, ref, what="winograd block")
     assert_accuracy_rule(out_direct, eager, ref, what="direct block")
 
@@ -505,7 +586,7 @@ def ran(*layers):
 
 
 def test_fused_model_runs_f4x4_where_tuning_picks_it(only, monkeypatch):
-    """A layer tuning gave F(4x4) runs it (weight [36, C, K], with the block's residual) and gives
+    """A layer tuning gave F(4x4) runs it (weight [36, K/32, C, 32], with the block's residual) and gives
     exactly what the ops give; an input with NaN/Inf still takes the direct path. (F(4x4) made the fastest and its accuracy checks passed by the test: which
     layers really pass is the tactics' own business, tested in test_tactics.)"""
     from conftest import randomize_bn
@@ -519,10 +600,10 @@ def test_fused_model_runs_f4x4_where_tuning_picks_it(only, monkeypatch):
         out = fused(x)
         c1, c2 = fused.conv1, fused.conv2
         (p1, u1), (p2, u2) = ran(c1, c2)
-        assert p1 == p2 == "winograd4" and u1.shape == u2.shape == (36, 128, 128)
+        assert p1 == p2 == "winograd4" and u1.shape == u2.shape == (36, 4, 128, 32)
         xc = x.contiguous(memory_format=torch.channels_last)
-        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True)
-        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, xc, True)
+        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True, 0, 128)
+        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, xc, True, 0, 128)
         assert torch.equal(out, want)
         bad = x.clone()
         bad[0, 5, 3, 3] = float("inf")
@@ -545,7 +626,7 @@ class Stride2Block(nn.Module):
 
 def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(only):
     """Tuning's "winograd_3pass" runs schedule 2 on the layer's transformed weight, at stride 1
-    ([16, C, K]) and at stride 2 ([4, 4, C, K]), and gives exactly what the ops give."""
+    ([16, K/32, C, 32]) and at stride 2 ([4, 4, K/32, C, 32]), and gives exactly what the ops give."""
     from conftest import randomize_bn
 
     only(tactics.WinogradThreePasses(), SlowOneDNN())
@@ -556,10 +637,10 @@ def test_fused_model_runs_stride2_and_three_passes_where_tuning_picks_them(only)
         out = fused(x)
         c1, c2 = fused.conv1, fused.conv2
         (p1, u1), (p2, u2) = ran(c1, c2)
-        assert p1 == p2 == "winograd_3pass" and u1.shape == (16, 64, 64) and u2.shape == (4, 4, 64, 64)
+        assert p1 == p2 == "winograd_3pass" and u1.shape == (16, 2, 64, 32) and u2.shape == (4, 4, 2, 64, 32)
         xc = x.contiguous(memory_format=torch.channels_last)
-        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True, 2)
-        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, None, True, 2)
+        y = wino.winograd_conv2d_bias_act(xc, u1, c1.bias, None, True, 2, 64)
+        want = wino.winograd_conv2d_bias_act(y, u2, c2.bias, None, True, 2, 64)
         assert torch.equal(out, want) and out.shape == (2, 64, 7, 7)
         eager = [model(x), copy.deepcopy(model).to(memory_format=torch.channels_last)(xc)]
     ref = copy.deepcopy(model).double()(x.double())
@@ -578,7 +659,7 @@ def test_three_passes_is_measured_only_where_the_rule_runs_chunks():
 
 
 def test_export_carries_the_stride2_weight(only):
-    """export(winograd=True) of a stride-2 layer that runs Winograd: the graph holds its [4, 4, C, K]
+    """export(winograd=True) of a stride-2 layer that runs Winograd: the graph holds its [4, 4, K/32, C, 32]
     weight and gives the fused model's answer at another batch size (the op takes the stride from
     the weight's shape; its fake kernel too)."""
     from conftest import randomize_bn
@@ -588,7 +669,7 @@ def test_export_carries_the_stride2_weight(only):
     fused = resnet_fused.fuse(model)
     x = torch.randn(3, 64, 13, 13)
     ep = resnet_fused.export(fused, x[:2], winograd=True)
-    assert sorted(tuple(v.shape) for v in ep.constants.values() if v.dim() == 4 and v.shape[0] == 4) == [(4, 4, 64, 64)]
+    assert sorted(tuple(v.shape) for v in ep.constants.values() if v.dim() == 5 and v.shape[0] == 4) == [(4, 4, 2, 64, 32)]
     with torch.inference_mode():
         want = fused(x)
         got = ep.module()(x)

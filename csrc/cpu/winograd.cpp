@@ -14,14 +14,16 @@
 // patch; the even taps over the even inputs are F(2, 2) and the odd tap over the odd inputs is
 // direct, 5 multiplies per row of 2 outputs instead of 6, so 25 positions instead of 36 (1.44x
 // fewer), every transform coefficient +-1 (winograd_transforms.inc: Transform<2, 2>). The transformed
-// weight's shape says which algorithm it is for (check_winograd_weight).
+// weight's shape says which algorithm it is for, and its layout (winograd_weight).
 //
 // Blocking: the tiles are cut into chunks small enough that a chunk's transformed input and
 // its products stay in the core's L2 cache; each thread takes whole chunks (input transform,
 // products, output transform), so nothing but the input, the transformed weight and the output
-// travels through memory. The products run on our register-tile kernels (gemm_kernels.h)
-// reading the transformed weight in place; the transforms run over channels (contiguous in
-// channels-last) a vector at a time, built per ISA.
+// travels through memory. The products run on our register-tile kernels (gemm_kernels.h); the
+// transformed weight packed in their panels (winograd_prepack(panels=True), what FusedConv2d
+// runs) gives each product the packed-panel kernel (AVX2: 3 x 32 in assembly, its panel chunk
+// contiguous in L1 instead of a row of 128 bytes every K floats). The transforms run over channels
+// (contiguous in channels-last) a vector at a time, built per ISA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -144,19 +146,46 @@ int64_t chunk_tiles(int64_t P, int64_t C, int64_t K, int64_t tiles) {
   return std::max<int64_t>(16, (tiles + chunks - 1) / chunks);
 }
 
-// A transformed weight says which algorithm it is for: [16, C, K] F(2x2, 3x3), [36, C, K] F(4x4, 3x3)
-// (stride 1), [4, 4, C, K] the stride-2 one (its 4 x 4 distinct positions of 5 x 5).
-void check_winograd_weight_size(at::IntArrayRef w) {
-  TORCH_CHECK_VALUE((w.size() == 3 && (w[0] == 16 || w[0] == 36)) || (w.size() == 4 && w[0] == 4 && w[1] == 4),
+// A transformed weight says which algorithm it is for and how it is laid out: [16, C, K]
+// F(2x2, 3x3), [36, C, K] F(4x4, 3x3) (stride 1), [4, 4, C, K] the stride-2 one (its 4 x 4
+// distinct positions of 5 x 5); or the same with K in panels of kPanel output channels
+// ([16 | 36, ceil(K / 32), C, 32], [4, 4, ceil(K / 32), C, 32], zero-padded), which need
+// out_channels = K as gemm_prepack's do.
+struct WinogradWeight {
+  int64_t tile, stride, slots, C, K;
+  bool panels;
+};
+
+WinogradWeight winograd_weight(at::IntArrayRef w, int64_t out_channels) {
+  const bool s1 = !w.empty() && (w[0] == 16 || w[0] == 36);
+  const bool s2 = w.size() >= 2 && w[0] == 4 && w[1] == 4;
+  const size_t lead = s1 ? 1 : 2;  // the positions' dimensions
+  const bool plain = (s1 || s2) && w.size() == lead + 2;
+  const bool panels = (s1 || s2) && w.size() == lead + 3 && w.back() == kPanel;
+  TORCH_CHECK_VALUE(plain || panels,
                     "resnet_fused: a Winograd weight has shape [16, C, K], [36, C, K] or [4, 4, C, K] (from "
-                    "winograd_prepack), got ",
+                    "winograd_prepack), or [16 | 36, ceil(K / 32), C, 32] or [4, 4, ceil(K / 32), C, 32] (from "
+                    "winograd_prepack(panels=True)), got ",
                     w);
+  WinogradWeight r{s1 && w[0] == 36 ? 4 : 2, s2 ? 2 : 1, s2 ? 16 : w[0], w[w.size() - 2], w.back(), panels};
+  if (plain) {
+    TORCH_CHECK_VALUE(out_channels < 0 || out_channels == r.K, "resnet_fused: out_channels=", out_channels,
+                      " but the Winograd weight ", w, " has ", r.K);
+  } else {
+    const int64_t np = w[w.size() - 3];
+    TORCH_CHECK_VALUE(out_channels > 0 && (out_channels + kPanel - 1) / kPanel == np,
+                      "resnet_fused: a Winograd weight in panels ", w, " needs out_channels, from ", (np - 1) * kPanel + 1,
+                      " to ", np * kPanel, ", got ", out_channels);
+    r.K = out_channels;
+  }
+  return r;
 }
 
-void check_winograd_weight(const Tensor& w) {
-  check_winograd_weight_size(w.sizes());
+WinogradWeight check_winograd_weight(const Tensor& w, int64_t out_channels) {
+  const WinogradWeight r = winograd_weight(w.sizes(), out_channels);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "resnet_fused: the Winograd path is float32 only, got a ",
                    w.scalar_type(), " weight");
+  return r;
 }
 
 // G of F(m x m, 3x3): (m + 2) x 3.
@@ -171,8 +200,8 @@ constexpr double kG4[6][3] = {{0.25, 0, 0},
 constexpr double kG2s2[4][3] = {{1, 0, 0}, {1, 0, 1}, {0, 0, 1}, {0, 1, 0}};
 
 // weight [K, C, 3, 3] -> U [A*A, C, K] = G g G^T per (k, c) (A = tile + 2; stride 2: [4, 4, C, K]),
-// computed in float64 and rounded once.
-Tensor winograd_prepack(const Tensor& weight, int64_t tile, int64_t stride) {
+// computed in float64 and rounded once; with panels, K in panels of kPanel (winograd_weight).
+Tensor winograd_prepack(const Tensor& weight, int64_t tile, int64_t stride, bool panels) {
   RF_CHECK_DIM(weight, 4, "weight");
   TORCH_CHECK_VALUE(weight.size(2) == 3 && weight.size(3) == 3,
                     "resnet_fused: winograd_prepack takes a 3x3 weight, got shape ", weight.sizes());
@@ -208,7 +237,21 @@ Tensor winograd_prepack(const Tensor& weight, int64_t tile, int64_t stride) {
       }
     }
   });
-  return U;
+  if (!panels) return U;
+  const int64_t np = (K + kPanel - 1) / kPanel;
+  std::vector<int64_t> shape(U.sizes().begin(), U.sizes().end() - 2);
+  shape.insert(shape.end(), {np, C, kPanel});
+  Tensor packed = at::zeros(shape, options);
+  float* pp = packed.data_ptr<float>();
+  at::parallel_for(0, A * A * np, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // (position, panel)
+      const int64_t xi = i / np, n0 = i % np * kPanel, cols = std::min(kPanel, K - n0);
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(up + (xi * C + c) * K + n0, cols, pp + (i * C + c) * kPanel);
+      }
+    }
+  });
+  return packed;
 }
 
 // Output size of a 3x3 convolution with padding 1 at stride S.
@@ -269,25 +312,27 @@ void tiles_out(const Tiling<M, S>& g, const float* m, int64_t stride, int64_t t0
   }
 }
 
-// The P matrix products M[xi] = V[xi] U[slot(xi)] on the register-tile kernel (gemm_kernels.h),
-// reading U [slots, C, K] in place as panels of 32 columns (row stride K); a last panel narrower
-// than 32 is read from a zero-padded copy (the kernel loads whole panel rows). Stride 2's 25
-// positions share 16 slots (positions 3 and 4 of a row or column hold the same weight).
+// The P matrix products M[xi] = V[xi] U[slot(xi)] on the register-tile kernel (gemm_kernels.h).
+// U in panels: each (slot, panel) is a packed panel. U plain [slots, C, K]: read in place as
+// panels of 32 columns (row stride K), a last panel narrower than 32 from a zero-padded copy (the
+// kernel loads whole panel rows). Stride 2's 25 positions share 16 slots (positions 3 and 4 of a
+// row or column hold the same weight).
 struct Products {
   const float* U;
-  int64_t P, C, K, panels, slots;
+  int64_t P, C, K, panels;
+  bool packed;
   std::vector<int64_t> slot;  // position -> U's slot
-  std::vector<float> tail;    // [slots, C, kPanel]: U's last, partial panel, zero-padded (if any)
+  std::vector<float> tail;    // [slots, C, kPanel]: plain U's last, partial panel, zero-padded (if any)
 
-  Products(const float* u, int64_t p, int64_t c, int64_t k, bool stride2)
-      : U(u), P(p), C(c), K(k), panels((k + kPanel - 1) / kPanel), slots(stride2 ? 16 : p), slot(p) {
+  Products(const float* u, int64_t p, const WinogradWeight& w)
+      : U(u), P(p), C(w.C), K(w.K), panels((w.K + kPanel - 1) / kPanel), packed(w.panels), slot(p) {
     for (int64_t xi = 0; xi < P; ++xi) {
-      slot[xi] = stride2 ? std::min<int64_t>(xi / 5, 3) * 4 + std::min<int64_t>(xi % 5, 3) : xi;
+      slot[xi] = w.stride == 2 ? std::min<int64_t>(xi / 5, 3) * 4 + std::min<int64_t>(xi % 5, 3) : xi;
     }
     const int64_t n0 = (panels - 1) * kPanel, cols = K - n0;
-    if (cols == kPanel) return;
-    tail.assign(slots * C * kPanel, 0.f);
-    for (int64_t xi = 0; xi < slots; ++xi) {
+    if (packed || cols == kPanel) return;
+    tail.assign(w.slots * C * kPanel, 0.f);
+    for (int64_t xi = 0; xi < w.slots; ++xi) {
       for (int64_t c = 0; c < C; ++c) {
         std::copy_n(U + (xi * C + c) * K + n0, cols, tail.data() + (xi * C + c) * kPanel);
       }
@@ -304,10 +349,16 @@ struct Products {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel;
       t.cols = std::min(kPanel, K - n0);
+      t.c = m + n0;
+      if (packed) {
+        t.b = U + (slot[xi] * panels + p) * C * kPanel;
+        t.ldb = kPanel;
+        run_panel(t, rows, 0, p + 1 < p1 ? t.b + C * kPanel : nullptr);
+        continue;
+      }
       const bool full = t.cols == kPanel;
       t.b = full ? U + slot[xi] * C * K + n0 : tail.data() + slot[xi] * C * kPanel;
       t.ldb = full ? K : kPanel;
-      t.c = m + n0;
       run_panel(t, rows);
     }
   }
@@ -338,19 +389,19 @@ bool three_passes(int64_t P, int64_t C, int64_t K, int64_t tiles, int64_t u_byte
 // passes: every input transform, then the products split over (position, panel group) items,
 // then every output transform (V and M go through memory once each, U is read once).
 template <int M, int S>
-void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
-                  bool relu, int64_t schedule) {
-  const Tiling<M, S> g(x.sizes(), U.size(-1));
+void winograd_run(const Tensor& x, const Tensor& U, const WinogradWeight& w, const float* bias, const float* residual,
+                  float* out, bool relu, int64_t schedule) {
+  const Tiling<M, S> g(x.sizes(), w.K);
   constexpr int64_t P = Tiling<M, S>::P;
   const int64_t C = g.C, K = g.K, tiles = g.tiles;
   const float* xp = x.data_ptr<float>();
   const std::vector<float> zeros(std::max(C, K), 0.f);
-  const Products products(U.data_ptr<float>(), P, C, K, S == 2);
+  const Products products(U.data_ptr<float>(), P, w);
   const int64_t T = chunk_tiles(P, C, K, tiles);
   const int64_t chunks = (tiles + T - 1) / T;
   const int64_t threads = at::get_num_threads();
   if (schedule == kScheduleRule) {
-    schedule = three_passes(P, C, K, tiles, U.numel() * int64_t(sizeof(float))) ? kThreePasses : kChunked;
+    schedule = three_passes(P, C, K, tiles, w.slots * C * K * int64_t(sizeof(float))) ? kThreePasses : kChunked;
   }
   if (schedule == kThreePasses) {
     // V and M in this thread's scratch, shared with the workers for the call (past 8 MiB a
@@ -406,14 +457,14 @@ void winograd_run(const Tensor& x, const Tensor& U, const float* bias, const flo
   });
 }
 
-void winograd_dispatch(const Tensor& x, const Tensor& U, const float* bias, const float* residual, float* out,
-                       bool relu, int64_t schedule) {
-  if (U.dim() == 4) {
-    winograd_run<2, 2>(x, U, bias, residual, out, relu, schedule);
-  } else if (U.size(0) == 16) {
-    winograd_run<2, 1>(x, U, bias, residual, out, relu, schedule);
+void winograd_dispatch(const Tensor& x, const Tensor& U, const WinogradWeight& w, const float* bias,
+                       const float* residual, float* out, bool relu, int64_t schedule) {
+  if (w.stride == 2) {
+    winograd_run<2, 2>(x, U, w, bias, residual, out, relu, schedule);
+  } else if (w.tile == 2) {
+    winograd_run<2, 1>(x, U, w, bias, residual, out, relu, schedule);
   } else {
-    winograd_run<4, 1>(x, U, bias, residual, out, relu, schedule);
+    winograd_run<4, 1>(x, U, w, bias, residual, out, relu, schedule);
   }
 }
 
@@ -430,19 +481,19 @@ void check_schedule(int64_t schedule) {
                     schedule);
 }
 
-void check_winograd_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                         const std::optional<Tensor>& residual) {
+WinogradWeight check_winograd_args(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                                   const std::optional<Tensor>& residual, int64_t out_channels) {
   RF_CHECK_DIM(input, 4, "input");
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "resnet_fused: the Winograd path is float32 only, got a ",
                    input.scalar_type(), " input");
   TORCH_CHECK_VALUE(input.device().is_cpu(), "resnet_fused: winograd_conv2d_bias_act is CPU only, got ",
                     input.device());
-  check_winograd_weight(weight);
+  const WinogradWeight w = check_winograd_weight(weight, out_channels);
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "resnet_fused: the Winograd weight must be on the CPU, got ",
                     weight.device());
-  TORCH_CHECK_VALUE(input.size(1) == weight.size(-2), "resnet_fused: input has ", input.size(1),
-                    " channels but the Winograd weight was made for ", weight.size(-2));
-  const int64_t K = weight.size(-1), S = weight.dim() == 4 ? 2 : 1;
+  TORCH_CHECK_VALUE(input.size(1) == w.C, "resnet_fused: input has ", input.size(1),
+                    " channels but the Winograd weight was made for ", w.C);
+  const int64_t K = w.K, S = w.stride;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == K, "resnet_fused: bias must have shape [", K,
                       "], got ", bias->sizes());
@@ -457,32 +508,33 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const std::o
     RF_CHECK_SAME_DTYPE(*residual, input, "residual");
     RF_CHECK_SAME_DEVICE(*residual, input, "residual");
   }
+  return w;
 }
 
 // 3x3, padding 1, dilation 1, groups 1, stride 1 or 2 (the weight says which):
 // act(conv2d(input, W) + bias [+ residual]), W given as its Winograd transform
-// (winograd_prepack). Output channels-last.
+// (winograd_prepack; in panels, with out_channels). Output channels-last.
 Tensor winograd_conv2d_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                                const std::optional<Tensor>& residual, bool relu, int64_t schedule) {
-  check_winograd_args(input, weight, bias, residual);
+                                const std::optional<Tensor>& residual, bool relu, int64_t schedule,
+                                int64_t out_channels) {
+  const WinogradWeight w = check_winograd_args(input, weight, bias, residual, out_channels);
   check_schedule(schedule);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor U = weight.contiguous();
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor r = residual.has_value() ? residual->contiguous(cl) : Tensor();
-  const int64_t S = U.dim() == 4 ? 2 : 1;
-  Tensor out = at::empty({x.size(0), U.size(-1), out_size(x.size(2), S), out_size(x.size(3), S)},
+  Tensor out = at::empty({x.size(0), w.K, out_size(x.size(2), w.stride), out_size(x.size(3), w.stride)},
                          x.options().memory_format(cl));
   if (out.numel() == 0) return out;
-  winograd_dispatch(x, U, b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
+  winograd_dispatch(x, U, w, b.defined() ? b.data_ptr<float>() : nullptr, r.defined() ? r.data_ptr<float>() : nullptr,
                     out.data_ptr<float>(), relu, schedule);
   return out;
 }
 
 void winograd_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tensor& weight,
-                               const std::optional<Tensor>& bias, bool relu, int64_t schedule) {
-  check_winograd_args(input, weight, bias, residual);
+                               const std::optional<Tensor>& bias, bool relu, int64_t schedule, int64_t out_channels) {
+  const WinogradWeight w = check_winograd_args(input, weight, bias, residual, out_channels);
   check_schedule(schedule);
   if (residual.numel() == 0) return;
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -490,23 +542,23 @@ void winograd_conv2d_bias_act_(Tensor& residual, const Tensor& input, const Tens
   const Tensor U = weight.contiguous();
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   if (residual.is_contiguous(cl) && !(x.data_ptr() == residual.data_ptr())) {
-    winograd_dispatch(x, U, b.defined() ? b.data_ptr<float>() : nullptr, residual.data_ptr<float>(),
+    winograd_dispatch(x, U, w, b.defined() ? b.data_ptr<float>() : nullptr, residual.data_ptr<float>(),
                       residual.data_ptr<float>(), relu, schedule);
     return;
   }
-  residual.copy_(winograd_conv2d_bias_act(input, weight, bias, residual, relu, schedule));
+  residual.copy_(winograd_conv2d_bias_act(input, weight, bias, residual, relu, schedule, out_channels));
 }
 
 // The schedule (1 chunked, 2 three passes) the kernel's own rule picks for an input of this size
-// and a Winograd weight of this shape at the current thread count: what schedule 0 runs.
-int64_t winograd_schedule(at::IntArrayRef input_size, at::IntArrayRef weight_size) {
+// and a Winograd weight of this shape (and out_channels, in panels) at the current thread count:
+// what schedule 0 runs.
+int64_t winograd_schedule(at::IntArrayRef input_size, at::IntArrayRef weight_size, int64_t out_channels) {
   TORCH_CHECK_VALUE(input_size.size() == 4, "resnet_fused: winograd_schedule takes a 4-D input size, got ", input_size);
-  check_winograd_weight_size(weight_size);
-  const int64_t K = weight_size.back(), C = weight_size[weight_size.size() - 2];
-  TORCH_CHECK_VALUE(input_size[1] == C, "resnet_fused: input has ", input_size[1],
-                    " channels but the Winograd weight was made for ", C);
-  if (weight_size.size() == 4) return schedule_for<2, 2>(input_size, 16, K);
-  return weight_size[0] == 16 ? schedule_for<2, 1>(input_size, 16, K) : schedule_for<4, 1>(input_size, 36, K);
+  const WinogradWeight w = winograd_weight(weight_size, out_channels);
+  TORCH_CHECK_VALUE(input_size[1] == w.C, "resnet_fused: input has ", input_size[1],
+                    " channels but the Winograd weight was made for ", w.C);
+  if (w.stride == 2) return schedule_for<2, 2>(input_size, w.slots, w.K);
+  return w.tile == 2 ? schedule_for<2, 1>(input_size, w.slots, w.K) : schedule_for<4, 1>(input_size, w.slots, w.K);
 }
 
 }  // namespace

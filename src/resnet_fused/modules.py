@@ -738,7 +738,7 @@ class FusedConv2d(_Watched):
             # (export / trace with winograd=True: the caller took its transforms' Inf -> NaN)
             self._check_input(x)
             return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, self._serving_winograd, self.bias,
-                                                                           residual, self.relu)
+                                                                           residual, self.relu, 0, self.out_channels)
         if self.weight.dim() == 5:
             self._check_input(x)
             b = self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32)

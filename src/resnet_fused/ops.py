@@ -137,21 +137,30 @@ def _prepack_fake(weight, stride, padding, dilation, groups, input_size):
 
 
 @torch.library.register_fake("resnet_fused::winograd_prepack")
-def _winograd_prepack_fake(weight, tile=2, stride=1):
+def _winograd_prepack_fake(weight, tile=2, stride=1, panels=False):
+    k, c = weight.shape[0], weight.shape[1]
     positions = (4, 4) if stride == 2 else ((tile + 2) ** 2,)
-    return weight.new_empty((*positions, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+    tail = ((k + 31) // 32, c, 32) if panels else (c, k)
+    return weight.new_empty((*positions, *tail), dtype=torch.float32)
+
+
+def _winograd_out_channels(weight, out_channels) -> int:
+    """K of a Winograd weight: its last size, or out_channels where it is in panels ([..., ceil(K/32), C, 32])."""
+    panels = weight.dim() == (5 if weight.shape[0] == 4 else 4)
+    return out_channels if panels else weight.shape[-1]
 
 
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act")
-def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu, schedule=0):
+def _winograd_conv2d_bias_act_fake(input, weight, bias, residual, relu, schedule=0, out_channels=-1):
     n, _, h, w = input.shape
-    if weight.dim() == 4:  # the stride-2 weight
+    if weight.shape[0] == 4:  # the stride-2 weight
         h, w = (h + 1) // 2, (w + 1) // 2
-    return input.new_empty((n, weight.shape[-1], h, w)).contiguous(memory_format=torch.channels_last)
+    k = _winograd_out_channels(weight, out_channels)
+    return input.new_empty((n, k, h, w)).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("resnet_fused::winograd_conv2d_bias_act_")
-def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu, schedule=0):
+def _winograd_conv2d_bias_act_inplace_fake(residual, input, weight, bias, relu, schedule=0, out_channels=-1):
     return None
 
 

@@ -83,9 +83,10 @@ WINOGRAD_MAX_WEIGHT_BYTES = 4 << 20
 # 2: the gemm candidate runs our own kernels; 3: in-place layers timed in place; 4: winograd4;
 # 5: the gemm kernels' work cuts, prefetch and AVX2 stores, Winograd's chunks (timings moved);
 # 6: Winograd at stride 2, and in its other schedule (new candidates); 7: the AVX2 gemm kernel's
-# epilogue in assembly and its weight prefetch (timings moved)
+# epilogue in assembly and its weight prefetch (timings moved); 8: Winograd's weight in the
+# matrix-product kernels' panels (timings moved)
 # (CUDA records live under their own machine ids: the version did not move for them)
-_CACHE_VERSION = 7
+_CACHE_VERSION = 8
 #: Part of a CUDA machine's key: moves when our CUDA kernels change what they run or how fast
 #: (2: grouped convolutions on our kernel), so that choices measured on the old ones are not reused.
 _CUDA_KERNELS_VERSION = 2
@@ -215,13 +216,15 @@ class Winograd(Candidate):
         return tiles >= max(16, c * k // 8192)
 
     def prepare(self, layer, x):
-        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight(), self.tile, layer.stride[0])
+        return torch.ops.resnet_fused.winograd_prepack.default(layer.dense_weight(), self.tile, layer.stride[0], True)
 
     def run(self, layer, x, w, b, residual):
-        return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu, self.schedule)
+        return torch.ops.resnet_fused.winograd_conv2d_bias_act.default(x, w, b, residual, layer.relu, self.schedule,
+                                                                       layer.out_channels)
 
     def run_(self, layer, x, w, b, residual):
-        torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu, self.schedule)
+        torch.ops.resnet_fused.winograd_conv2d_bias_act_.default(residual, x, w, b, layer.relu, self.schedule,
+                                                                 layer.out_channels)
 
 
 class Winograd4(Winograd):
